@@ -1,0 +1,111 @@
+"""Composition root: config → store → listeners (→ delivery) on one event loop.
+
+Nothing imports this module except the CLI. Every long-lived object is built
+here and handed to the parts that need it (no module-level singletons).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import warnings
+from dataclasses import replace
+
+from mta.config import Config, load_config
+from mta.errors import ConfigError
+from mta.inbound.handler import AuthThrottle, InboundHandler
+from mta.inbound.server import Listener
+from mta.passwords import UsersFile
+from mta.queue.store import QueueStore
+
+log = logging.getLogger("mta.master")
+
+SHUTDOWN_GRACE = 10.0  # seconds running SMTP transactions get to finish on SIGTERM
+
+
+class App:
+    def __init__(self, config: Config, config_path: str | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.store = QueueStore(config.queue.path)
+        self.listeners: list[Listener] = []
+        self._stop = asyncio.Event()
+
+    def _build_listeners(self) -> None:
+        users = UsersFile(self.config.auth.users_file) if self.config.auth.users_file else None
+        throttle = AuthThrottle()
+        for lc in self.config.listeners:
+            handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle)
+            self.listeners.append(Listener(self.config, lc, handler))
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._build_listeners()
+        try:
+            for listener in self.listeners:
+                await listener.start()
+        except OSError as exc:
+            for listener in self.listeners:
+                listener.stop_accepting()
+            await self.store.close()
+            raise ConfigError("listeners", f"cannot listen: {exc.strerror or exc}") from None
+        log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
+                 self.config.queue.path, len(self.listeners))
+
+    def own_sockets(self) -> frozenset[tuple[str, int]]:
+        return frozenset(sock for listener in self.listeners for sock in listener.sockets())
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    def request_stop(self, why: str = "request") -> None:
+        log.info("stopping (%s)", why)
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        for listener in self.listeners:
+            listener.stop_accepting()
+        await asyncio.gather(*(listener.drain(SHUTDOWN_GRACE) for listener in self.listeners))
+        await self.store.close()
+        log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: apply what can change at run time; name what needs a restart."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old configuration: config: %s", exc)
+            return
+        needs_restart = [name for name in ("listeners", "queue", "metrics", "hostname")
+                         if getattr(new, name) != getattr(self.config, name)]
+        if needs_restart:
+            log.warning("reload: changes to %s take effect after a restart", ", ".join(needs_restart))
+            new = replace(new, listeners=self.config.listeners, queue=self.config.queue,
+                          metrics=self.config.metrics, hostname=self.config.hostname)
+        self.config = new
+        for listener in self.listeners:
+            listener.config = new
+            listener.handler.config = new
+        log.info("reload: configuration re-read from %s", self.config_path or "built-in defaults")
+
+
+def serve(config: Config, config_path: str | None) -> int:
+    warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+
+    async def main() -> None:
+        await App(config, config_path).run()
+
+    asyncio.run(main())
+    return 0

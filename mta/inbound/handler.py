@@ -1,0 +1,227 @@
+"""aiosmtpd handler hooks: policy at MAIL/RCPT, commit-then-250 at DATA, AUTH.
+
+One handler per listener. Decisions come from :mod:`mta.inbound.policy`; the
+only I/O is the queue commit (and the scrypt check of AUTH, done in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import time
+from base64 import b64decode
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, SMTP
+
+from mta.config import Config, ListenerConfig
+from mta.errors import StoreError
+from mta.inbound import policy
+from mta.inbound.policy import REPLIES
+from mta.model import NewMessage, Recipient
+from mta.passwords import UsersFile
+from mta.queue.store import QueueStore, new_queue_id
+
+log = logging.getLogger("mta.smtpd")
+
+
+@dataclass
+class AuthThrottle:
+    """Slows down password guessing: a growing delay per client IP after failures."""
+
+    free_failures: int = 3
+    window: float = 600.0
+    max_delay: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def delay(self, ip: str) -> float:
+        now = self.clock()
+        recent = [t for t in self._failures.get(ip, []) if now - t < self.window]
+        if recent:
+            self._failures[ip] = recent
+        else:
+            self._failures.pop(ip, None)
+        excess = len(recent) - self.free_failures + 1
+        return 0.0 if excess <= 0 else min(float(2 ** (excess - 1)), self.max_delay)
+
+    def failed(self, ip: str) -> None:
+        self._failures.setdefault(ip, []).append(self.clock())
+        if len(self._failures) > 10000:  # bound memory under a scan from many addresses
+            self._failures.pop(next(iter(self._failures)))
+
+    def succeeded(self, ip: str) -> None:
+        self._failures.pop(ip, None)
+
+
+class InboundHandler:
+    """The hooks aiosmtpd calls for one listener."""
+
+    def __init__(self, config: Config, listener: ListenerConfig, store: QueueStore,
+                 users: UsersFile | None = None, throttle: AuthThrottle | None = None,
+                 on_received: Callable[[str], None] | None = None,
+                 on_rejected: Callable[[str, int], None] | None = None):
+        self.config = config
+        self.listener = listener
+        self.store = store
+        self.users = users
+        self.throttle = throttle or AuthThrottle()
+        self.on_received = on_received or (lambda listener: None)
+        self.on_rejected = on_rejected or (lambda listener, code: None)
+
+    # ------------------------------------------------------------------ helpers
+    def _client_ip(self, session: Session) -> str:
+        peer = session.peer
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+    def _trusted(self, session: Session) -> bool:
+        return bool(session.authenticated) or self.config.in_mynetworks(self._client_ip(session))
+
+    def _refuse(self, reply: Any) -> str:
+        self.on_rejected(self.listener.name, reply.code)
+        return str(reply)
+
+    # ------------------------------------------------------------------ hooks
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        refusal = policy.check_sender(address, smtputf8=envelope.smtp_utf8)
+        if refusal is not None:
+            log.info("reject: MAIL from %s[%s]: %s; from=<%s>", session.host_name, self._client_ip(session),
+                     refusal, address)
+            return self._refuse(refusal)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(REPLIES["sender_ok"])
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
+            return self._refuse(REPLIES["too_many_rcpts"])
+        refusal = policy.check_recipient(address, trusted=self._trusted(session),
+                                         relay_domains=self.config.relay_domains,
+                                         smtputf8=envelope.smtp_utf8)
+        if refusal is not None:
+            log.info("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s>", session.host_name,
+                     self._client_ip(session), refusal, envelope.mail_from, address)
+            return self._refuse(refusal)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(REPLIES["rcpt_ok"])
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        now = time.time()
+        data = policy.normalize_line_ends(envelope.original_content or b"")
+        facts = policy.inspect_headers(data)
+        if facts.received_count > self.config.limits.max_hops:
+            return self._refuse(REPLIES["too_many_hops"])
+        queue_id = new_queue_id()
+        if self.listener.mode == "submission":
+            # An MSA completes what the author's program left out (RFC 6409 §8.2, §8.3).
+            missing = []
+            if not facts.has_message_id:
+                missing.append(policy.message_id_header(queue_id, self.config.hostname, now))
+            if not facts.has_date:
+                missing.append(policy.date_header(now))
+            data = policy.add_headers(data, facts, missing)
+        client_ip = self._client_ip(session)
+        protocol = policy.protocol_name(bool(session.extended_smtp), session.ssl is not None,
+                                        bool(session.authenticated), bool(envelope.smtp_utf8))
+        received = policy.received_header(
+            helo=session.host_name or "", client_ip=client_ip, hostname=self.config.hostname,
+            listener=self.listener.name, protocol=protocol, queue_id=queue_id,
+            recipients=list(envelope.rcpt_tos), now=now)
+        data = received + data
+        auth_user = session.auth_data if isinstance(session.auth_data, str) else None
+        message = NewMessage(
+            id=queue_id, sender=envelope.mail_from or "",
+            recipients=tuple(Recipient(address=r) for r in envelope.rcpt_tos),
+            data=data, arrival=now, client=client_ip, listener=self.listener.name,
+            helo=session.host_name or "", auth_user=auth_user, smtputf8=bool(envelope.smtp_utf8),
+            body_8bit="BODY=8BITMIME" in envelope.mail_options,
+        )
+        try:
+            await self.store.enqueue(message)
+        except StoreError as exc:
+            reply = REPLIES["disk_full"] if exc.disk_full else REPLIES["store_failed"]
+            log.error("%s: reject: queue write failed for message from %s[%s]: %s", queue_id,
+                      session.host_name, client_ip, exc)
+            return self._refuse(reply)
+        sasl = f", sasl_username={auth_user}" if auth_user else ""
+        log.info("%s: client=%s[%s], listener=%s%s", queue_id, session.host_name or "unknown",
+                 client_ip, self.listener.name, sasl)
+        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queued)", queue_id, message.sender, len(data),
+                 len(message.recipients))
+        self.on_received(self.listener.name)
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd would answer "500 Error: (...)": a local fault is temporary
+        # for the client, which keeps the message and retries (RFC 5321 §4.2.1).
+        log.exception("SMTP session error: %s", error)
+        return str(REPLIES["local_error"])
+
+    # ------------------------------------------------------------------ AUTH (RFC 4954)
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) > 1:
+            blob: Any = _b64(args[1])
+        else:
+            blob = await server.challenge_auth("")
+        if blob is MISSING:
+            return AuthResult(success=False, handled=True)
+        if blob is None:
+            await server.push("501 5.5.2 Cannot decode base64")
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot decode AUTH PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) > 1:
+            user: Any = _b64(args[1])
+            if user is None:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            user = await server.challenge_auth("Username:")
+            if user is MISSING:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, user, password)
+
+    async def _check(self, server: SMTP, user_b: bytes, password_b: bytes) -> AuthResult:
+        session = server.session
+        assert session is not None
+        ip = self._client_ip(session)
+        delay = self.throttle.delay(ip)
+        if delay:
+            await asyncio.sleep(delay)
+        user = user_b.decode("utf-8", "replace")
+        password = password_b.decode("utf-8", "surrogateescape")
+        ok = False
+        if self.users is not None and not any(c in user for c in "\r\n\x00"):
+            # scrypt is deliberately slow: keep it off the event loop.
+            ok = await asyncio.to_thread(self.users.check, user, password)
+        if ok:
+            self.throttle.succeeded(ip)
+            log.info("client=%s[%s], sasl_method=AUTH, sasl_username=%s", session.host_name, ip, user)
+            return AuthResult(success=True, auth_data=user)
+        self.throttle.failed(ip)
+        # Never log the password, and the user name only as given (RFC 4954 §9).
+        log.warning("%s[%s]: SASL authentication failed for user %r", session.host_name, ip, user)
+        self.on_rejected(self.listener.name, 535)
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
+
+
+def _b64(text: str) -> bytes | None:
+    if text == "=":
+        return b""
+    try:
+        return b64decode(text.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        return None

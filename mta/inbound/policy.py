@@ -1,0 +1,185 @@
+"""Pure inbound decisions: address checks, relay permission, header edits.
+
+No I/O here, so every rule has a fast unit test. Reply literals used by the
+inbound side live in ``REPLIES`` with their enhanced status codes (RFC 3463).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from mta.model import Reply
+
+REPLIES = {
+    "relay_denied": Reply(554, "5.7.1", "Relay access denied"),
+    "bad_rcpt": Reply(553, "5.1.3", "Bad recipient address syntax"),
+    "bad_sender": Reply(553, "5.1.7", "Bad sender address syntax"),
+    "too_many_rcpts": Reply(452, "4.5.3", "Too many recipients"),
+    "too_big": Reply(552, "5.3.4", "Message too big"),
+    "too_many_hops": Reply(554, "5.4.6", "Too many hops (mail loop?)"),
+    "store_failed": Reply(451, "4.3.0", "Error: queue file write error"),
+    "disk_full": Reply(452, "4.3.1", "Insufficient system storage"),
+    "sender_ok": Reply(250, "2.1.0", "Ok"),
+    "rcpt_ok": Reply(250, "2.1.5", "Ok"),
+    "idle_timeout": Reply(421, "4.4.2", "Error: timeout exceeded"),
+    "too_many_connections": Reply(421, "4.7.0", "Error: too many connections"),
+    "local_error": Reply(451, "4.3.0", "Error: local error in processing"),
+}
+
+# RFC 5321 §4.1.2 Domain, or an address literal such as [192.0.2.1] / [IPv6:::1].
+_DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+_UTF8_DOMAIN = re.compile(r"(?=.{1,253}$)[^\s@.\[\]]+(?:\.[^\s@.\[\]]+)*\.?")
+_FORBIDDEN = re.compile(r"[\r\n\x00]")
+
+
+def valid_domain(domain: str, smtputf8: bool = False) -> bool:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        if literal[:5].lower() == "ipv6:":
+            literal = literal[5:]
+            try:
+                return ipaddress.ip_address(literal).version == 6
+            except ValueError:
+                return False
+        try:
+            return ipaddress.ip_address(literal).version == 4
+        except ValueError:
+            return False
+    if _DOMAIN.fullmatch(domain):
+        return True
+    return smtputf8 and _UTF8_DOMAIN.fullmatch(domain) is not None
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """(local part, domain) of a mailbox, or None when it is not local@domain."""
+    if _FORBIDDEN.search(address) or len(address) > 254:
+        return None
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(local) > 64 and not local.startswith('"'):
+        return None
+    return local, domain
+
+
+def check_sender(address: str, smtputf8: bool = False) -> Reply | None:
+    """None when the reverse-path is acceptable; the refusal otherwise."""
+    if address == "":
+        return None  # the null reverse-path <> (RFC 5321 §4.5.5: bounces)
+    parts = split_address(address)
+    if parts is None or not valid_domain(parts[1], smtputf8) or (not smtputf8 and not address.isascii()):
+        return REPLIES["bad_sender"]
+    return None
+
+
+# Local parts that ask the receiving host to route the mail onward: the
+# percent hack (user%remote@us), bang paths (remote!user@us) and a quoted
+# "user@remote"@us. An untrusted client may not use them even for our own
+# relay_domains, or we would forward to an arbitrary host (open relay).
+_ROUTING_LOCAL = re.compile(r"[%!@]")
+
+
+def check_recipient(address: str, *, trusted: bool, relay_domains: tuple[str, ...],
+                    smtputf8: bool = False) -> Reply | None:
+    """None when we accept this RCPT; the refusal otherwise.
+
+    ``trusted``: the client is in mynetworks or authenticated, so it may relay
+    anywhere. Anyone else may only send to a domain in relay_domains.
+    """
+    parts = split_address(address)
+    if parts is None:
+        return REPLIES["relay_denied"] if not trusted and "@" not in address else REPLIES["bad_rcpt"]
+    local, domain = parts
+    if not valid_domain(domain, smtputf8) or (not smtputf8 and not address.isascii()):
+        return REPLIES["bad_rcpt"]
+    if trusted:
+        return None
+    if domain.lower().rstrip(".") not in relay_domains or _ROUTING_LOCAL.search(local):
+        return REPLIES["relay_denied"]
+    return None
+
+
+# ----------------------------------------------------------------------------- message bytes
+
+def normalize_line_ends(data: bytes) -> bytes:
+    """Turn every bare LF and bare CR into CRLF (RFC 5321 §2.3.8).
+
+    Stored and relayed mail then has one line-end convention, so no
+    downstream server can read a different end of DATA than we did (SMTP
+    smuggling). The counts make the common, already-clean case a fast path.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    received_count: int
+    has_message_id: bool
+    has_date: bool
+    header_end: int  # offset where the header section ends (before the empty line), or len(data)
+
+
+def inspect_headers(data: bytes) -> HeaderFacts:
+    """Read the header section only (RFC 5322 §2.2), without a MIME parse."""
+    end = data.find(b"\r\n\r\n")
+    if data.startswith(b"\r\n"):
+        end = 0
+    header = data[:end] if end >= 0 else data
+    names = [line.split(b":", 1)[0].strip().lower()
+             for line in header.split(b"\r\n") if line and line[:1] not in (b" ", b"\t")]
+    return HeaderFacts(
+        received_count=names.count(b"received"),
+        has_message_id=b"message-id" in names,
+        has_date=b"date" in names,
+        header_end=end if end >= 0 else len(data),
+    )
+
+
+def add_headers(data: bytes, facts: HeaderFacts, lines: list[bytes]) -> bytes:
+    """Append header lines at the end of the header section."""
+    if not lines:
+        return data
+    extra = b"".join(line + b"\r\n" for line in lines)
+    if facts.header_end == 0 and data.startswith(b"\r\n"):
+        return extra + data  # no header section at all
+    if facts.header_end < len(data):
+        cut = facts.header_end + 2  # keep the last header's CRLF, insert before the empty line
+        return data[:cut] + extra + data[cut:]
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"  # all headers, no body
+    return data + extra
+
+
+def protocol_name(esmtp: bool, tls: bool, auth: bool, smtputf8: bool) -> str:
+    """The 'with' clause of Received: (RFC 3848, RFC 6531 §3.7.3)."""
+    if not esmtp:
+        return "SMTP"
+    name = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "") + ("A" if auth else "")
+    return name
+
+
+def received_header(*, helo: str, client_ip: str, hostname: str, listener: str, protocol: str,
+                    queue_id: str, recipients: list[str], now: float) -> bytes:
+    """RFC 5321 §4.4 trace header, in Postfix's layout."""
+    helo_text = re.sub(r"[^\x21-\x7e]", "?", helo) or "unknown"
+    line = (f"Received: from {helo_text} (unknown [{client_ip}])\r\n"
+            f"\tby {hostname} (mta) with {protocol} id {queue_id}\r\n"
+            f"\t(listener {listener})")
+    if len(recipients) == 1:
+        line += f"\r\n\tfor <{recipients[0]}>"
+    line += f"; {email.utils.formatdate(now, localtime=False)}\r\n"
+    return line.encode("utf-8", "surrogateescape")
+
+
+def message_id_header(queue_id: str, hostname: str, now: float) -> bytes:
+    stamp = email.utils.formatdate(now).replace(" ", "").replace(",", "").replace(":", "")
+    return f"Message-ID: <{stamp}.{queue_id}@{hostname}>".encode()
+
+
+def date_header(now: float) -> bytes:
+    return f"Date: {email.utils.formatdate(now, localtime=False)}".encode()

@@ -1,0 +1,94 @@
+"""Inbound listeners: aiosmtpd protocol objects served on the daemon's own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+import weakref
+
+from mta.config import Config, ListenerConfig, TLSConfig
+from mta.inbound.handler import InboundHandler
+from mta.inbound.session import ConnectionLimiter, InboundSMTP
+
+log = logging.getLogger("mta.smtpd")
+
+SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down\r\n"
+
+
+def make_tls_context(tls: TLSConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+class Listener:
+    """One configured listening socket and the sessions it spawns."""
+
+    def __init__(self, config: Config, listener: ListenerConfig, handler: InboundHandler):
+        self.config = config
+        self.listener = listener
+        self.handler = handler
+        self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        self.tls_context = make_tls_context(listener.tls) if listener.tls else None
+        self.server: asyncio.Server | None = None
+        self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
+
+    def _protocol(self) -> InboundSMTP:
+        implicit = bool(self.listener.tls and self.listener.tls.implicit)
+        has_users = self.handler.users is not None
+        protocol = InboundSMTP(
+            self.handler,
+            limiter=self.limiter,
+            implicit_tls=implicit,
+            hostname=self.config.hostname,
+            ident="ESMTP mta",
+            data_size_limit=self.config.limits.message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if implicit else self.tls_context,
+            timeout=self.config.limits.idle_timeout,
+            auth_required=self.listener.mode == "submission",
+            auth_require_tls=not self.listener.allow_insecure_auth,
+            auth_exclude_mechanism=() if has_users else ("PLAIN", "LOGIN"),
+            loop=asyncio.get_running_loop(),
+        )
+        self.sessions.add(protocol)
+        return protocol
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        implicit = bool(self.listener.tls and self.listener.tls.implicit)
+        self.server = await loop.create_server(
+            self._protocol, host=self.listener.host, port=self.listener.port,
+            ssl=self.tls_context if implicit else None, reuse_address=True, backlog=1024,
+            family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
+        )
+        log.info("listening on %s (%s, %s)", self.listener.address, self.listener.name, self.listener.mode)
+
+    def sockets(self) -> list[tuple[str, int]]:
+        if self.server is None:
+            return []
+        return [(s.getsockname()[0], s.getsockname()[1]) for s in self.server.sockets]
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, grace: float) -> None:
+        """After stop_accepting: let transactions in progress finish for up to
+        ``grace`` seconds; idle sessions (and, at the end, all) get 421 and close."""
+        deadline = time.monotonic() + grace
+        while True:
+            late = time.monotonic() >= deadline
+            open_sessions = [s for s in self.sessions if s.transport is not None and not s.transport.is_closing()]
+            if not open_sessions:
+                return
+            for session in open_sessions:
+                if late or session.idle_between_transactions():
+                    session.close_with(SHUTDOWN_REPLY)
+            if late:
+                return
+            await asyncio.sleep(0.05)

@@ -1,0 +1,211 @@
+"""aiosmtpd's SMTP protocol with the corrections an MTA needs.
+
+aiosmtpd 1.4.6 answers many errors without an enhanced status code
+(``500 Error: bad syntax``, ``552 Error: Too much mail data``), closes idle
+clients silently, keeps its command size limits in a class-level dict shared by
+every session, and cannot tell an implicit-TLS socket from a plain one. This
+subclass fixes those in one place: every reply leaves through :meth:`push`,
+which adds the RFC 3463 code a reply lacks (RFC 2034 §3 exempts the greeting,
+the EHLO/HELO replies and AUTH challenges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from mta.inbound.policy import REPLIES
+
+log = logging.getLogger("mta.smtpd")
+
+_HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:[ \r]|$)")
+# Generic codes for replies aiosmtpd sends without one (RFC 3463 §3.3 / RFC 5321 §4.2).
+_DEFAULT_ENHANCED = {
+    b"221": b"2.0.0", b"235": b"2.7.0", b"250": b"2.0.0", b"251": b"2.1.5", b"252": b"2.5.0",
+    b"421": b"4.7.0", b"432": b"4.7.12", b"451": b"4.3.0", b"452": b"4.3.1", b"454": b"4.7.0",
+    b"500": b"5.5.2", b"501": b"5.5.4", b"502": b"5.5.1", b"503": b"5.5.1", b"504": b"5.5.4",
+    b"530": b"5.7.0", b"534": b"5.7.9", b"535": b"5.7.8", b"538": b"5.7.11", b"550": b"5.0.0",
+    b"552": b"5.3.4", b"553": b"5.1.3", b"554": b"5.0.0", b"555": b"5.5.4",
+}
+# Specific aiosmtpd literals that deserve a more precise code or wording.
+_REWRITES = {
+    b"552 Error: Too much mail data": b"552 5.3.4 Message too big",
+    b"500 Command line too long": b"500 5.5.2 Error: line too long",
+    b"500 Line too long (see RFC5321 4.5.3.1.6)": b"500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6)",
+}
+_UNRECOGNISED = re.compile(rb'^500 Error: command ".*" not recognized$')
+
+# RFC 5321 §4.5.3.1.4: 512 octets for a command line, plus what extensions add
+# to MAIL (RFC 1870 SIZE: 26, RFC 6531 SMTPUTF8: 10, RFC 6152 BODY: 14, RFC 3461: 100+).
+COMMAND_LIMIT = 512
+MAIL_EXTRA = 26 + 10 + 14 + 100 + 10 + 500
+RCPT_EXTRA = 500 + 20
+# RFC 5321 §4.5.3.1.6 caps text lines at 1000 octets, but a relay in a lab must
+# take what sloppy programs send (a bare-LF message is one long "line" until we
+# normalise it). Longer lines are refused with 500 5.5.2.
+DATA_LINE_LIMIT = 65536
+
+
+class ConnectionLimiter:
+    """Counts a listener's open sessions, in all and per client address."""
+
+    def __init__(self, max_total: int, max_per_ip: int):
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.per_ip: collections.Counter[str] = collections.Counter()
+
+    def admit(self, ip: str) -> bool:
+        if self.total >= self.max_total or self.per_ip[ip] >= self.max_per_ip:
+            return False
+        self.total += 1
+        self.per_ip[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
+class InboundSMTP(SMTP):
+    """One inbound SMTP session (aiosmtpd protocol object)."""
+
+    line_length_limit = DATA_LINE_LIMIT
+
+    def __init__(self, handler: Any, *, limiter: ConnectionLimiter, implicit_tls: bool = False,
+                 **kwargs: Any):
+        super().__init__(handler, **kwargs)
+        # An instance dict: aiosmtpd's class-level one grows with every EHLO of every session.
+        self.command_size_limits = collections.defaultdict(lambda: COMMAND_LIMIT)
+        self.command_size_limits["MAIL"] = COMMAND_LIMIT + MAIL_EXTRA
+        self.command_size_limits["RCPT"] = COMMAND_LIMIT + RCPT_EXTRA
+        self._limiter = limiter
+        self._implicit_tls = implicit_tls
+        self._admitted_ip: str | None = None
+        self.refused = False
+        self._in_data = False
+
+    # ------------------------------------------------------------ connection
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        if first:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if peer else "unknown"
+            if self._limiter.admit(ip):
+                self._admitted_ip = ip
+            else:
+                self.refused = True
+        super().connection_made(transport)
+        if first and self._implicit_tls and transport.get_extra_info("ssl_object") is not None:
+            # aiosmtpd only knows TLS begun by STARTTLS; on a port-465 style
+            # socket the session is encrypted from the start (RFC 8314 §3.3).
+            self._tls_protocol = transport  # type: ignore[assignment]
+            assert self.session is not None
+            self.session.ssl = {"implicit": True}
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted_ip is not None:
+            self._limiter.release(self._admitted_ip)
+            self._admitted_ip = None
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self.refused:
+            log.warning("connection from %s refused: too many connections", self.session.peer if self.session else "?")
+            await self.push(str(REPLIES["too_many_connections"]))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2.7: tell the client why before closing.
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self._writer.write(str(REPLIES["idle_timeout"]).encode() + b"\r\n")
+            except Exception:  # noqa: BLE001 - the socket may already be gone
+                pass
+        super()._timeout_cb()
+
+    def idle_between_transactions(self) -> bool:
+        """No MAIL in progress and no reply being written (safe to close at shutdown)."""
+        return not self._in_data and (self.envelope is None or not self.envelope.mail_from)
+
+    def close_with(self, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self._writer.write(reply)
+            except Exception:  # noqa: BLE001 - the socket may already be gone
+                pass
+            self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+
+    # ------------------------------------------------------------ replies
+    async def push(self, status: AnyStr) -> None:
+        raw = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        await super().push(enhance_reply(raw))
+
+    async def push_raw(self, lines: list[str]) -> None:
+        """Send lines untouched (greeting-like replies exempt from enhanced codes)."""
+        for line in lines:
+            await SMTP.push(self, line)
+
+    # ------------------------------------------------------------ HELO / EHLO
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self.push_raw([f"250 {self.hostname}"])
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [self.hostname, "PIPELINING"]
+        if self.data_size_limit:
+            lines.append(f"SIZE {self.data_size_limit}")
+        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        lines += getattr(self.event_handler, "extra_ehlo_keywords", [])
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        if self._auth_methods and (not self._auth_require_tls or self._tls_protocol):
+            lines.append("AUTH " + " ".join(sorted(self._auth_methods)))
+        await self.push_raw([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"])
+
+
+def enhance_reply(raw: bytes) -> bytes:
+    """Add the enhanced status code (RFC 3463) that an aiosmtpd reply lacks."""
+    if raw in _REWRITES:
+        return _REWRITES[raw]
+    if _HAS_ENHANCED.match(raw):
+        return raw
+    if _UNRECOGNISED.match(raw):
+        return b"500 5.5.1 Error: command not recognized"
+    code, sep = raw[:3], raw[3:4]
+    enhanced = _DEFAULT_ENHANCED.get(code)
+    if enhanced is None or sep not in (b" ", b"-", b""):
+        return raw
+    return code + (sep or b" ") + enhanced + b" " + raw[4:]

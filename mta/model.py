@@ -1,0 +1,109 @@
+"""Domain types shared by inbound, queue and delivery. Pure: no I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class RcptState(StrEnum):
+    QUEUED = "queued"        # due for a first attempt
+    ACTIVE = "active"        # handed to a delivery worker (made due again after a crash)
+    DEFERRED = "deferred"    # waiting for its next attempt time
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"      # failed for good
+    HELD = "held"            # operator hold: never delivered or expired
+
+
+PENDING_STATES = (RcptState.QUEUED, RcptState.ACTIVE, RcptState.DEFERRED, RcptState.HELD)
+FINAL_STATES = (RcptState.DELIVERED, RcptState.BOUNCED)
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: code, enhanced status code (RFC 3463) and text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ").strip()
+
+    @classmethod
+    def parse(cls, line: str) -> "Reply":
+        """Parse '550 5.1.1 No such user' (enhanced code optional) into a Reply."""
+        code_text, _, rest = line.strip().partition(" ")
+        code = int(code_text[:3]) if code_text[:3].isdigit() else 0
+        first, _, text = rest.partition(" ")
+        if _ENHANCED.match(first):
+            return cls(code, first, text)
+        return cls(code, default_enhanced(code), rest)
+
+
+def default_enhanced(code: int) -> str:
+    """A generic enhanced code for a reply that came without one (RFC 3463 §3.1)."""
+    return f"{code // 100}.0.0" if code >= 200 else "4.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    state: RcptState = RcptState.QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    notify: str | None = None   # RFC 3461 NOTIFY, stored as given
+    orcpt: str | None = None    # RFC 3461 ORCPT
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What inbound hands to the store: committed before the 250."""
+
+    id: str
+    sender: str
+    recipients: tuple[Recipient, ...]
+    data: bytes
+    arrival: float
+    client: str = ""
+    listener: str = ""
+    helo: str = ""
+    auth_user: str | None = None
+    smtputf8: bool = False
+    body_8bit: bool = False
+    ret: str | None = None      # RFC 3461 RET (FULL or HDRS)
+    envid: str | None = None    # RFC 3461 ENVID
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message row as read back from the store (data loaded on demand)."""
+
+    id: str
+    sender: str
+    arrival: float
+    size: int
+    recipients: tuple[Recipient, ...] = field(default_factory=tuple)
+    client: str = ""
+    listener: str = ""
+    smtputf8: bool = False
+    body_8bit: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+
+def domain_of(address: str) -> str:
+    """The domain part of a mailbox, lower-cased ('' when there is none)."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""

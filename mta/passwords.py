@@ -1,0 +1,104 @@
+"""The users file: one ``user:hash`` per line, never a plain-text password.
+
+Hash format: ``scrypt$N$r$p$<salt b64>$<key b64>`` from hashlib.scrypt (the
+standard library's memory-hard KDF, so no extra dependency). Used by submission
+AUTH and written by ``mta passwd``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    return "$".join(("scrypt", str(SCRYPT_N), str(SCRYPT_R), str(SCRYPT_P),
+                     base64.b64encode(salt).decode(), base64.b64encode(key).decode()))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt_b64, key_b64 = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        salt, key = base64.b64decode(salt_b64), base64.b64decode(key_b64)
+        got = hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=salt, n=int(n), r=int(r),
+                             p=int(p), dklen=len(key), maxmem=256 * 1024 * 1024)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, key)
+
+
+def read_users(path: str | os.PathLike[str]) -> dict[str, str]:
+    """user -> hash. Blank lines and '#' comments are skipped."""
+    users: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if sep:
+            users[user] = hashed
+    return users
+
+
+def set_password(path: str | os.PathLike[str], user: str, password: str) -> None:
+    """Add or replace ``user``'s line; the file is (re)written with mode 0600."""
+    if not user or ":" in user or any(c in user for c in "\r\n\x00") or user != user.strip():
+        raise ValueError(f"user name {user!r} may not be empty or contain ':', spaces at the ends or control characters")
+    target = Path(path)
+    lines = target.read_text(encoding="utf-8").splitlines() if target.exists() else []
+    entry = f"{user}:{hash_password(password)}"
+    kept = [line for line in lines if line.partition(":")[0].strip() != user]
+    kept.append(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write a new file beside the old and rename it over, so a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(kept) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class UsersFile:
+    """Reads the users file again whenever it changes, so `mta passwd` needs no reload."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._stamp: tuple[float, int] | None = None
+        self._users: dict[str, str] = {}
+
+    def lookup(self, user: str) -> str | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_mtime, st.st_size)
+        if stamp != self._stamp:
+            self._users = read_users(self.path)
+            self._stamp = stamp
+        return self._users.get(user)
+
+    def check(self, user: str, password: str) -> bool:
+        stored = self.lookup(user)
+        if stored is None:
+            # Spend the same time as for a real user, so timing does not reveal names.
+            verify_password(password, _DUMMY_HASH)
+            return False
+        return verify_password(password, stored)
+
+
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

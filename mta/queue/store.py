@@ -1,0 +1,319 @@
+"""The durable queue: the only module that speaks SQL.
+
+One SQLite file in WAL mode with synchronous=FULL, so a commit survives a
+power cut. A message row holds the envelope and the bytes; one recipient row
+per RCPT carries its own state, attempts, next attempt time and last error
+(chasquid keeps per-recipient state the same way), so only pending recipients
+are ever retried.
+
+Inbound sessions call :meth:`QueueStore.enqueue`, which returns only after the
+transaction holding the message and its recipients has committed: the 250 is
+sent after that. Concurrent sessions share commits (group commit): while one
+batch is being written, new messages wait in ``_pending`` and the next commit
+takes them all, so one fsync serves many messages under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from mta.errors import StoreError
+from mta.model import NewMessage, QueuedMessage, RcptState, Recipient
+
+log = logging.getLogger("mta.queue")
+
+# Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
+# Never edit a released entry: append a new one, so every old queue file upgrades.
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the first release.
+    """
+    CREATE TABLE messages (
+        id        TEXT PRIMARY KEY,
+        sender    TEXT NOT NULL,
+        arrival   REAL NOT NULL,
+        size      INTEGER NOT NULL,
+        client    TEXT NOT NULL DEFAULT '',
+        listener  TEXT NOT NULL DEFAULT '',
+        helo      TEXT NOT NULL DEFAULT '',
+        auth_user TEXT,
+        smtputf8  INTEGER NOT NULL DEFAULT 0,
+        body_8bit INTEGER NOT NULL DEFAULT 0,
+        ret       TEXT,
+        envid     TEXT,
+        data      BLOB NOT NULL              -- last, so listing never reads overflow pages
+    );
+    CREATE INDEX messages_arrival ON messages(arrival);
+    CREATE TABLE recipients (
+        message_id   TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        rcpt_no      INTEGER NOT NULL,
+        address      TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL DEFAULT 0,
+        last_error   TEXT,
+        notify       TEXT,
+        orcpt        TEXT,
+        updated      REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (message_id, rcpt_no)
+    ) WITHOUT ROWID;
+    -- The queue manager's question is "which pending recipients are due?":
+    -- this index answers it without scanning delivered or deferred rows.
+    CREATE INDEX recipients_due ON recipients(state, next_attempt);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "database or disk" in text)
+
+
+@dataclass(slots=True)
+class _PendingInsert:
+    message: NewMessage
+    done: asyncio.Future[None]
+
+
+class QueueStore:
+    """Async access to the queue database. Build one per process in app.py."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0):
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._db: aiosqlite.Connection | None = None
+        self._pending: list[_PendingInsert] = []
+        self._writer: asyncio.Task[None] | None = None
+        # Write transactions span several awaits on one connection; this lock
+        # keeps another coroutine's statements out of a transaction in progress.
+        self._write_lock = asyncio.Lock()
+        self._listeners: list[Callable[[Sequence[NewMessage]], None]] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # The queue holds other people's mail: owner-only from the first byte.
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self._db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        await self._db.execute("PRAGMA journal_mode = WAL")
+        # FULL: the WAL is fsynced at every commit, so "250" really means durable.
+        await self._db.execute("PRAGMA synchronous = FULL")
+        await self._db.execute("PRAGMA foreign_keys = ON")
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("queue is not open")
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self._write_lock:
+            async with self.db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this mta ({SCHEMA_VERSION})")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _statements(MIGRATIONS[target - 1]):
+                        await self.db.execute(statement)
+                    await self.db.execute(f"PRAGMA user_version = {target}")
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+                log.info("queue schema migrated to version %d", target)
+
+    def add_listener(self, callback: Callable[[Sequence[NewMessage]], None]) -> None:
+        """Called after each commit of new messages (wakes the queue manager)."""
+        self._listeners.append(callback)
+
+    # ----------------------------------------------------------------- inbound
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Store a message and its recipients; return once committed (group commit)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingInsert(message, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        await done
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._insert_batch([p.message for p in batch])
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a 4xx, never a crash
+                log.error("queue write failed for %d message(s): %s", len(batch), exc)
+                error = StoreError(str(exc), disk_full=_is_disk_full(exc))
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(error)
+                continue
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_result(None)
+            messages = [p.message for p in batch]
+            for callback in self._listeners:
+                callback(messages)
+
+    async def _insert_batch(self, messages: Sequence[NewMessage]) -> None:
+        message_rows = [
+            (m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
+             int(m.smtputf8), int(m.body_8bit), m.ret, m.envid, m.data)
+            for m in messages
+        ]
+        rcpt_rows = [
+            (m.id, i, r.address, str(r.state), r.next_attempt, r.notify, r.orcpt, m.arrival)
+            for m in messages for i, r in enumerate(m.recipients)
+        ]
+        async with self._transaction():
+            await self.db.executemany(
+                "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
+                " smtputf8, body_8bit, ret, envid, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                message_rows,
+            )
+            await self.db.executemany(
+                "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify,"
+                " orcpt, updated) VALUES (?,?,?,?,?,?,?,?)",
+                rcpt_rows,
+            )
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self)
+
+    # ----------------------------------------------------------------- reading
+
+    async def list_messages(self, ids: Iterable[str] | None = None) -> list[QueuedMessage]:
+        """Every message with its recipients, oldest first (no message data loaded)."""
+        where, args = "", ()
+        if ids is not None:
+            id_list = tuple(ids)
+            where = f"WHERE m.id IN ({','.join('?' * len(id_list))})"
+            args = id_list
+        query = (
+            "SELECT m.id, m.sender, m.arrival, m.size, m.client, m.listener, m.smtputf8, m.body_8bit,"
+            " m.ret, m.envid, r.address, r.state, r.attempts, r.next_attempt, r.last_error, r.notify,"
+            f" r.orcpt FROM messages m JOIN recipients r ON r.message_id = m.id {where}"
+            " ORDER BY m.arrival, m.id, r.rcpt_no"
+        )
+        async with self.db.execute(query, args) as cur:
+            rows = await cur.fetchall()
+        return _group_messages(rows)
+
+    async def message_data(self, message_id: str) -> bytes | None:
+        async with self.db.execute("SELECT data FROM messages WHERE id = ?", (message_id,)) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row else None
+
+    async def count_recipients(self) -> dict[str, int]:
+        async with self.db.execute("SELECT state, count(*) FROM recipients GROUP BY state") as cur:
+            return {str(state): int(n) for state, n in await cur.fetchall()}
+
+    async def integrity_check(self) -> str:
+        async with self.db.execute("PRAGMA integrity_check") as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else "no answer"
+
+
+class _Transaction:
+    """``async with store._transaction():`` BEGIN IMMEDIATE … COMMIT, ROLLBACK on error."""
+
+    def __init__(self, store: QueueStore):
+        self.store = store
+
+    async def __aenter__(self) -> aiosqlite.Connection:
+        await self.store._write_lock.acquire()
+        try:
+            await self.store.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.store._write_lock.release()
+            raise
+        return self.store.db
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc is None:
+                try:
+                    await self.store.db.execute("COMMIT")
+                except BaseException:
+                    await _rollback(self.store.db)
+                    raise
+            else:
+                await _rollback(self.store.db)
+        finally:
+            self.store._write_lock.release()
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # no transaction left to roll back (SQLite may already have ended it)
+
+
+def _statements(script: str) -> list[str]:
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _group_messages(rows: Iterable[Sequence[object]]) -> list[QueuedMessage]:
+    messages: list[QueuedMessage] = []
+    current: dict[str, object] | None = None
+    rcpts: list[Recipient] = []
+
+    def flush() -> None:
+        if current is not None:
+            messages.append(QueuedMessage(recipients=tuple(rcpts), **current))  # type: ignore[arg-type]
+
+    for row in rows:
+        (mid, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,
+         address, state, attempts, next_attempt, last_error, notify, orcpt) = row
+        if current is None or current["id"] != mid:
+            flush()
+            current = dict(id=mid, sender=sender, arrival=arrival, size=size, client=client,
+                           listener=listener, smtputf8=bool(smtputf8), body_8bit=bool(body_8bit),
+                           ret=ret, envid=envid)
+            rcpts = []
+        rcpts.append(Recipient(address=str(address), state=RcptState(str(state)), attempts=int(attempts),  # type: ignore[call-overload]
+                               next_attempt=float(next_attempt), last_error=last_error,  # type: ignore[arg-type]
+                               notify=notify, orcpt=orcpt))  # type: ignore[arg-type]
+    flush()
+    return messages
+
+
+_SEQUENCE = itertools.count()
+
+
+def new_queue_id() -> str:
+    """A short unique id in Postfix's style: 12 hex digits, increasing with time.
+
+    40 bits of microseconds (wrapping after ~12.7 days, far beyond any message's
+    life in the queue) plus an 8-bit counter, so ids made in the same
+    microsecond still differ; the PRIMARY KEY would catch the impossible rest.
+    """
+    micros = time.time_ns() // 1000
+    return f"{micros & 0xFFFFFFFFFF:010X}{next(_SEQUENCE) & 0xFF:02X}"
