@@ -37,6 +37,7 @@ _REWRITES = {
     b"552 Error: Too much mail data": b"552 5.3.4 Message too big",
     b"500 Command line too long": b"500 5.5.2 Error: line too long",
     b"500 Line too long (see RFC5321 4.5.3.1.6)": b"500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6)",
+    b"220 Ready to start TLS": b"220 2.0.0 Ready to start TLS",
 }
 _UNRECOGNISED = re.compile(rb'^500 Error: command ".*" not recognized$')
 

@@ -98,6 +98,7 @@ class QueueStore:
         # keeps another coroutine's statements out of a transaction in progress.
         self._write_lock = asyncio.Lock()
         self._listeners: list[Callable[[Sequence[NewMessage]], None]] = []
+        self.commits = 0  # inbound batches committed (group commit makes this < messages)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -173,6 +174,7 @@ class QueueStore:
                     if not p.done.done():
                         p.done.set_exception(error)
                 continue
+            self.commits += 1
             for p in batch:
                 if not p.done.done():
                     p.done.set_result(None)

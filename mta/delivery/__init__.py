@@ -1,0 +1,1 @@
+"""Outbound delivery: next-hop resolution, SMTP client and the delivery router."""
