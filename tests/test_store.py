@@ -1,0 +1,93 @@
+"""The SQLite queue itself: schema, versioning, durability settings, file mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from mta.errors import StoreError
+from mta.model import NewMessage, RcptState, Recipient
+from mta.queue.store import SCHEMA_VERSION, QueueStore, new_queue_id
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def message(n: int = 0, rcpts=("b@example.org",)) -> NewMessage:
+    return NewMessage(id=new_queue_id(), sender="a@lab.test",
+                      recipients=tuple(Recipient(address=r) for r in rcpts),
+                      data=b"Subject: %d\r\n\r\nbody\r\n" % n, arrival=1_700_000_000.0 + n,
+                      client="127.0.0.1", listener="mta")
+
+
+async def test_new_queue_file_is_private_wal_and_versioned(tmp_path):
+    store = QueueStore(tmp_path / "q" / "queue.db")
+    await store.open()
+    async with store.db.execute("PRAGMA synchronous") as cur:
+        assert (await cur.fetchone())[0] == 2  # FULL
+    await store.close()
+    path = tmp_path / "q" / "queue.db"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        indexes = {row[1] for row in db.execute("PRAGMA index_list(recipients)")}
+    assert "recipients_due" in indexes
+
+
+async def test_enqueue_stores_one_row_per_recipient(tmp_path):
+    store = QueueStore(tmp_path / "queue.db")
+    await store.open()
+    m = message(rcpts=("x@example.org", "y@example.net"))
+    await store.enqueue(m)
+    [listed] = await store.list_messages()
+    assert listed.id == m.id and listed.size == len(m.data)
+    assert [(r.address, r.state) for r in listed.recipients] == [
+        ("x@example.org", RcptState.QUEUED), ("y@example.net", RcptState.QUEUED)]
+    assert await store.message_data(m.id) == m.data
+    await store.close()
+
+
+async def test_concurrent_enqueues_share_commits(tmp_path):
+    store = QueueStore(tmp_path / "queue.db")
+    await store.open()
+    await asyncio.gather(*(store.enqueue(message(i)) for i in range(200)))
+    assert len(await store.list_messages()) == 200
+    assert store.commits < 50  # one fsync served many messages
+    await store.close()
+
+
+async def test_a_failed_batch_raises_and_the_store_recovers(tmp_path):
+    store = QueueStore(tmp_path / "queue.db")
+    await store.open()
+    m = message()
+    await store.enqueue(m)
+    with pytest.raises(StoreError):
+        await store.enqueue(m)  # same id: the PRIMARY KEY refuses it, the transaction rolls back
+    await store.enqueue(message(1))
+    assert len(await store.list_messages()) == 2
+    await store.close()
+
+
+async def test_open_migrates_an_empty_file_and_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "queue.db"
+    sqlite3.connect(path).close()  # version 0: an empty database
+    store = QueueStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store = QueueStore(path)
+    with pytest.raises(StoreError, match="newer than this mta"):
+        await store.open()
+    await store.close()
+
+
+def test_queue_ids_are_short_and_unique():
+    ids = [new_queue_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 12 and i.isalnum() and i.upper() == i for i in ids)
