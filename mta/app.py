@@ -13,10 +13,14 @@ import warnings
 from dataclasses import replace
 
 from mta.config import Config, load_config
+from mta.delivery.mx import MXResolver
+from mta.delivery.pool import ConnectionPool
+from mta.delivery.router import Delivery, Router
 from mta.errors import ConfigError
 from mta.inbound.handler import AuthThrottle, InboundHandler
 from mta.inbound.server import Listener
 from mta.passwords import UsersFile
+from mta.queue.scheduler import Job, Scheduler
 from mta.queue.store import QueueStore
 
 log = logging.getLogger("mta.master")
@@ -25,11 +29,16 @@ SHUTDOWN_GRACE = 10.0  # seconds running SMTP transactions get to finish on SIGT
 
 
 class App:
-    def __init__(self, config: Config, config_path: str | None = None):
+    def __init__(self, config: Config, config_path: str | None = None, *, deliver: bool = True):
         self.config = config
+        self.deliver = deliver  # False: accept and queue only (inbound tests)
         self.config_path = config_path
         self.store = QueueStore(config.queue.path)
         self.listeners: list[Listener] = []
+        self.pool: ConnectionPool | None = None
+        self.router: Router | None = None
+        self.scheduler: Scheduler | None = None
+        self._scheduler_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     def _build_listeners(self) -> None:
@@ -50,8 +59,32 @@ class App:
                 listener.stop_accepting()
             await self.store.close()
             raise ConfigError("listeners", f"cannot listen: {exc.strerror or exc}") from None
+        if self.deliver:
+            self._start_delivery()
         log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
                  self.config.queue.path, len(self.listeners))
+
+    def _start_delivery(self) -> None:
+        delivery = self.config.delivery
+        self.pool = ConnectionPool(
+            max_messages=delivery.connection_cache.max_messages,
+            idle_timeout=delivery.connection_cache.idle_timeout,
+            per_destination=delivery.per_destination_concurrency,
+            max_idle_total=delivery.concurrency,
+        )
+        self.router = Router(delivery, self.config.hostname, MXResolver(delivery.dns), self.pool,
+                             own_sockets=self.own_sockets())
+        self.scheduler = Scheduler(self.store, self.router, delivery, make_delivery)
+        self.store.add_listener(self.scheduler.wake)
+        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self._scheduler_task.add_done_callback(self._scheduler_ended)
+
+    def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Without the queue manager nothing is delivered: stop loudly, the
+            # service manager restarts us and the queue is intact.
+            log.critical("queue manager failed: %r", task.exception())
+            self._stop.set()
 
     def own_sockets(self) -> frozenset[tuple[str, int]]:
         return frozenset(sock for listener in self.listeners for sock in listener.sockets())
@@ -78,6 +111,12 @@ class App:
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(SHUTDOWN_GRACE) for listener in self.listeners))
+        if self.scheduler is not None and self._scheduler_task is not None:
+            await self.scheduler.stop(SHUTDOWN_GRACE)
+            self._scheduler_task.cancel()
+            await asyncio.gather(self._scheduler_task, return_exceptions=True)
+        if self.router is not None:
+            await self.router.close()  # QUIT to every cached session (RFC 5321 §4.1.1.10)
         await self.store.close()
         log.info("stopped")
 
@@ -99,6 +138,13 @@ class App:
             listener.config = new
             listener.handler.config = new
         log.info("reload: configuration re-read from %s", self.config_path or "built-in defaults")
+
+
+def make_delivery(job: Job, data: bytes) -> Delivery:
+    first = job.recipients[0]
+    return Delivery(message_id=job.message_id, sender=first.sender,
+                    recipients=tuple(r.address for r in job.recipients), data=data,
+                    smtputf8=first.smtputf8, body_8bit=first.body_8bit)
 
 
 def serve(config: Config, config_path: str | None) -> int:

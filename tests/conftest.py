@@ -75,9 +75,12 @@ def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[App]:
-    """An App serving on the test's event loop until the block ends."""
-    app = App(config)
+async def running(config: Config, *, deliver: bool = False) -> AsyncIterator[App]:
+    """An App serving on the test's event loop until the block ends.
+
+    deliver=False runs the listeners and the queue only, so inbound tests see
+    their messages stay queued exactly as accepted."""
+    app = App(config, deliver=deliver)
     await app.start()
     try:
         yield app

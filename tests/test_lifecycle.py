@@ -25,6 +25,8 @@ def daemon_config(tmp_path, port, **extra):
         "mynetworks": ["127.0.0.1/32"],
         "queue": {"path": str(tmp_path / "queue.db")},
         "metrics": {"address": None},
+        # Delivery runs, to a port where nobody listens: mail is deferred and stays queued.
+        "delivery": {"smarthost": f"127.0.0.1:{free_port()}"},
     }
     doc.update(extra)
     path = tmp_path / "mta.yaml"

@@ -21,7 +21,11 @@ class Wire:
             asyncio.open_connection(host, port, ssl=ssl_context, limit=1 << 20, local_addr=local_addr), 5)
         wire = cls(reader, writer)
         if greeting:
-            await wire.reply()
+            try:
+                await wire.reply()
+            except BaseException:
+                await wire.close()
+                raise
         return wire
 
     async def reply(self, timeout: float = 5) -> list[str]:

@@ -21,9 +21,10 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -31,6 +32,8 @@ from mta.errors import StoreError
 from mta.model import NewMessage, QueuedMessage, RcptState, Recipient
 
 log = logging.getLogger("mta.queue")
+
+T = TypeVar("T")
 
 # Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
 # Never edit a released entry: append a new one, so every old queue file upgrades.
@@ -80,9 +83,35 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 @dataclass(slots=True)
-class _PendingInsert:
-    message: NewMessage
-    done: asyncio.Future[None]
+class _PendingWrite:
+    op: Callable[[aiosqlite.Connection], Awaitable[Any]]
+    done: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DueRecipient:
+    """A recipient claimed for delivery, with what the delivery needs of its message."""
+
+    message_id: str
+    rcpt_no: int
+    address: str
+    attempts: int
+    last_error: str | None
+    sender: str
+    arrival: float
+    smtputf8: bool
+    body_8bit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """The outcome of one delivery attempt, as written back to the recipient's row."""
+
+    rcpt_no: int
+    state: RcptState
+    attempts: int
+    next_attempt: float
+    last_error: str | None
 
 
 class QueueStore:
@@ -92,13 +121,13 @@ class QueueStore:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
-        self._pending: list[_PendingInsert] = []
+        self._pending: list[_PendingWrite] = []
         self._writer: asyncio.Task[None] | None = None
         # Write transactions span several awaits on one connection; this lock
         # keeps another coroutine's statements out of a transaction in progress.
         self._write_lock = asyncio.Lock()
         self._listeners: list[Callable[[Sequence[NewMessage]], None]] = []
-        self.commits = 0  # inbound batches committed (group commit makes this < messages)
+        self.commits = 0  # write batches committed (group commit makes this < writes)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -152,57 +181,165 @@ class QueueStore:
         """Called after each commit of new messages (wakes the queue manager)."""
         self._listeners.append(callback)
 
-    # ----------------------------------------------------------------- inbound
+    # ----------------------------------------------------------------- group commit
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Store a message and its recipients; return once committed (group commit)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingInsert(message, done))
+    async def _write(self, op: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run ``op`` inside a write transaction; return once it has committed.
+
+        Writes that arrive while a batch is being committed wait and go into
+        the next batch together: one fsync for all of them (group commit).
+        """
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingWrite(op, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
-        await done
+        return await done
 
     async def _write_pending(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                await self._insert_batch([p.message for p in batch])
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a 4xx, never a crash
-                log.error("queue write failed for %d message(s): %s", len(batch), exc)
-                error = StoreError(str(exc), disk_full=_is_disk_full(exc))
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(error)
+                results = await self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, never a crash
+                if len(batch) > 1 and not _is_disk_full(exc):
+                    # One bad write must not fail the others: redo them one by one.
+                    for item in batch:
+                        await self._run_alone(item)
+                    continue
+                self._fail(batch, exc)
                 continue
-            self.commits += 1
-            for p in batch:
-                if not p.done.done():
-                    p.done.set_result(None)
-            messages = [p.message for p in batch]
-            for callback in self._listeners:
-                callback(messages)
+            for item, result in zip(batch, results):
+                if not item.done.done():
+                    item.done.set_result(result)
 
-    async def _insert_batch(self, messages: Sequence[NewMessage]) -> None:
-        message_rows = [
-            (m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
-             int(m.smtputf8), int(m.body_8bit), m.ret, m.envid, m.data)
-            for m in messages
-        ]
-        rcpt_rows = [
-            (m.id, i, r.address, str(r.state), r.next_attempt, r.notify, r.orcpt, m.arrival)
-            for m in messages for i, r in enumerate(m.recipients)
-        ]
-        async with self._transaction():
-            await self.db.executemany(
+    async def _run_batch(self, batch: Sequence[_PendingWrite]) -> list[Any]:
+        async with self._transaction() as db:
+            results = [await item.op(db) for item in batch]
+        self.commits += 1
+        return results
+
+    async def _run_alone(self, item: _PendingWrite) -> None:
+        try:
+            [result] = await self._run_batch([item])
+        except Exception as exc:  # noqa: BLE001
+            self._fail([item], exc)
+        else:
+            if not item.done.done():
+                item.done.set_result(result)
+
+    def _fail(self, batch: Sequence[_PendingWrite], exc: BaseException) -> None:
+        log.error("queue write failed (%d write(s)): %s", len(batch), exc)
+        error = StoreError(str(exc), disk_full=_is_disk_full(exc))
+        for item in batch:
+            if not item.done.done():
+                item.done.set_exception(error)
+
+    # ----------------------------------------------------------------- inbound
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Store a message and its recipients; return once committed."""
+
+        async def insert(db: aiosqlite.Connection) -> None:
+            m = message
+            await db.execute(
                 "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
                 " smtputf8, body_8bit, ret, envid, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                message_rows,
-            )
-            await self.db.executemany(
+                (m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
+                 int(m.smtputf8), int(m.body_8bit), m.ret, m.envid, m.data))
+            # next_attempt = arrival: fresh mail is due at once, oldest first.
+            await db.executemany(
                 "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify,"
                 " orcpt, updated) VALUES (?,?,?,?,?,?,?,?)",
-                rcpt_rows,
-            )
+                [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
+                 for i, r in enumerate(m.recipients)])
+
+        await self._write(insert)
+        for callback in self._listeners:
+            callback([message])
+
+    # ----------------------------------------------------------------- queue manager
+
+    async def recover_in_flight(self) -> int:
+        """Recipients left 'active' by a crash are due again (delivery is at least once)."""
+
+        async def recover(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "UPDATE recipients SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+                " WHERE state = 'active'")
+            return cur.rowcount
+
+        return await self._write(recover)
+
+    async def claim_due(self, now: float, limit: int) -> list[DueRecipient]:
+        """Mark up to ``limit`` due recipients active and return them: fresh mail
+        first, then deferred mail whose time has come. Both are range scans of
+        the (state, next_attempt) index, so a large deferred backlog that is not
+        yet due costs nothing here."""
+
+        async def claim(db: aiosqlite.Connection) -> list[DueRecipient]:
+            due: list[DueRecipient] = []
+            for state in (RcptState.QUEUED, RcptState.DEFERRED):
+                if len(due) >= limit:
+                    break
+                async with db.execute(
+                    "SELECT r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, m.sender,"
+                    " m.arrival, m.smtputf8, m.body_8bit FROM recipients r"
+                    " JOIN messages m ON m.id = r.message_id"
+                    " WHERE r.state = ? AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?",
+                    (str(state), now, limit - len(due)),
+                ) as cur:
+                    due += [DueRecipient(str(a), int(b), str(c), int(d), e, str(f), float(g), bool(h), bool(i))
+                            for a, b, c, d, e, f, g, h, i in await cur.fetchall()]
+            await db.executemany(
+                "UPDATE recipients SET state = 'active', updated = ? WHERE message_id = ? AND rcpt_no = ?",
+                [(now, d.message_id, d.rcpt_no) for d in due])
+            return due
+
+        return await self._write(claim)
+
+    async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float) -> bool:
+        """Write a delivery attempt's per-recipient results in one commit.
+
+        When no recipient of the message is left pending, the message is removed
+        in the same commit (as Postfix removes a queue file). Returns True then.
+        """
+
+        async def record(db: aiosqlite.Connection) -> bool:
+            await db.executemany(
+                "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_error = ?, updated = ?"
+                " WHERE message_id = ? AND rcpt_no = ?",
+                [(str(u.state), u.attempts, u.next_attempt, u.last_error, now, message_id, u.rcpt_no)
+                 for u in updates])
+            async with db.execute(
+                "SELECT 1 FROM recipients WHERE message_id = ? AND state NOT IN ('delivered', 'bounced') LIMIT 1",
+                (message_id,),
+            ) as cur:
+                pending = await cur.fetchone()
+            if pending is None:
+                await db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+                return True
+            return False
+
+        return await self._write(record)
+
+    async def give_back(self, message_id: str, rcpt_nos: Sequence[int]) -> None:
+        """Return claimed recipients untouched (the daemon stopped before trying them)."""
+
+        async def give(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "UPDATE recipients SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+                " WHERE message_id = ? AND rcpt_no = ? AND state = 'active'",
+                [(message_id, n) for n in rcpt_nos])
+
+        await self._write(give)
+
+    async def next_due_time(self) -> float | None:
+        """When the earliest deferred recipient is due (one index lookup)."""
+        async with self.db.execute(
+            "SELECT min(next_attempt) FROM recipients WHERE state = 'deferred'"
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     def _transaction(self) -> "_Transaction":
         return _Transaction(self)

@@ -1,0 +1,263 @@
+"""The queue manager: claims due recipients, hands them to delivery, records outcomes.
+
+Like Postfix's qmgr it owns the retry schedule and the concurrency limits, and
+it alone writes delivery results to the queue; the delivery side only returns
+one outcome per recipient. Fresh mail wakes it at once (the store calls
+:meth:`Scheduler.wake` after each commit); deferred mail is picked up when its
+next attempt time comes. Claimed work is grouped by destination (one SMTP
+transaction per message and destination) and runs with at most
+``concurrency`` deliveries in all and ``per_destination_concurrency`` per
+destination; a destination's worker keeps taking its jobs, so a cached
+connection is reused while that destination has work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mta.config import DeliveryConfig
+from mta.model import RcptState, Reply
+from mta.queue.backoff import expired, next_delay
+from mta.queue.store import DueRecipient, QueueStore, RecipientUpdate
+
+log = logging.getLogger("mta.qmgr")
+
+POLL_INTERVAL = 1.0  # upper bound on how late flushes and due retries are noticed
+CLAIM_LIMIT = 1000   # recipients held in memory at once; the rest wait in SQLite
+
+
+class Delivering(Protocol):
+    """What the scheduler needs of delivery.router.Router."""
+
+    def destination(self, recipient: str) -> str: ...
+    async def deliver(self, delivery: "DeliveryLike") -> Sequence["OutcomeLike"]: ...
+
+
+class DeliveryLike(Protocol):
+    message_id: str
+
+
+class OutcomeLike(Protocol):
+    recipient: str
+    reply: Reply
+    relay: str
+
+
+@dataclass(slots=True)
+class Job:
+    """One message to one destination: one SMTP transaction."""
+
+    destination: str
+    message_id: str
+    recipients: list[DueRecipient] = field(default_factory=list)
+
+    @property
+    def fresh(self) -> bool:
+        return all(r.attempts == 0 for r in self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What happened to one recipient, for logs and metrics."""
+
+    message_id: str
+    recipient: str
+    state: RcptState
+    reply: Reply
+    relay: str
+    delay: float
+    attempts: int
+
+
+class Scheduler:
+    def __init__(self, store: QueueStore, router: Delivering, config: DeliveryConfig,
+                 make_delivery: Callable[[Job, bytes], DeliveryLike], *,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 on_result: Callable[[RecipientResult], None] | None = None):
+        self.store = store
+        self.router = router
+        self.config = config
+        self.make_delivery = make_delivery
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_result = on_result or (lambda result: None)
+        self._queues: dict[str, collections.deque[Job]] = {}
+        self._running: collections.Counter[str] = collections.Counter()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._claimed = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # ------------------------------------------------------------------ control
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._claimed
+
+    async def run(self) -> None:
+        recovered = await self.store.recover_in_flight()
+        if recovered:
+            log.info("%d recipient(s) left in flight by an earlier run are due again", recovered)
+        while not self._stopping:
+            self._wake.clear()
+            room = CLAIM_LIMIT - self._claimed
+            if room > 0:
+                due = await self.store.claim_due(self.clock(), room)
+                if due:
+                    self._enqueue_jobs(due)
+                    if len(due) == room:
+                        continue  # there may be more due right now
+            await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        timeout = POLL_INTERVAL
+        next_due = await self.store.next_due_time()
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - self.clock()))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; let deliveries in progress finish for up to ``grace`` s."""
+        self._stopping = True
+        self.wake()
+        for queue in self._queues.values():
+            for job in queue:
+                await self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients])
+            queue.clear()
+        if self._workers:
+            done, pending = await asyncio.wait(self._workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    # ------------------------------------------------------------------ dispatch
+    def _enqueue_jobs(self, due: Sequence[DueRecipient]) -> None:
+        jobs: dict[tuple[str, str], Job] = {}
+        for rcpt in due:
+            destination = self.router.destination(rcpt.address)
+            key = (rcpt.message_id, destination)
+            if key not in jobs:
+                jobs[key] = Job(destination, rcpt.message_id)
+            jobs[key].recipients.append(rcpt)
+        for job in jobs.values():
+            queue = self._queues.setdefault(job.destination, collections.deque())
+            # Fresh mail goes ahead of retries to the same destination: a backlog
+            # of deferred mail must not hold up new mail (Postfix qmgr does the same).
+            if job.fresh:
+                queue.appendleft(job)
+            else:
+                queue.append(job)
+            self._claimed += len(job.recipients)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for destination, queue in list(self._queues.items()):
+            while (queue and self._running[destination] < self.config.per_destination_concurrency
+                   and len(self._workers) < self.config.concurrency and not self._stopping):
+                self._running[destination] += 1
+                task = asyncio.create_task(self._worker(destination), name=f"delivery:{destination}")
+                self._workers.add(task)
+                task.add_done_callback(self._worker_done)
+            if not queue and not self._running[destination]:
+                del self._queues[destination]
+                del self._running[destination]
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery worker failed: %r", task.exception())
+        if not self._stopping:
+            self._dispatch()
+            self.wake()
+
+    async def _worker(self, destination: str) -> None:
+        try:
+            queue = self._queues.get(destination)
+            while queue and not self._stopping:
+                job = queue.popleft()
+                try:
+                    await self._run_job(job)
+                finally:
+                    self._claimed -= len(job.recipients)
+        finally:
+            self._running[destination] -= 1
+
+    # ------------------------------------------------------------------ one job
+    async def _run_job(self, job: Job) -> None:
+        data = await self.store.message_data(job.message_id)
+        if data is None:
+            return  # deleted by an operator meanwhile
+        delivery = self.make_delivery(job, data)
+        try:
+            outcomes = await self.router.deliver(delivery)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients]))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in delivery defers; it never loses mail
+            log.exception("%s: delivery to %s failed unexpectedly", job.message_id, job.destination)
+            reply = Reply(451, "4.3.0", f"local error in delivery: {exc.__class__.__name__}")
+            outcomes = [_Outcome(r.address, reply, "none") for r in job.recipients]
+        await self._record(job, outcomes)
+
+    async def _record(self, job: Job, outcomes: Sequence[OutcomeLike]) -> None:
+        now = self.clock()
+        by_address: dict[str, OutcomeLike] = {o.recipient: o for o in outcomes}
+        updates: list[RecipientUpdate] = []
+        results: list[RecipientResult] = []
+        for rcpt in job.recipients:
+            outcome = by_address.get(rcpt.address) or _Outcome(
+                rcpt.address, Reply(451, "4.3.0", "no outcome from delivery"), "none")
+            update = self._decide(rcpt, outcome.reply, now)
+            updates.append(update)
+            results.append(RecipientResult(job.message_id, rcpt.address, update.state, outcome.reply,
+                                           outcome.relay, now - rcpt.arrival, update.attempts))
+        finished = await self.store.record_outcomes(job.message_id, updates, now)
+        for result in results:
+            _log_result(result)
+            self.on_result(result)
+        if finished:
+            log.info("%s: removed", job.message_id)
+
+    def _decide(self, rcpt: DueRecipient, reply: Reply, now: float) -> RecipientUpdate:
+        attempts = rcpt.attempts + 1
+        if 200 <= reply.code < 300:
+            return RecipientUpdate(rcpt.rcpt_no, RcptState.DELIVERED, attempts, now, None)
+        if reply.permanent or expired(rcpt.arrival, now, self.config.retry):
+            # RFC 5321 §4.5.4.1: give up after the retry period with the last error.
+            return RecipientUpdate(rcpt.rcpt_no, RcptState.BOUNCED, attempts, now, str(reply))
+        delay = next_delay(attempts, self.config.retry, self.rng)
+        return RecipientUpdate(rcpt.rcpt_no, RcptState.DEFERRED, attempts, now + delay, str(reply))
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    recipient: str
+    reply: Reply
+    relay: str
+
+
+_STATUS = {RcptState.DELIVERED: "sent", RcptState.DEFERRED: "deferred", RcptState.BOUNCED: "bounced"}
+
+
+def _log_result(result: RecipientResult) -> None:
+    """Postfix's per-recipient line, so operators grep what they already grep."""
+    reply = result.reply
+    text = f"{reply.code} {reply.enhanced} {reply.text}" if reply.code else reply.text
+    if result.state is RcptState.BOUNCED and reply.transient:
+        text = f"{text} (delivery time expired)"
+    log.info("%s: to=<%s>, relay=%s, delay=%.2g, attempts=%d, dsn=%s, status=%s (%s)", result.message_id,
+             result.recipient, result.relay, result.delay, result.attempts, reply.enhanced,
+             _STATUS.get(result.state, str(result.state)), text)
