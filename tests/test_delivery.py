@@ -1,0 +1,374 @@
+"""Store and forward end to end: SMTP in, the queue manager, DNS on loopback, SMTP out.
+
+The daemon runs in-process (listeners, SQLite queue, scheduler, router, pool);
+next hops are RecordingPeers on 127.0.0.2, 127.0.0.3, … found through a real
+DNS server on loopback. Assertions are on the peers' transcripts and bytes,
+and on the queue's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+
+import pytest
+from fakedns import FakeDNS
+from smtp_peer import END_OF_DATA, RecordingPeer, free_port
+
+from tests.conftest import listener_port, running
+from tests.wire import Wire
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = b"Subject: relay me\r\nFrom: lab@lab.test\r\n\r\nline one\r\n..dot line\r\n"  # dot-stuffed on the wire
+CONTENT = b"Subject: relay me\r\nFrom: lab@lab.test\r\n\r\nline one\r\n.dot line\r\n"
+
+
+@pytest.fixture
+def dns():
+    with FakeDNS(zones={}) as server:
+        yield server
+
+
+@pytest.fixture
+def port():
+    return free_port(("127.0.0.2", "127.0.0.3", "127.0.0.4"))
+
+
+@pytest.fixture
+def relay(make_config, dns, port):
+    """A config whose delivery uses the fake DNS and the peers' port."""
+
+    def make(**delivery):
+        doc = {
+            "port": port,
+            "dns": {"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": "2s"},
+            "retry": {"min_backoff": "5m", "max_backoff": "1h"},
+            "connection_cache": {"idle_timeout": "2s"},
+            "timeouts": {"connect": "2s", "command": "5s"},
+        }
+        for key, value in delivery.items():
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key] = {**doc[key], **value}
+            else:
+                doc[key] = value
+        return make_config(delivery=doc)
+
+    return make
+
+
+async def submit(config, recipients, body=BODY, sender="lab@lab.test"):
+    async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        reply = await w.mail(sender, recipients, body)
+    assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+    return reply.rsplit(" ", 1)[1]
+
+
+def queue_rows(config):
+    with sqlite3.connect(config.queue.path) as db:
+        return db.execute("SELECT m.id, r.address, r.state, r.attempts, r.last_error FROM recipients r"
+                          " JOIN messages m ON m.id = r.message_id ORDER BY m.arrival, r.rcpt_no").fetchall()
+
+
+async def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def mx(dns, domain, *hosts):
+    """hosts: (preference, name, ip)."""
+    dns.zones[domain] = {"MX": [(pref, name) for pref, name, _ in hosts]}
+    for _, name, ip in hosts:
+        dns.zones[name] = {"A": [ip]}
+
+
+async def test_one_message_relayed_with_envelope_and_body_intact(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay()
+    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+        queue_id = await submit(config, ["bob@example.test"])
+        [message] = await peer.wait_for_messages(1)
+        await wait_until(lambda: queue_rows(config) == [])
+    assert message.sender == "lab@lab.test" and message.rcpts == ["bob@example.test"]
+    assert message.data.startswith(b"Received: from client.test (unknown [127.0.0.1])\r\n")
+    assert f"with ESMTP id {queue_id}".encode() in message.data
+    # Un-stuffed by us, stuffed again on the way out, un-stuffed by the peer: the same bytes.
+    assert message.data.endswith(b"\r\n" + CONTENT)
+    [conn] = peer.connections
+    assert conn.verbs[:4] == ["EHLO", "MAIL", "RCPT", "DATA"]
+    assert conn.transcript[0] == "EHLO relay.lab.test"
+    assert conn.transcript[1] == f"MAIL FROM:<lab@lab.test> SIZE={len(message.data)}"
+    # PIPELINING (RFC 2920): MAIL, RCPT and DATA arrived in one read.
+    assert ["MAIL FROM:<lab@lab.test> SIZE=%d" % len(message.data), "RCPT TO:<bob@example.test>", "DATA"] \
+        in conn.batches
+
+
+async def test_ten_messages_share_one_connection_with_rset_and_quit(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay(connection_cache={"idle_timeout": "0.5s"}, per_destination_concurrency=1)
+    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True) as app:
+        for i in range(10):
+            await submit(config, [f"user{i}@example.test"])
+        await peer.wait_for_messages(10, timeout=10)
+        await peer.wait_finished(timeout=5)  # closed by the idle timeout, not by us stopping
+        assert app.pool.reused >= 1
+    verbs = [v for conn in peer.connections for v in conn.verbs]
+    assert len(peer.connections) <= 2  # the first message may have left before the rest arrived
+    for conn in peer.connections:
+        v = conn.verbs
+        assert v[0] == "EHLO" and v[-1] == "QUIT"
+        transactions = [v[i:i + 3] for i in range(1, len(v) - 1) if v[i] == "MAIL"]
+        assert all(t == ["MAIL", "RCPT", "DATA"] for t in transactions)
+        # Between two transactions on one connection: exactly one RSET (Postfix's cache semantics).
+        body = v[1:-1]
+        expected = []
+        for n in range(len(transactions)):
+            expected += (["RSET"] if n else []) + ["MAIL", "RCPT", "DATA"]
+        assert body == expected
+    assert verbs.count("MAIL") == 10 and verbs.count("QUIT") == len(peer.connections)
+    assert sorted(m.rcpts[0] for m in peer.messages) == sorted(f"user{i}@example.test" for i in range(10))
+
+
+async def test_quit_after_550_and_recipient_bounced(relay, dns, port, caplog):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+
+    def refuse(verb, arg, conn):
+        return "550 5.1.1 <nobody@example.test>: Recipient address rejected" if verb == "RCPT" else None
+
+    config = relay(connection_cache={"idle_timeout": "0.3s"})
+    caplog.set_level(logging.INFO, logger="mta")
+    async with RecordingPeer("127.0.0.2", port, replies=refuse) as peer, running(config, deliver=True):
+        queue_id = await submit(config, ["nobody@example.test"])
+        await wait_until(lambda: queue_rows(config) == [])
+        await peer.wait_finished()
+    [conn] = peer.connections
+    assert conn.verbs[:3] == ["EHLO", "MAIL", "RCPT"] and conn.verbs[-1] == "QUIT"
+    assert peer.messages == []
+    assert (f"{queue_id}: to=<nobody@example.test>, relay=mx1.example.test[127.0.0.2]:{port}, "
+            in caplog.text)
+    assert ("dsn=5.1.1, status=bounced (550 5.1.1 <nobody@example.test>: Recipient address rejected)"
+            in caplog.text)
+
+
+async def test_451_twice_then_delivered_once_with_growing_gaps(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    attempts: list[float] = []
+
+    def flaky(verb, arg, conn):
+        if verb == END_OF_DATA:
+            attempts.append(time.monotonic())
+            if len(attempts) <= 2:
+                return "451 4.3.0 Try again later"
+        return None
+
+    config = relay(retry={"min_backoff": "0.4s", "max_backoff": "10s"}, connection_cache={"idle_timeout": "0.1s"})
+    async with RecordingPeer("127.0.0.2", port, replies=flaky) as peer, running(config, deliver=True):
+        queue_id = await submit(config, ["bob@example.test"])
+        await wait_until(lambda: len(attempts) >= 1)
+        await wait_until(lambda: queue_rows(config) != [] and queue_rows(config)[0][2] == "deferred")
+        [(mid, _, state, tries, last_error)] = queue_rows(config)
+        assert (mid, state, tries, last_error) == (queue_id, "deferred", 1, "451 4.3.0 Try again later")
+        await peer.wait_for_messages(1, timeout=15)
+        await wait_until(lambda: queue_rows(config) == [])
+        await asyncio.sleep(1.0)  # nothing more is sent after success
+        await peer.wait_finished()
+    assert len(attempts) == 3
+    assert len(peer.messages) == 1
+    first_gap, second_gap = attempts[1] - attempts[0], attempts[2] - attempts[1]
+    assert 0.3 <= first_gap < second_gap  # 0.4 s then 0.8 s (±10% jitter)
+    assert all(conn.verbs[-1] == "QUIT" for conn in peer.connections)
+
+
+async def test_mx_preference_order_and_fallback(relay, dns, port):
+    mx(dns, "example.test", (20, "mx2.example.test", "127.0.0.3"), (10, "mx1.example.test", "127.0.0.2"))
+    config = relay()
+    first = RecordingPeer("127.0.0.2", port, greeting="421 4.3.2 mx1 is busy")
+    async with first, RecordingPeer("127.0.0.3", port) as second, running(config, deliver=True):
+        await submit(config, ["bob@example.test"])
+        await second.wait_for_messages(1)
+        await wait_until(lambda: queue_rows(config) == [])
+    # The lower preference was tried first; its 421 sent us on to the next MX.
+    assert len(first.connections) == 1 and first.messages == []
+    assert [m.rcpts for m in second.messages] == [["bob@example.test"]]
+
+
+async def test_connection_refused_falls_back(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+    config = relay()
+    async with RecordingPeer("127.0.0.2", port, refuse=True), RecordingPeer("127.0.0.3", port) as second, \
+            running(config, deliver=True):
+        await submit(config, ["bob@example.test"])
+        await second.wait_for_messages(1)
+
+
+async def test_5xx_at_mail_stops_the_search(relay, dns, port, caplog):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+
+    def no(verb, arg, conn):
+        return "554 5.7.1 Sender refused" if verb == "MAIL" else None
+
+    caplog.set_level(logging.INFO, logger="mta")
+    config = relay(connection_cache={"idle_timeout": "0.2s"})
+    async with RecordingPeer("127.0.0.2", port, replies=no) as first, RecordingPeer("127.0.0.3", port) as second, \
+            running(config, deliver=True):
+        await submit(config, ["bob@example.test"])
+        await wait_until(lambda: queue_rows(config) == [])
+        await first.wait_finished()
+    assert second.connections == []
+    assert first.connections[0].verbs[-1] == "QUIT"
+    assert "status=bounced (554 5.7.1 Sender refused)" in caplog.text
+
+
+async def test_implicit_mx(relay, dns, port):
+    dns.zones["plain.test"] = {"A": ["127.0.0.3"]}
+    config = relay()
+    async with RecordingPeer("127.0.0.3", port) as peer, running(config, deliver=True):
+        await submit(config, ["bob@plain.test"])
+        await peer.wait_for_messages(1)
+
+
+@pytest.mark.parametrize("zone, reply", [
+    ({"MX": [(0, ".")]}, "556 5.1.10"),
+    (None, "550 5.1.2"),
+])
+async def test_null_mx_and_nxdomain_bounce_at_once(relay, dns, zone, reply, caplog):
+    if zone is not None:
+        dns.zones["nomail.test"] = zone
+    caplog.set_level(logging.INFO, logger="mta")
+    config = relay()
+    async with running(config, deliver=True):
+        await submit(config, ["bob@nomail.test"])
+        await wait_until(lambda: queue_rows(config) == [])
+    assert f"status=bounced ({reply}" in caplog.text
+
+
+async def test_servfail_defers(relay, dns):
+    dns.zones["broken.test"] = "SERVFAIL"
+    config = relay()
+    async with running(config, deliver=True):
+        await submit(config, ["bob@broken.test"])
+        await wait_until(lambda: queue_rows(config)[0][2] == "deferred")
+    [(_, _, state, attempts, error)] = queue_rows(config)
+    assert state == "deferred" and attempts == 1 and error.startswith("451 4.4.3")
+
+
+async def test_mixed_recipient_results(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+
+    def per_rcpt(verb, arg, conn):
+        if verb == "RCPT" and "temp" in arg:
+            return "452 4.2.2 Mailbox full"
+        if verb == "RCPT" and "gone" in arg:
+            return "550 5.1.1 No such user"
+        return None
+
+    config = relay()
+    async with RecordingPeer("127.0.0.2", port, replies=per_rcpt) as peer, running(config, deliver=True):
+        await submit(config, ["ok@example.test", "temp@example.test", "gone@example.test"])
+        [message] = await peer.wait_for_messages(1)
+        await wait_until(lambda: len(queue_rows(config)) == 3 and queue_rows(config)[1][2] == "deferred")
+        rows = queue_rows(config)
+    assert message.rcpts == ["ok@example.test"]
+    assert [(r[1], r[2], r[4]) for r in rows] == [
+        ("ok@example.test", "delivered", None),
+        ("temp@example.test", "deferred", "452 4.2.2 Mailbox full"),
+        ("gone@example.test", "bounced", "550 5.1.1 No such user"),
+    ]
+
+
+async def test_smarthost_gets_everything_without_dns(make_config, dns, port):
+    config = make_config(delivery={"smarthost": f"127.0.0.4:{port}",
+                                   "dns": {"nameservers": ["127.0.0.1"], "port": dns.port}})
+    async with RecordingPeer("127.0.0.4", port) as peer, running(config, deliver=True):
+        await submit(config, ["a@one.test", "b@two.test"])
+        [message] = await peer.wait_for_messages(1)
+    assert sorted(message.rcpts) == ["a@one.test", "b@two.test"]
+    assert dns.queries == {} or sum(dns.queries.values()) == 0
+
+
+async def test_routes_send_a_domain_elsewhere(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay(routes={"routed.test": f"127.0.0.3:{port}"})
+    async with RecordingPeer("127.0.0.2", port) as mx_peer, RecordingPeer("127.0.0.3", port) as routed, \
+            running(config, deliver=True):
+        await submit(config, ["a@routed.test", "b@example.test"])
+        await routed.wait_for_messages(1)
+        await mx_peer.wait_for_messages(1)
+    assert routed.messages[0].rcpts == ["a@routed.test"]
+    assert mx_peer.messages[0].rcpts == ["b@example.test"]
+
+
+async def test_route_to_our_own_listener_is_a_loop(make_config, caplog):
+    from tests.conftest import free_port as free
+    own = free()
+    caplog.set_level(logging.INFO, logger="mta")
+    config = make_config(listeners=[{"name": "mta", "address": f"127.0.0.1:{own}", "mode": "relay"}],
+                         delivery={"routes": {"loop.test": f"127.0.0.1:{own}"}})
+    async with running(config, deliver=True):
+        await submit(config, ["x@loop.test"])
+        await wait_until(lambda: queue_rows(config) == [])
+    assert "dsn=5.4.6, status=bounced (554 5.4.6" in caplog.text
+    with sqlite3.connect(config.queue.path) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+
+
+async def test_quit_on_shutdown(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay(connection_cache={"idle_timeout": "60s"})
+    async with RecordingPeer("127.0.0.2", port) as peer:
+        async with running(config, deliver=True):
+            await submit(config, ["bob@example.test"])
+            await peer.wait_for_messages(1)
+            await asyncio.sleep(0.2)
+            assert peer.connections[0].verbs[-1] == "DATA"  # still cached, idle
+        await peer.wait_finished()
+    assert peer.connections[0].verbs[-1] == "QUIT"
+
+
+async def test_quit_after_451_at_greeting_and_retry_later(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay()
+    async with RecordingPeer("127.0.0.2", port, greeting="451 4.3.2 not now") as peer, \
+            running(config, deliver=True):
+        await submit(config, ["bob@example.test"])
+        await wait_until(lambda: queue_rows(config)[0][2] == "deferred")
+        await peer.wait_finished()
+    assert peer.connections[0].transcript == ["QUIT"]
+    assert queue_rows(config)[0][4].startswith("451 4.3.2 not now")
+
+
+async def test_crash_recovery_makes_in_flight_recipients_due(relay, dns, port):
+    """A recipient left 'active' by a killed daemon is delivered after restart."""
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay()
+    async with running(config) as app:  # accept only
+        queue_id = await submit(config, ["bob@example.test"])
+        claimed = await app.store.claim_due(time.time(), 10)
+        assert [c.message_id for c in claimed] == [queue_id]
+    assert queue_rows(config)[0][2] == "active"  # as a SIGKILL would leave it
+    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+        await peer.wait_for_messages(1)
+        await wait_until(lambda: queue_rows(config) == [])
+    assert len(peer.messages) == 1
+
+
+async def test_backlog_of_deferred_mail_does_not_delay_fresh_mail(relay, dns, port):
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay()
+    async with running(config) as app:
+        for i in range(300):  # a backlog: deferred, not due for an hour
+            await submit(config, [f"old{i}@slow.test"])
+        await app.store.db.execute("UPDATE recipients SET state='deferred', attempts=1, next_attempt=?",
+                                   (time.time() + 3600,))
+    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+        start = time.monotonic()
+        await submit(config, ["fresh@example.test"])
+        await peer.wait_for_messages(1)
+        elapsed = time.monotonic() - start
+    assert elapsed < 2.0
+    assert sum(1 for row in queue_rows(config) if row[2] == "deferred") == 300
