@@ -25,7 +25,8 @@ from typing import Protocol
 from mta.config import DeliveryConfig
 from mta.model import RcptState, Reply
 from mta.queue.backoff import expired, next_delay
-from mta.queue.store import DueRecipient, QueueStore, RecipientUpdate
+from mta.model import NewMessage
+from mta.queue.store import DueRecipient, HistoryEntry, QueueStore, RecipientUpdate
 
 log = logging.getLogger("mta.qmgr")
 
@@ -80,7 +81,9 @@ class Scheduler:
     def __init__(self, store: QueueStore, router: Delivering, config: DeliveryConfig,
                  make_delivery: Callable[[Job, bytes], DeliveryLike], *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
-                 on_result: Callable[[RecipientResult], None] | None = None):
+                 on_result: Callable[[RecipientResult], None] | None = None,
+                 make_bounce: Callable[[Job, bytes, Sequence["RecipientResult"], float], NewMessage | None]
+                 | None = None):
         self.store = store
         self.router = router
         self.config = config
@@ -88,6 +91,7 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_result = on_result or (lambda result: None)
+        self.make_bounce = make_bounce or (lambda job, data, failed, now: None)
         self._queues: dict[str, collections.deque[Job]] = {}
         self._running: collections.Counter[str] = collections.Counter()
         self._workers: set[asyncio.Task[None]] = set()
@@ -132,10 +136,12 @@ class Scheduler:
         """Stop claiming; let deliveries in progress finish for up to ``grace`` s."""
         self._stopping = True
         self.wake()
+        waiting = [job for queue in self._queues.values() for job in queue]
         for queue in self._queues.values():
-            for job in queue:
-                await self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients])
-            queue.clear()
+            queue.clear()  # workers stop taking jobs; these go back to the queue untried
+        for job in waiting:
+            await self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients])
+            self._claimed -= len(job.recipients)
         if self._workers:
             done, pending = await asyncio.wait(self._workers, timeout=grace)
             for task in pending:
@@ -210,9 +216,9 @@ class Scheduler:
             log.exception("%s: delivery to %s failed unexpectedly", job.message_id, job.destination)
             reply = Reply(451, "4.3.0", f"local error in delivery: {exc.__class__.__name__}")
             outcomes = [_Outcome(r.address, reply, "none") for r in job.recipients]
-        await self._record(job, outcomes)
+        await self._record(job, outcomes, data)
 
-    async def _record(self, job: Job, outcomes: Sequence[OutcomeLike]) -> None:
+    async def _record(self, job: Job, outcomes: Sequence[OutcomeLike], data: bytes) -> None:
         now = self.clock()
         by_address: dict[str, OutcomeLike] = {o.recipient: o for o in outcomes}
         updates: list[RecipientUpdate] = []
@@ -224,10 +230,17 @@ class Scheduler:
             updates.append(update)
             results.append(RecipientResult(job.message_id, rcpt.address, update.state, outcome.reply,
                                            outcome.relay, now - rcpt.arrival, update.attempts))
-        finished = await self.store.record_outcomes(job.message_id, updates, now)
+        history = [HistoryEntry(now, r.recipient, _STATUS[r.state], f"relay={r.relay} ({r.reply})")
+                   for r in results]
+        failed = [r for r in results if r.state is RcptState.BOUNCED]
+        bounce = self.make_bounce(job, data, failed, now) if failed else None
+        finished = await self.store.record_outcomes(job.message_id, updates, now, history=history,
+                                                    new_messages=[bounce] if bounce else [])
         for result in results:
             _log_result(result)
             self.on_result(result)
+        if bounce is not None:
+            log.info("%s: sender non-delivery notification: %s", job.message_id, bounce.id)
         if finished:
             log.info("%s: removed", job.message_id)
 

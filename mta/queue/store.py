@@ -73,6 +73,17 @@ MIGRATIONS: tuple[str, ...] = (
     -- this index answers it without scanning delivered or deferred rows.
     CREATE INDEX recipients_due ON recipients(state, next_attempt);
     """,
+    # 1 -> 2: per-message history for `mta queue show` (delivery attempts, holds, bounces).
+    """
+    CREATE TABLE history (
+        message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        time       REAL NOT NULL,
+        recipient  TEXT,
+        event      TEXT NOT NULL,            -- queued, sent, deferred, bounced, held, released, ...
+        detail     TEXT
+    );
+    CREATE INDEX history_message ON history(message_id, time);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -101,6 +112,14 @@ class DueRecipient:
     arrival: float
     smtputf8: bool
     body_8bit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    time: float
+    recipient: str | None
+    event: str
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,21 +258,7 @@ class QueueStore:
     async def enqueue(self, message: NewMessage) -> None:
         """Store a message and its recipients; return once committed."""
 
-        async def insert(db: aiosqlite.Connection) -> None:
-            m = message
-            await db.execute(
-                "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
-                " smtputf8, body_8bit, ret, envid, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
-                 int(m.smtputf8), int(m.body_8bit), m.ret, m.envid, m.data))
-            # next_attempt = arrival: fresh mail is due at once, oldest first.
-            await db.executemany(
-                "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify,"
-                " orcpt, updated) VALUES (?,?,?,?,?,?,?,?)",
-                [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
-                 for i, r in enumerate(m.recipients)])
-
-        await self._write(insert)
+        await self._write(lambda db: _insert_message(db, message))
         for callback in self._listeners:
             callback([message])
 
@@ -297,19 +302,26 @@ class QueueStore:
 
         return await self._write(claim)
 
-    async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float) -> bool:
+    async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float,
+                              *, history: Sequence[HistoryEntry] = (),
+                              new_messages: Sequence[NewMessage] = ()) -> bool:
         """Write a delivery attempt's per-recipient results in one commit.
 
-        When no recipient of the message is left pending, the message is removed
-        in the same commit (as Postfix removes a queue file). Returns True then.
+        ``new_messages`` (bounces) are enqueued in the same commit, so a crash
+        can neither lose a bounce nor send it twice. When no recipient of the
+        message is left pending, the message is removed in that commit too (as
+        Postfix removes a queue file); returns True then. A recipient an
+        operator put on hold while it was being tried stays held if deferred.
         """
 
         async def record(db: aiosqlite.Connection) -> bool:
             await db.executemany(
-                "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ?, last_error = ?, updated = ?"
-                " WHERE message_id = ? AND rcpt_no = ?",
-                [(str(u.state), u.attempts, u.next_attempt, u.last_error, now, message_id, u.rcpt_no)
+                "UPDATE recipients SET state = CASE WHEN state = 'held' AND ? = 'deferred' THEN 'held' ELSE ? END,"
+                " attempts = ?, next_attempt = ?, last_error = ?, updated = ? WHERE message_id = ? AND rcpt_no = ?",
+                [(str(u.state), str(u.state), u.attempts, u.next_attempt, u.last_error, now, message_id, u.rcpt_no)
                  for u in updates])
+            for message in new_messages:
+                await _insert_message(db, message)
             async with db.execute(
                 "SELECT 1 FROM recipients WHERE message_id = ? AND state NOT IN ('delivered', 'bounced') LIMIT 1",
                 (message_id,),
@@ -318,9 +330,17 @@ class QueueStore:
             if pending is None:
                 await db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
                 return True
+            if history:
+                await db.executemany(
+                    "INSERT INTO history (message_id, time, recipient, event, detail) VALUES (?,?,?,?,?)",
+                    [(message_id, h.time, h.recipient, h.event, h.detail) for h in history])
             return False
 
-        return await self._write(record)
+        finished = await self._write(record)
+        if new_messages:
+            for callback in self._listeners:
+                callback(list(new_messages))
+        return finished
 
     async def give_back(self, message_id: str, rcpt_nos: Sequence[int]) -> None:
         """Return claimed recipients untouched (the daemon stopped before trying them)."""
@@ -412,6 +432,20 @@ async def _rollback(db: aiosqlite.Connection) -> None:
         await db.execute("ROLLBACK")
     except sqlite3.Error:
         pass  # no transaction left to roll back (SQLite may already have ended it)
+
+
+async def _insert_message(db: aiosqlite.Connection, m: NewMessage) -> None:
+    await db.execute(
+        "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
+        " smtputf8, body_8bit, ret, envid, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
+         int(m.smtputf8), int(m.body_8bit), m.ret, m.envid, m.data))
+    # next_attempt = arrival: fresh mail is due at once, oldest first.
+    await db.executemany(
+        "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify,"
+        " orcpt, updated) VALUES (?,?,?,?,?,?,?,?)",
+        [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
+         for i, r in enumerate(m.recipients)])
 
 
 def _statements(script: str) -> list[str]:
