@@ -144,7 +144,8 @@ def make_delivery(job: Job, data: bytes) -> Delivery:
     first = job.recipients[0]
     return Delivery(message_id=job.message_id, sender=first.sender,
                     recipients=tuple(r.address for r in job.recipients), data=data,
-                    smtputf8=first.smtputf8, body_8bit=first.body_8bit)
+                    smtputf8=first.smtputf8, body_8bit=first.body_8bit, ret=first.ret, envid=first.envid,
+                    notify=tuple(r.notify for r in job.recipients), orcpt=tuple(r.orcpt for r in job.recipients))
 
 
 def serve(config: Config, config_path: str | None) -> int:

@@ -184,6 +184,11 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BounceConfig:
+    double_bounce_to: str | None = None   # Postfix: 2bounce_notice_recipient (there: postmaster)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     host: str | None = "127.0.0.1"
     port: int = 9101
@@ -200,6 +205,7 @@ class Config:
     delivery: DeliveryConfig
     limits: LimitsConfig
     metrics: MetricsConfig
+    bounce: BounceConfig = field(default_factory=BounceConfig)
     source: str = "<built-in defaults>"
 
     def in_mynetworks(self, ip: str) -> bool:
@@ -469,6 +475,9 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
         max_hops=lim.get("max_hops", 50, _int(1)),
     )
     lim.done()
+    bsec = top.section("bounce")
+    bounce = BounceConfig(double_bounce_to=bsec.get("double_bounce_to", None, _mailbox))
+    bsec.done()
     met = top.section("metrics")
     address = met.get("address", ("127.0.0.1", 9101), _metrics_address)
     metrics = MetricsConfig(host=address[0] if address else None, port=address[1] if address else 0)
@@ -476,7 +485,13 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     top.done()
     return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
                   relay_domains=relay_domains, auth=auth_cfg, queue=queue_cfg,
-                  delivery=delivery, limits=limits, metrics=metrics, source=source)
+                  delivery=delivery, limits=limits, metrics=metrics, bounce=bounce, source=source)
+
+
+def _mailbox(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[^@\s<>]+@[A-Za-z0-9_.-]+", value):
+        raise ConfigError(path, f"{_show(value)} is not a mail address (user@domain)")
+    return value
 
 
 def _metrics_address(value: Any, path: str) -> tuple[str, int] | None:

@@ -107,3 +107,12 @@ class QueuedMessage:
 def domain_of(address: str) -> str:
     """The domain part of a mailbox, lower-cased ('' when there is none)."""
     return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def notify_wants(notify: str | None, event: str) -> bool:
+    """Whether a recipient's RFC 3461 NOTIFY asks for a DSN on ``event``
+    (SUCCESS, FAILURE or DELAY). Without NOTIFY the default is FAILURE and
+    DELAY (§4.1: DELAY at the MTA's discretion)."""
+    if notify is None:
+        return event in ("FAILURE", "DELAY")
+    return event in notify.split(",")

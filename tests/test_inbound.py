@@ -31,6 +31,7 @@ async def test_ehlo_advertises_extensions(make_config):
         "250-SIZE 10000000",
         "250-8BITMIME",
         "250-SMTPUTF8",
+        "250-DSN",
         "250 ENHANCEDSTATUSCODES",
     ]
 
@@ -307,3 +308,42 @@ async def test_utf8_addresses_with_smtputf8(make_config):
             assert (await w.reply())[-1].startswith("250 ")
     assert rows(config, "SELECT sender, smtputf8 FROM messages") == [("jörg@lab.test", 1)]
     assert rows(config, "SELECT address FROM recipients") == [("zoë@exämple.org",)]
+
+
+async def test_dsn_parameters_are_stored(make_config):
+    config = make_config()
+    async with running(config):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            await w.ehlo()
+            assert await w.cmd("MAIL FROM:<a@lab.test> RET=HDRS ENVID=QQ+2Bid SIZE=100") == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.org") \
+                == "250 2.1.5 Ok"
+            assert await w.cmd("RCPT TO:<c@example.org> NOTIFY=NEVER") == "250 2.1.5 Ok"
+            assert await w.cmd("RCPT TO:<d@example.org>") == "250 2.1.5 Ok"
+            assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
+            await w.send(BODY + b".")
+            assert (await w.reply())[-1].startswith("250 2.0.0 Ok")
+    assert rows(config, "SELECT ret, envid FROM messages") == [("HDRS", "QQ+2Bid")]
+    assert rows(config, "SELECT address, notify, orcpt FROM recipients ORDER BY rcpt_no") == [
+        ("b@example.org", "SUCCESS,FAILURE", "rfc822;b@example.org"),
+        ("c@example.org", "NEVER", None),
+        ("d@example.org", None, None),
+    ]
+
+
+@pytest.mark.parametrize("command, reply", [
+    ("MAIL FROM:<a@lab.test> RET=ALL", "501 5.5.4 Bad RET parameter (FULL or HDRS)"),
+    ("MAIL FROM:<a@lab.test> RET=FULL RET=HDRS", "501 5.5.4 Bad RET parameter"),
+    ("MAIL FROM:<a@lab.test> ENVID=bad=value", "501 5.5.4 Bad ENVID parameter"),
+])
+async def test_bad_dsn_parameters(make_config, command, reply):
+    config = make_config()
+    async with running(config):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            await w.ehlo()
+            assert await w.cmd(command) == reply
+            assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=NEVER,SUCCESS") == \
+                "501 5.5.4 Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)"
+            assert await w.cmd("RCPT TO:<b@example.org> ORCPT=nosemicolon") == "501 5.5.4 Bad ORCPT parameter"
+            assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=DELAY") == "250 2.1.5 Ok"

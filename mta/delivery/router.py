@@ -38,6 +38,26 @@ class Delivery:
     data: bytes
     smtputf8: bool = False
     body_8bit: bool = False
+    # RFC 3461 parameters, passed on when the next hop offers DSN (§5.2).
+    ret: str | None = None
+    envid: str | None = None
+    notify: tuple[str | None, ...] = ()   # per recipient, aligned with ``recipients``
+    orcpt: tuple[str | None, ...] = ()
+
+    def mail_params(self) -> str:
+        return " ".join(p for p in (f"RET={self.ret}" if self.ret else "",
+                                    f"ENVID={self.envid}" if self.envid else "") if p)
+
+    def rcpt_params(self) -> dict[str, str]:
+        params = {}
+        for i, rcpt in enumerate(self.recipients):
+            notify = self.notify[i] if i < len(self.notify) else None
+            orcpt = self.orcpt[i] if i < len(self.orcpt) else None
+            text = " ".join(p for p in (f"NOTIFY={notify}" if notify else "",
+                                        f"ORCPT={orcpt}" if orcpt else "") if p)
+            if text:
+                params[rcpt] = text
+        return params
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +65,7 @@ class Outcome:
     recipient: str
     reply: Reply
     relay: str   # "mx1.example.test[127.0.0.2]:2525", or "none" when no session got that far
+    dsn_passed: bool = False   # the next hop took our RFC 3461 parameters (it reports success itself)
 
     @property
     def delivered(self) -> bool:
@@ -238,8 +259,11 @@ class Router:
 
     async def _transaction(self, key: str, session: Session, delivery: Delivery) -> list[Outcome]:
         try:
+            dsn = session.has("DSN")
             results = await session.send(delivery.sender, list(delivery.recipients), delivery.data,
-                                         smtputf8=delivery.smtputf8, body_8bit=delivery.body_8bit)
+                                         smtputf8=delivery.smtputf8, body_8bit=delivery.body_8bit,
+                                         mail_params=delivery.mail_params() if dsn else "",
+                                         rcpt_params=delivery.rcpt_params() if dsn else None)
         except ConnectionLost as exc:
             await self.pool.release(key, session, reusable=False)
             raise _Next(exc.reply, session.peer, lost=True) from None
@@ -253,7 +277,7 @@ class Router:
             session.abort()
             raise
         await self.pool.release(key, session)
-        return [Outcome(r, results[r], session.peer) for r in delivery.recipients]
+        return [Outcome(r, results[r], session.peer, dsn_passed=dsn) for r in delivery.recipients]
 
     async def close(self) -> None:
         await self.pool.close()

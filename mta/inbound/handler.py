@@ -93,6 +93,7 @@ class InboundHandler:
             return self._refuse(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.dsn = getattr(server, "pending_dsn", None)
         return str(REPLIES["sender_ok"])
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -108,6 +109,9 @@ class InboundHandler:
             return self._refuse(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if not hasattr(envelope, "rcpt_dsn"):
+            envelope.rcpt_dsn = []
+        envelope.rcpt_dsn.append(getattr(server, "pending_dsn", None) or policy.DSNParams())
         return str(REPLIES["rcpt_ok"])
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -134,9 +138,14 @@ class InboundHandler:
             recipients=list(envelope.rcpt_tos), now=now)
         data = received + data
         auth_user = session.auth_data if isinstance(session.auth_data, str) else None
+        mail_dsn = getattr(envelope, "dsn", None) or policy.DSNParams()
+        rcpt_dsn = list(getattr(envelope, "rcpt_dsn", []))
+        rcpt_dsn += [policy.DSNParams()] * (len(envelope.rcpt_tos) - len(rcpt_dsn))
         message = NewMessage(
             id=queue_id, sender=envelope.mail_from or "",
-            recipients=tuple(Recipient(address=r) for r in envelope.rcpt_tos),
+            recipients=tuple(Recipient(address=r, notify=d.notify, orcpt=d.orcpt)
+                             for r, d in zip(envelope.rcpt_tos, rcpt_dsn)),
+            ret=mail_dsn.ret, envid=mail_dsn.envid,
             data=data, arrival=now, client=client_ip, listener=self.listener.name,
             helo=session.host_name or "", auth_user=auth_user, smtputf8=bool(envelope.smtp_utf8),
             body_8bit="BODY=8BITMIME" in envelope.mail_options,

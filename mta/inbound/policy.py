@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from mta.model import Reply
+from mta.model import Reply, notify_wants  # noqa: F401 - re-exported for inbound callers
 
 REPLIES = {
     "relay_denied": Reply(554, "5.7.1", "Relay access denied"),
@@ -183,3 +183,56 @@ def message_id_header(queue_id: str, hostname: str, now: float) -> bytes:
 
 def date_header(now: float) -> bytes:
     return f"Date: {email.utils.formatdate(now, localtime=False)}".encode()
+
+
+# ----------------------------------------------------------------------------- RFC 3461 DSN parameters
+
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+_NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+@dataclass(frozen=True, slots=True)
+class DSNParams:
+    ret: str | None = None       # FULL | HDRS
+    envid: str | None = None     # xtext, kept encoded
+    notify: str | None = None    # NEVER | comma list of SUCCESS, FAILURE, DELAY
+    orcpt: str | None = None     # addr-type;xtext, kept as given
+
+
+def split_dsn_params(params: list[str], allowed: tuple[str, ...]) -> tuple[DSNParams, list[str]] | Reply:
+    """Take RFC 3461 parameters out of a MAIL or RCPT parameter list.
+
+    Returns the DSN values and the other parameters (left for aiosmtpd), or
+    the 501 refusal for a malformed or repeated one.
+    """
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    for param in params:
+        name, eq, value = param.partition("=")
+        key = name.upper()
+        if key not in allowed:
+            rest.append(param)
+            continue
+        if key in found or not eq or not value:
+            return Reply(501, "5.5.4", f"Bad {key} parameter")
+        found[key] = value
+    ret = found.get("RET")
+    if ret is not None:
+        ret = ret.upper()
+        if ret not in ("FULL", "HDRS"):
+            return Reply(501, "5.5.4", "Bad RET parameter (FULL or HDRS)")
+    envid = found.get("ENVID")
+    if envid is not None and (len(envid) > 100 or not _XTEXT.fullmatch(envid)):
+        return Reply(501, "5.5.4", "Bad ENVID parameter")
+    notify = found.get("NOTIFY")
+    if notify is not None:
+        words = notify.upper().split(",")
+        if not (words == ["NEVER"] or (set(words) <= _NOTIFY_WORDS and len(set(words)) == len(words))):
+            return Reply(501, "5.5.4", "Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)")
+        notify = ",".join(words)
+    orcpt = found.get("ORCPT")
+    if orcpt is not None:
+        addr_type, semi, xtext = orcpt.partition(";")
+        if not semi or not addr_type or not _XTEXT.fullmatch(xtext) or len(orcpt) > 500:
+            return Reply(501, "5.5.4", "Bad ORCPT parameter")
+    return DSNParams(ret=ret, envid=envid, notify=notify, orcpt=orcpt), rest

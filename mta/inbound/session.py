@@ -19,7 +19,8 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from mta.inbound.policy import REPLIES
+from mta.inbound.policy import REPLIES, DSNParams, split_dsn_params
+from mta.model import Reply
 
 log = logging.getLogger("mta.smtpd")
 
@@ -92,6 +93,7 @@ class InboundSMTP(SMTP):
         self._admitted_ip: str | None = None
         self.refused = False
         self._in_data = False
+        self.pending_dsn = DSNParams()  # RFC 3461 parameters of the MAIL/RCPT being handled
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -164,6 +166,40 @@ class InboundSMTP(SMTP):
         for line in lines:
             await SMTP.push(self, line)
 
+    # ------------------------------------------------------------ RFC 3461 DSN parameters
+    # aiosmtpd refuses any MAIL/RCPT parameter it does not know (555), so the
+    # DSN ones are taken out here and kept on the envelope for the handler.
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        rebuilt = await self._take_dsn_params(arg, "FROM:", ("RET", "ENVID"))
+        if rebuilt is not False:
+            await super().smtp_MAIL(rebuilt)  # type: ignore[arg-type]
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        rebuilt = await self._take_dsn_params(arg, "TO:", ("NOTIFY", "ORCPT"))
+        if rebuilt is not False:
+            await super().smtp_RCPT(rebuilt)  # type: ignore[arg-type]
+
+    async def _take_dsn_params(self, arg: str | None, keyword: str, allowed: tuple[str, ...]) -> str | None | bool:
+        """The command argument without its DSN parameters (False: refused here)."""
+        self.pending_dsn = DSNParams()
+        if not arg or self.session is None or not self.session.extended_smtp:
+            return arg
+        after = self._strip_command_keyword(keyword, arg)
+        if after is None:
+            return arg
+        address, rest = self._getaddr(after)
+        if address is None or not rest:
+            return arg
+        address_text = after[: len(after) - len(rest)].rstrip()
+        taken = split_dsn_params(rest.split(), allowed)
+        if isinstance(taken, Reply):
+            await self.push(str(taken))
+            return False
+        self.pending_dsn, others = taken
+        return f"{keyword}{address_text}" + "".join(" " + p for p in others)
+
     # ------------------------------------------------------------ HELO / EHLO
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
@@ -188,7 +224,7 @@ class InboundSMTP(SMTP):
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
-        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        lines += ["8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
         lines += getattr(self.event_handler, "extra_ehlo_keywords", [])
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")

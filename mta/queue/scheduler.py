@@ -26,6 +26,7 @@ from mta.config import DeliveryConfig
 from mta.model import RcptState, Reply
 from mta.queue.backoff import expired, next_delay
 from mta.model import NewMessage
+from mta.queue.reports import AttemptResult, Report, reports_for
 from mta.queue.store import DueRecipient, HistoryEntry, QueueStore, RecipientUpdate
 
 log = logging.getLogger("mta.qmgr")
@@ -82,8 +83,7 @@ class Scheduler:
                  make_delivery: Callable[[Job, bytes], DeliveryLike], *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
                  on_result: Callable[[RecipientResult], None] | None = None,
-                 make_bounce: Callable[[Job, bytes, Sequence["RecipientResult"], float], NewMessage | None]
-                 | None = None):
+                 make_report: Callable[[Job, bytes, Sequence[Report], float], NewMessage | None] | None = None):
         self.store = store
         self.router = router
         self.config = config
@@ -91,7 +91,7 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_result = on_result or (lambda result: None)
-        self.make_bounce = make_bounce or (lambda job, data, failed, now: None)
+        self.make_report = make_report or (lambda job, data, reports, now: None)
         self._queues: dict[str, collections.deque[Job]] = {}
         self._running: collections.Counter[str] = collections.Counter()
         self._workers: set[asyncio.Task[None]] = set()
@@ -232,15 +232,20 @@ class Scheduler:
                                            outcome.relay, now - rcpt.arrival, update.attempts))
         history = [HistoryEntry(now, r.recipient, _STATUS[r.state], f"relay={r.relay} ({r.reply})")
                    for r in results]
-        failed = [r for r in results if r.state is RcptState.BOUNCED]
-        bounce = self.make_bounce(job, data, failed, now) if failed else None
-        finished = await self.store.record_outcomes(job.message_id, updates, now, history=history,
-                                                    new_messages=[bounce] if bounce else [])
+        attempts = [AttemptResult(rcpt, res.state, res.reply, res.relay,
+                                  bool(getattr(by_address.get(rcpt.address), "dsn_passed", False)))
+                    for rcpt, res in zip(job.recipients, results)]
+        reports = reports_for(attempts, self.config.retry, now)
+        report = self.make_report(job, data, reports, now) if reports else None
+        finished = await self.store.record_outcomes(
+            job.message_id, updates, now, history=history, new_messages=[report] if report else [],
+            delay_warned=any(r.action == "delayed" for r in reports))
         for result in results:
             _log_result(result)
             self.on_result(result)
-        if bounce is not None:
-            log.info("%s: sender non-delivery notification: %s", job.message_id, bounce.id)
+        if report is not None:
+            kind = {"failed": "non-delivery", "delayed": "delay", "relayed": "delivery"}[reports[0].action]
+            log.info("%s: sender %s notification: %s", job.message_id, kind, report.id)
         if finished:
             log.info("%s: removed", job.message_id)
 
