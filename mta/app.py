@@ -12,6 +12,7 @@ import signal
 import warnings
 from dataclasses import replace
 
+from mta import bounce
 from mta.config import Config, load_config
 from mta.delivery.mx import MXResolver
 from mta.delivery.pool import ConnectionPool
@@ -20,8 +21,10 @@ from mta.errors import ConfigError
 from mta.inbound.handler import AuthThrottle, InboundHandler
 from mta.inbound.server import Listener
 from mta.passwords import UsersFile
+from mta.model import NewMessage, Recipient
+from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
 from mta.queue.scheduler import Job, Scheduler
-from mta.queue.store import QueueStore
+from mta.queue.store import QueueStore, new_queue_id
 
 log = logging.getLogger("mta.master")
 
@@ -74,7 +77,8 @@ class App:
         )
         self.router = Router(delivery, self.config.hostname, MXResolver(delivery.dns), self.pool,
                              own_sockets=self.own_sockets())
-        self.scheduler = Scheduler(self.store, self.router, delivery, make_delivery)
+        self.scheduler = Scheduler(self.store, self.router, delivery, make_delivery,
+                                   make_report=self.make_report)
         self.store.add_listener(self.scheduler.wake)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._scheduler_task.add_done_callback(self._scheduler_ended)
@@ -85,6 +89,35 @@ class App:
             # service manager restarts us and the queue is intact.
             log.critical("queue manager failed: %r", task.exception())
             self._stop.set()
+
+    def make_report(self, job: Job, data: bytes, reports: list[Report], now: float) -> NewMessage | None:
+        """The DSN for ``reports``, as a new message from <> (RFC 3464, RFC 5321 §4.5.5)."""
+        first = job.recipients[0]
+        recipient = first.sender
+        listener = BOUNCE_LISTENER
+        if not first.sender:
+            # Never bounce a bounce. A failed report may go once to the
+            # double-bounce address, and a failed double bounce nowhere.
+            failed = [r for r in reports if r.action == "failed"]
+            target = self.config.bounce.double_bounce_to
+            if not failed or not target or first.listener == DOUBLE_BOUNCE_LISTENER:
+                for r in failed:
+                    log.warning("%s: undeliverable notification to <%s> discarded: %s", job.message_id,
+                                r.rcpt.address, r.reply)
+                return None
+            reports, recipient, listener = failed, target, DOUBLE_BOUNCE_LISTENER
+        queue_id = new_queue_id()
+        dsn = bounce.build_dsn(
+            hostname=self.config.hostname, original_queue_id=job.message_id, sender=recipient,
+            original=data, arrival=first.arrival, now=now, message_id=f"{queue_id}@{self.config.hostname}",
+            ret_full=first.ret == "FULL", envid=first.envid,
+            recipients=[bounce.ReportedRecipient(
+                address=r.rcpt.address, reply=r.reply, remote_mta=bounce.remote_mta_of(r.relay),
+                last_attempt=now, action=r.action, orcpt=r.rcpt.orcpt, will_retry_until=r.will_retry_until)
+                for r in reports])
+        return NewMessage(id=queue_id, sender="", recipients=(Recipient(address=recipient),), data=dsn,
+                          arrival=now, client="127.0.0.1", listener=listener, helo=self.config.hostname,
+                          body_8bit=not dsn.isascii())
 
     def own_sockets(self) -> frozenset[tuple[str, int]]:
         return frozenset(sock for listener in self.listeners for sock in listener.sockets())

@@ -347,3 +347,12 @@ async def test_bad_dsn_parameters(make_config, command, reply):
                 "501 5.5.4 Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)"
             assert await w.cmd("RCPT TO:<b@example.org> ORCPT=nosemicolon") == "501 5.5.4 Bad ORCPT parameter"
             assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=DELAY") == "250 2.1.5 Ok"
+
+
+async def test_null_sender_is_accepted_and_stored_empty(make_config):
+    config = make_config()
+    async with running(config):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            reply = await w.mail("", ["postmaster@example.org"], BODY)
+    assert reply.startswith("250 2.0.0 Ok: queued as")
+    assert rows(config, "SELECT sender FROM messages") == [("",)]

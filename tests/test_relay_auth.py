@@ -55,9 +55,10 @@ async def test_no_open_relay(make_config, sender, rcpt):
         async with await Wire.connect("127.0.0.1", port, local_addr=OUTSIDE) as w:
             await w.ehlo("outside.test")
             mail = await w.cmd(f"MAIL FROM:<{sender}>")
-            if not mail.startswith("250"):
-                assert mail.startswith("553 5.1."), mail  # a malformed sender is refused outright
+            if sender == "ourhost.test!x":
+                assert mail == "553 5.1.7 Bad sender address syntax"  # no domain: refused outright
                 return
+            assert mail == "250 2.1.0 Ok"
             reply = await w.cmd(f"RCPT TO:<{rcpt}>")
             assert reply.split(" ", 2)[:2] in (["554", "5.7.1"], ["553", "5.1.3"]), (rcpt, reply)
             if rcpt.endswith(".test") and "@" in rcpt.lstrip("@"):

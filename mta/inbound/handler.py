@@ -86,7 +86,9 @@ class InboundHandler:
     # ------------------------------------------------------------------ hooks
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        refusal = policy.check_sender(address, smtputf8=envelope.smtp_utf8)
+        # aiosmtpd hands the null reverse-path over as "<>" and keeps it so
+        # (an empty mail_from would read as "no MAIL yet"); it is "" in the queue.
+        refusal = policy.check_sender("" if address == "<>" else address, smtputf8=envelope.smtp_utf8)
         if refusal is not None:
             log.info("reject: MAIL from %s[%s]: %s; from=<%s>", session.host_name, self._client_ip(session),
                      refusal, address)
@@ -142,7 +144,7 @@ class InboundHandler:
         rcpt_dsn = list(getattr(envelope, "rcpt_dsn", []))
         rcpt_dsn += [policy.DSNParams()] * (len(envelope.rcpt_tos) - len(rcpt_dsn))
         message = NewMessage(
-            id=queue_id, sender=envelope.mail_from or "",
+            id=queue_id, sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             recipients=tuple(Recipient(address=r, notify=d.notify, orcpt=d.orcpt)
                              for r, d in zip(envelope.rcpt_tos, rcpt_dsn)),
             ret=mail_dsn.ret, envid=mail_dsn.envid,

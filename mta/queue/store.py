@@ -21,7 +21,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,6 +84,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX history_message ON history(message_id, time);
     """,
+    # 2 -> 3: one delay warning per message at most (RFC 3464 Action: delayed).
+    """
+    ALTER TABLE messages ADD COLUMN delay_warned INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,6 +116,12 @@ class DueRecipient:
     arrival: float
     smtputf8: bool
     body_8bit: bool
+    notify: str | None = None   # RFC 3461, per recipient
+    orcpt: str | None = None
+    ret: str | None = None      # RFC 3461, per message
+    envid: str | None = None
+    delay_warned: bool = False  # a delay DSN was sent already
+    listener: str = ""          # "bounce" / "double-bounce" for reports we made ourselves
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +141,71 @@ class RecipientUpdate:
     attempts: int
     next_attempt: float
     last_error: str | None
+
+
+# Administration (`mta queue …`, metrics): which queue a message is in, in Postfix's
+# names. A message is "hold" if any pending recipient is held, else "active" if any
+# is queued or being delivered, else "deferred". classify_message() and
+# _CLASSIFY_SQL are the same rule, so `queue list` and queue_summary() agree.
+QUEUE_NAMES = ("active", "deferred", "hold")
+_PENDING_SQL = "('queued', 'active', 'deferred', 'held')"
+_CLASSIFY_SQL = ("CASE WHEN max(r.state = 'held') THEN 'hold'"
+                 " WHEN max(r.state IN ('queued', 'active')) THEN 'active' ELSE 'deferred' END")
+ADMIN_CHUNK = 500  # messages per admin write transaction: the daemon never waits long
+_RCPT_STATES = {str(s): s for s in RcptState}
+
+
+def classify_message(states: Iterable[str]) -> str:
+    """The queue name of a message from the states of its pending recipients."""
+    found = set(states)
+    if "held" in found:
+        return "hold"
+    if "queued" in found or "active" in found:
+        return "active"
+    return "deferred"
+
+
+def _queue_entry(head: tuple[Any, ...], rcpts: list[Recipient]) -> "QueueEntry":
+    mid, sender, arrival, size = head
+    message = QueuedMessage(id=mid, sender=sender, arrival=arrival, size=size, recipients=tuple(rcpts))
+    return QueueEntry(classify_message(r.state for r in rcpts), message)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """Messages with pending recipients per queue, and the oldest one's arrival."""
+
+    active: int = 0
+    deferred: int = 0
+    hold: int = 0
+    oldest_arrival: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One line group of `mta queue list`: a message with its pending recipients only."""
+
+    queue_name: str           # active | deferred | hold
+    message: QueuedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDetail:
+    """Everything `mta queue show` prints about one message."""
+
+    message: QueuedMessage                 # every recipient, in RCPT order, whatever its state
+    helo: str
+    auth_user: str | None
+    data: bytes
+    history: tuple[HistoryEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AdminResult:
+    """What an admin action found and did."""
+
+    found: tuple[str, ...]     # the ids that named a message (unknown ones are left out)
+    changed: dict[str, int]    # per found id: recipients changed (deleted, for delete)
 
 
 class QueueStore:
@@ -288,13 +363,15 @@ class QueueStore:
                     break
                 async with db.execute(
                     "SELECT r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, m.sender,"
-                    " m.arrival, m.smtputf8, m.body_8bit FROM recipients r"
+                    " m.arrival, m.smtputf8, m.body_8bit, r.notify, r.orcpt, m.ret, m.envid, m.delay_warned,"
+                    " m.listener FROM recipients r"
                     " JOIN messages m ON m.id = r.message_id"
                     " WHERE r.state = ? AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?",
                     (str(state), now, limit - len(due)),
                 ) as cur:
-                    due += [DueRecipient(str(a), int(b), str(c), int(d), e, str(f), float(g), bool(h), bool(i))
-                            for a, b, c, d, e, f, g, h, i in await cur.fetchall()]
+                    due += [DueRecipient(str(a), int(b), str(c), int(d), e, str(f), float(g), bool(h), bool(i),
+                                         j, k, l_, m, bool(n), str(o))
+                            for a, b, c, d, e, f, g, h, i, j, k, l_, m, n, o in await cur.fetchall()]
             await db.executemany(
                 "UPDATE recipients SET state = 'active', updated = ? WHERE message_id = ? AND rcpt_no = ?",
                 [(now, d.message_id, d.rcpt_no) for d in due])
@@ -304,7 +381,7 @@ class QueueStore:
 
     async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float,
                               *, history: Sequence[HistoryEntry] = (),
-                              new_messages: Sequence[NewMessage] = ()) -> bool:
+                              new_messages: Sequence[NewMessage] = (), delay_warned: bool = False) -> bool:
         """Write a delivery attempt's per-recipient results in one commit.
 
         ``new_messages`` (bounces) are enqueued in the same commit, so a crash
@@ -322,6 +399,8 @@ class QueueStore:
                  for u in updates])
             for message in new_messages:
                 await _insert_message(db, message)
+            if delay_warned:
+                await db.execute("UPDATE messages SET delay_warned = 1 WHERE id = ?", (message_id,))
             async with db.execute(
                 "SELECT 1 FROM recipients WHERE message_id = ? AND state NOT IN ('delivered', 'bounced') LIMIT 1",
                 (message_id,),
@@ -396,6 +475,155 @@ class QueueStore:
         async with self.db.execute("PRAGMA integrity_check") as cur:
             row = await cur.fetchone()
         return str(row[0]) if row else "no answer"
+
+    # ----------------------------------------------------------------- administration
+    # `mta queue …` runs these in its own process on the daemon's live file. Each write
+    # is a short BEGIN IMMEDIATE transaction over at most ADMIN_CHUNK messages; the
+    # daemon sees the result at its next poll of the queue (within a second).
+
+    async def queue_summary(self, now: float) -> QueueSummary:
+        """Messages per queue (classified as `mta queue list` does) in one aggregate query.
+
+        The classification depends on recipient states only, not on the time: ``now``
+        is accepted so callers need not change if due-but-deferred mail ever counts apart.
+        """
+        query = (f"SELECT cls, count(*), min(arrival) FROM (SELECT {_CLASSIFY_SQL} AS cls,"
+                 " min(m.arrival) AS arrival FROM recipients r JOIN messages m ON m.id = r.message_id"
+                 f" WHERE r.state IN {_PENDING_SQL} GROUP BY r.message_id) GROUP BY cls")
+        counts = dict.fromkeys(QUEUE_NAMES, 0)
+        oldest: float | None = None
+        async with self.db.execute(query) as cur:
+            for cls, n, arrival in await cur.fetchall():
+                counts[str(cls)] = int(n)
+                if arrival is not None and (oldest is None or float(arrival) < oldest):
+                    oldest = float(arrival)
+        return QueueSummary(counts["active"], counts["deferred"], counts["hold"], oldest)
+
+    async def iter_queue(self, *, batch: int = 2000) -> AsyncIterator[QueueEntry]:
+        """Each message with pending recipients, oldest first, with those recipients only
+        (what mailq shows). One SELECT streamed in batches: one snapshot, so a message is
+        listed whole or not at all however long the listing takes, and no per-message query."""
+        query = ("SELECT m.id, m.sender, m.arrival, m.size, r.address, r.state, r.attempts,"
+                 " r.next_attempt, r.last_error FROM messages m JOIN recipients r ON r.message_id = m.id"
+                 f" WHERE r.state IN {_PENDING_SQL} ORDER BY m.arrival, m.id, r.rcpt_no")
+        head: tuple[Any, ...] | None = None
+        rcpts: list[Recipient] = []
+        async with self.db.execute(query) as cur:
+            while rows := await cur.fetchmany(batch):
+                for mid, sender, arrival, size, address, state, attempts, next_attempt, last_error in rows:
+                    if head is None or head[0] != mid:
+                        if head is not None:
+                            yield _queue_entry(head, rcpts)
+                        head, rcpts = (mid, sender, arrival, size), []
+                    rcpts.append(Recipient(address=address, state=_RCPT_STATES[state], attempts=attempts,
+                                           next_attempt=next_attempt, last_error=last_error))
+        if head is not None:
+            yield _queue_entry(head, rcpts)
+
+    async def message_detail(self, message_id: str) -> MessageDetail | None:
+        """The whole message for `mta queue show`, read in one snapshot."""
+        async with self._write_lock:  # keeps our other statements out of this read transaction
+            await self.db.execute("BEGIN")
+            try:
+                async with self.db.execute(
+                    "SELECT id, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,"
+                    " helo, auth_user, data FROM messages WHERE id = ?", (message_id,)) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    return None
+                async with self.db.execute(
+                    "SELECT address, state, attempts, next_attempt, last_error, notify, orcpt FROM recipients"
+                    " WHERE message_id = ? ORDER BY rcpt_no", (message_id,)) as cur:
+                    rcpt_rows = await cur.fetchall()
+                async with self.db.execute(
+                    "SELECT time, recipient, event, detail FROM history WHERE message_id = ?"
+                    " ORDER BY time, rowid", (message_id,)) as cur:
+                    history_rows = await cur.fetchall()
+            finally:
+                await _rollback(self.db)  # read only: nothing to commit
+        (mid, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,
+         helo, auth_user, data) = row
+        recipients = tuple(
+            Recipient(address=str(a), state=_RCPT_STATES[str(s)], attempts=int(n), next_attempt=float(t),
+                      last_error=e, notify=nt, orcpt=o)
+            for a, s, n, t, e, nt, o in rcpt_rows)
+        message = QueuedMessage(id=str(mid), sender=str(sender), arrival=float(arrival), size=int(size),
+                                recipients=recipients, client=str(client), listener=str(listener),
+                                smtputf8=bool(smtputf8), body_8bit=bool(body_8bit), ret=ret, envid=envid)
+        history = tuple(HistoryEntry(float(t), r, str(ev), d) for t, r, ev, d in history_rows)
+        return MessageDetail(message, str(helo), auth_user, bytes(data), history)
+
+    async def hold(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
+        """Pending recipients (queued, deferred, even active) become 'held': never claimed.
+        One being delivered right now keeps its result if that is final (record_outcomes)."""
+        return await self._admin(ids, ("queued", "deferred", "active"), "held",
+                                 "state = 'held'", (), now, detail)
+
+    async def release(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
+        """Held recipients are due now: 'deferred' if tried before, else 'queued'."""
+        return await self._admin(ids, ("held",), "released",
+                                 "state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
+                                 " next_attempt = ?", (now,), now, detail)
+
+    async def flush(self, ids: Iterable[str] | None, now: float, *, detail: str | None = None) -> AdminResult:
+        """Deferred recipients (of ``ids``, or all) are due now; they stay 'deferred'."""
+        return await self._admin(ids, ("deferred",), "flushed", "next_attempt = ?", (now,), now, detail)
+
+    async def requeue(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
+        """Queued, deferred and held recipients become fresh work due now ('queued'; attempts
+        kept). Active ones are left to the delivery in progress."""
+        return await self._admin(ids, ("queued", "deferred", "held"), "requeued",
+                                 "state = 'queued', next_attempt = ?", (now,), now, detail)
+
+    async def delete(self, ids: Iterable[str] | None) -> AdminResult:
+        """Remove messages (``ids``, or all); recipients and history go with them."""
+        return await self._admin(ids, None, None, "", (), 0.0, None)
+
+    async def _admin(self, ids: Iterable[str] | None, states: tuple[str, ...] | None, event: str | None,
+                     assignment: str, args: tuple[Any, ...], now: float, detail: str | None) -> AdminResult:
+        """Update the recipients in ``states`` of the messages ``ids`` with ``assignment``
+        and write an ``event`` history row for each; delete the messages when ``states``
+        is None. ids=None means every message with a recipient in ``states``."""
+        in_states = f"state IN ({', '.join(repr(s) for s in states)})" if states else "1"
+        if ids is None:
+            query = ("SELECT id FROM messages ORDER BY arrival, id" if states is None else
+                     f"SELECT DISTINCT message_id FROM recipients WHERE {in_states}")
+            async with self.db.execute(query) as cur:
+                ids = [str(r[0]) for r in await cur.fetchall()]
+        wanted = list(dict.fromkeys(ids))
+        found: list[str] = []
+        changed: dict[str, int] = {}
+        for start in range(0, len(wanted), ADMIN_CHUNK):
+            chunk = tuple(wanted[start:start + ADMIN_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+
+            async def op(db: aiosqlite.Connection, chunk: tuple[str, ...] = chunk,
+                         marks: str = marks) -> tuple[set[str], dict[str, int]]:
+                async with db.execute(f"SELECT id FROM messages WHERE id IN ({marks})", chunk) as cur:
+                    present = {str(r[0]) for r in await cur.fetchall()}
+                pending = in_states if states is not None else f"state IN {_PENDING_SQL}"
+                async with db.execute(
+                    f"SELECT message_id, count(*) FROM recipients WHERE message_id IN ({marks}) AND {pending}"
+                    " GROUP BY message_id", chunk) as cur:
+                    counts = {str(m): int(n) for m, n in await cur.fetchall()}
+                if states is None:
+                    await db.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)
+                elif counts:
+                    await db.execute(
+                        "INSERT INTO history (message_id, time, recipient, event, detail)"
+                        f" SELECT message_id, ?, address, ?, ? FROM recipients WHERE message_id IN ({marks})"
+                        f" AND {in_states} ORDER BY message_id, rcpt_no", (now, event, detail, *chunk))
+                    await db.execute(
+                        f"UPDATE recipients SET {assignment}, updated = ? WHERE message_id IN ({marks})"
+                        f" AND {in_states}", (*args, now, *chunk))
+                return present, counts
+
+            present, counts = await self._write(op)
+            for message_id in chunk:
+                if message_id in present:
+                    found.append(message_id)
+                    changed[message_id] = counts.get(message_id, 0)
+        return AdminResult(tuple(found), changed)
 
 
 class _Transaction:
