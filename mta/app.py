@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import warnings
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from mta.delivery.router import Delivery, Router
 from mta.errors import ConfigError
 from mta.inbound.handler import AuthThrottle, InboundHandler
 from mta.inbound.server import Listener
+from mta.metrics import Metrics
 from mta.passwords import UsersFile
 from mta.model import NewMessage, Recipient
 from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
@@ -38,6 +40,7 @@ class App:
         self.config_path = config_path
         self.store = QueueStore(config.queue.path)
         self.listeners: list[Listener] = []
+        self.metrics = Metrics([lc.name for lc in config.listeners], refresh=self._refresh_queue_metrics)
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
         self.scheduler: Scheduler | None = None
@@ -48,7 +51,9 @@ class App:
         users = UsersFile(self.config.auth.users_file) if self.config.auth.users_file else None
         throttle = AuthThrottle()
         for lc in self.config.listeners:
-            handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle)
+            handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle,
+                                     on_received=self.metrics.message_received,
+                                     on_rejected=self.metrics.rejected)
             self.listeners.append(Listener(self.config, lc, handler))
 
     async def start(self) -> None:
@@ -64,6 +69,12 @@ class App:
             raise ConfigError("listeners", f"cannot listen: {exc.strerror or exc}") from None
         if self.deliver:
             self._start_delivery()
+        if self.config.metrics.host is not None:
+            try:
+                await self.metrics.start_server(self.config.metrics.host, self.config.metrics.port)
+            except OSError as exc:
+                await self.shutdown()
+                raise ConfigError("metrics.address", f"cannot listen: {exc.strerror or exc}") from None
         log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
                  self.config.queue.path, len(self.listeners))
 
@@ -77,8 +88,9 @@ class App:
         )
         self.router = Router(delivery, self.config.hostname, MXResolver(delivery.dns), self.pool,
                              own_sockets=self.own_sockets())
+        self.metrics.attach_pool(self.pool)
         self.scheduler = Scheduler(self.store, self.router, delivery, make_delivery,
-                                   make_report=self.make_report)
+                                   make_report=self.make_report, on_result=self.metrics.recipient_result)
         self.store.add_listener(self.scheduler.wake)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._scheduler_task.add_done_callback(self._scheduler_ended)
@@ -107,6 +119,7 @@ class App:
                 return None
             reports, recipient, listener = failed, target, DOUBLE_BOUNCE_LISTENER
         queue_id = new_queue_id()
+        self.metrics.bounce_generated()
         dsn = bounce.build_dsn(
             hostname=self.config.hostname, original_queue_id=job.message_id, sender=recipient,
             original=data, arrival=first.arrival, now=now, message_id=f"{queue_id}@{self.config.hostname}",
@@ -118,6 +131,10 @@ class App:
         return NewMessage(id=queue_id, sender="", recipients=(Recipient(address=recipient),), data=dsn,
                           arrival=now, client="127.0.0.1", listener=listener, helo=self.config.hostname,
                           body_8bit=not dsn.isascii())
+
+    async def _refresh_queue_metrics(self) -> None:
+        now = time.time()
+        self.metrics.update_queue(await self.store.queue_summary(now), now)
 
     def own_sockets(self) -> frozenset[tuple[str, int]]:
         return frozenset(sock for listener in self.listeners for sock in listener.sockets())
@@ -141,6 +158,7 @@ class App:
         self._stop.set()
 
     async def shutdown(self) -> None:
+        await self.metrics.stop_server()
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(SHUTDOWN_GRACE) for listener in self.listeners))

@@ -80,8 +80,11 @@ class InboundHandler:
         return bool(session.authenticated) or self.config.in_mynetworks(self._client_ip(session))
 
     def _refuse(self, reply: Any) -> str:
-        self.on_rejected(self.listener.name, reply.code)
         return str(reply)
+
+    def note_reply(self, code: int) -> None:
+        """Every 4xx/5xx the session sends, ours or aiosmtpd's, counts as a rejection."""
+        self.on_rejected(self.listener.name, code)
 
     # ------------------------------------------------------------------ hooks
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -225,7 +228,6 @@ class InboundHandler:
         self.throttle.failed(ip)
         # Never log the password, and the user name only as given (RFC 4954 §9).
         log.warning("%s[%s]: SASL authentication failed for user %r", session.host_name, ip, user)
-        self.on_rejected(self.listener.name, 535)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
 
 

@@ -159,7 +159,12 @@ class InboundSMTP(SMTP):
     # ------------------------------------------------------------ replies
     async def push(self, status: AnyStr) -> None:
         raw = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
-        await super().push(enhance_reply(raw))
+        reply = enhance_reply(raw)
+        if reply[:1] in (b"4", b"5") and reply[3:4] != b"-" and reply[:3].isdigit():
+            note = getattr(self.event_handler, "note_reply", None)
+            if note is not None:
+                note(int(reply[:3]))
+        await super().push(reply)
 
     async def push_raw(self, lines: list[str]) -> None:
         """Send lines untouched (greeting-like replies exempt from enhanced codes)."""
