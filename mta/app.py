@@ -22,6 +22,7 @@ from mta.errors import ConfigError
 from mta.inbound.handler import AuthThrottle, InboundHandler
 from mta.inbound.server import Listener
 from mta.metrics import Metrics
+from mta.notify import Notifier
 from mta.passwords import UsersFile
 from mta.model import NewMessage, Recipient
 from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
@@ -46,6 +47,7 @@ class App:
         self.scheduler: Scheduler | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
 
     def _build_listeners(self) -> None:
         users = UsersFile(self.config.auth.users_file) if self.config.auth.users_file else None
@@ -146,12 +148,22 @@ class App:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # Listeners bound and the queue open: now systemd may call us started.
+        self.notifier.ready(f"accepting mail on {', '.join(lc.address for lc in self.config.listeners)}")
+        watchdog = asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog")
         try:
             await self._stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self.notifier.stopping()
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
             await self.shutdown()
+
+    def _healthy(self) -> bool:
+        """The watchdog is fed only while the queue manager is alive."""
+        return self._scheduler_task is None or not self._scheduler_task.done()
 
     def request_stop(self, why: str = "request") -> None:
         log.info("stopping (%s)", why)
@@ -173,6 +185,13 @@ class App:
 
     def reload(self) -> None:
         """SIGHUP: apply what can change at run time; name what needs a restart."""
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready()
+
+    def _reload(self) -> None:
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
