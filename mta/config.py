@@ -68,7 +68,8 @@ def parse_hostport(value: Any, path: str, default_port: int | None = None) -> tu
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(path, f"{_show(value)} is not an address (want host:port)")
     text = value.strip()
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text) or re.fullmatch(
+    # "[host]:port" as in Postfix's relayhost, and the only way to write an IPv6 literal.
+    m = re.fullmatch(r"\[([0-9A-Za-z:._-]+)\](?::(\d+))?", text) or re.fullmatch(
         r"([^:\[\]\s]+)(?::(\d+))?", text
     )
     if not m or (m.group(2) is None and default_port is None):
@@ -166,7 +167,7 @@ class DeliveryConfig:
     tls: str = "may"
 
     def route_for(self, domain: str) -> tuple[str, int] | None:
-        domain = domain.lower()
+        domain = domain.lower().rstrip(".")
         for name, host, port in self.routes:
             if name == domain:
                 return host, port
@@ -231,7 +232,7 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(path or "config", f"{_show(data)} is not a mapping")
+            raise ConfigError(path or "(top level)", f"{_show(data)} is not a mapping")
         self.data = data
         self.path = path
         self.used: set[str] = set()

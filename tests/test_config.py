@@ -509,3 +509,15 @@ def test_relay_domains_lookup():
     assert config.is_relay_domain("LAB.test")
     assert config.is_relay_domain("other.test.")
     assert not config.is_relay_domain("sub.lab.test")
+
+
+def test_postfix_style_bracketed_relayhost_is_accepted():
+    from mta.config import build_config
+    config = build_config({"delivery": {"smarthost": "[mail.example.net]:587"}})
+    assert (config.delivery.smarthost.host, config.delivery.smarthost.port) == ("mail.example.net", 587)
+
+
+def test_routes_ignore_a_trailing_dot():
+    from mta.config import build_config
+    config = build_config({"delivery": {"routes": {"example.test": "127.0.0.5:2526"}}})
+    assert config.delivery.route_for("Example.Test.") == ("127.0.0.5", 2526)
