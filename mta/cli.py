@@ -2,27 +2,46 @@
 
 Every subcommand takes ``--config F`` anywhere on its line, else $MTA_CONFIG,
 else the built-in defaults. Problems are one line on stderr and exit status 2.
+
+``mta queue …`` works on the daemon's queue file while the daemon runs (WAL
+mode: readers never wait; each change is one short write transaction). The
+daemon looks at the queue at least once a second, so a flush, release or
+requeue takes effect within a second. Queue commands exit 1 when the queue
+file is missing or any given id names no message (the other ids are still
+processed); ids are case-insensitive.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 from mta.config import Config, load_config
 from mta.errors import ConfigError, StoreError
 from mta.log import setup_logging
-from mta.model import QueuedMessage
 from mta.passwords import set_password
-from mta.queue.store import QueueStore
+from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
+
+_QUEUE_HELP = """\
+actions:
+  list      pending mail, like mailq: `*` after the id marks a message due or being
+            delivered (active), `!` one on hold; --json prints one object per line
+  show      a message's envelope, per-recipient state, history and header section
+  flush     make deferred recipients due now (all messages, or those given)
+  hold      keep recipients from being delivered until released
+  release   take recipients off hold; they are due now
+  requeue   make queued, deferred and held recipients due now as fresh work
+  delete    remove messages from the queue (recipients and history with them)
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,10 +58,53 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
 
-    queue = sub.add_parser("queue", parents=[common], help="inspect the mail queue")
+    queue = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue",
+                           epilog=_QUEUE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
-    qlist = qsub.add_parser("list", parents=[common], help="list queued mail (like mailq)")
-    qlist.add_argument("--json", action="store_true", help="one JSON object per line, like postqueue -j")
+
+    def action(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return qsub.add_parser(name, parents=[common], help=help, description=description or help,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    qlist = action("list", "list pending mail (like mailq)",
+                   "List messages with recipients still pending, oldest first, like Postfix mailq:\n"
+                   "`*` after the queue id marks an active message (due or being delivered), `!` a\n"
+                   "message on hold; each pending recipient with its state and last error.")
+    qlist.add_argument("--json", action="store_true",
+                       help="one JSON object per message and line, like postqueue -j")
+
+    show = action("show", "show one message: envelope, recipients, history, headers")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--body", action="store_true",
+                      help="print the whole message, not only its header section")
+
+    flush = action("flush", "make deferred recipients due now",
+                   "Make the deferred recipients of the given messages (default: of all messages)\n"
+                   "due now; the daemon tries them within a second. Held recipients stay held.")
+    flush.add_argument("ids", nargs="*", metavar="ID")
+
+    hold = action("hold", "put messages on hold",
+                  "Put the pending recipients of the given messages on hold: they are not\n"
+                  "delivered, retried or expired until released. A recipient being delivered\n"
+                  "right now keeps the result of that attempt if it succeeds or fails for good.")
+    hold.add_argument("ids", nargs="+", metavar="ID")
+
+    release = action("release", "take messages off hold",
+                     "Release the held recipients of the given messages: they are due now.")
+    release.add_argument("ids", nargs="+", metavar="ID")
+
+    requeue = action("requeue", "make messages due now as fresh work",
+                     "Make the queued, deferred and held recipients of the given messages due now\n"
+                     "as fresh work; the next hop is looked up again. Attempt counts are kept.\n"
+                     "Recipients being delivered right now are left to that delivery.")
+    requeue.add_argument("ids", nargs="+", metavar="ID")
+
+    delete = action("delete", "remove messages from the queue",
+                    "Remove the given messages (or --all) with their recipients and history.\n"
+                    "A message being delivered right now may still be delivered once by the\n"
+                    "attempt in progress; it is not tried again.")
+    delete.add_argument("ids", nargs="*", metavar="ID")
+    delete.add_argument("--all", action="store_true", help="delete every message in the queue")
 
     passwd = sub.add_parser("passwd", parents=[common], help="add or change a user in a users file")
     passwd.add_argument("--users-file", required=True, metavar="FILE")
@@ -56,7 +118,10 @@ def _load(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "queue" and args.queue_command == "delete" and bool(args.ids) == bool(args.all):
+        parser.error("queue delete: give message ids or --all (not both)")
     try:
         if args.command == "passwd":
             return _passwd(args)
@@ -75,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StoreError as exc:
         print(f"mta: queue: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `mta queue list | head`: the reader has gone; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         return 130
@@ -100,6 +169,8 @@ def _passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- queue
+
 async def _queue(args: argparse.Namespace, config: Config) -> int:
     if not os.path.exists(config.queue.path):
         print(f"mta: queue: {config.queue.path}: no queue database (has the daemon run?)", file=sys.stderr)
@@ -107,48 +178,192 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
     store = QueueStore(config.queue.path)
     await store.open()
     try:
-        messages = await store.list_messages()
+        command = args.queue_command
+        if command == "list":
+            await _list(store, args.json)
+            return 0
+        if command == "show":
+            return await _show(store, args.id, args.body)
+        return await _admin(store, command, args)
     finally:
         await store.close()
-    if args.json:
-        for m in messages:
-            print(json.dumps(_message_json(m), ensure_ascii=False))
+
+
+async def _list(store: QueueStore, as_json: bool) -> None:
+    write = sys.stdout.write
+    # aclosing: if writing fails (`mta queue list | head`), the query ends before the store closes.
+    async with contextlib.aclosing(store.iter_queue()) as batches:
+        if as_json:
+            async for entries in batches:
+                write("".join([entry_json(e) + "\n" for e in entries]))
+            return
+        async for text in format_mailq(batches):
+            write(text)
+
+
+_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]  # '"…"', non-ASCII kept as is
+
+
+def entry_json(e: QueueEntry) -> str:
+    """One `postqueue -j`-like line: queue_name, queue_id, arrival_time, message_size,
+    sender, recipients[{address, state, attempts, next_attempt, delay_reason?}].
+
+    Built by hand (strings through json's own escaper): json.dumps of a dict per
+    message would be most of the time of listing a large queue."""
+    rcpts = []
+    for address, state, attempts, next_attempt, last_error in e.recipients:
+        reason = f', "delay_reason": {_json_str(last_error)}' if last_error else ""
+        when = int(next_attempt) if next_attempt else "null"
+        rcpts.append(f'{{"address": {_json_str(address)}, "state": "{state}", "attempts": {attempts},'
+                     f' "next_attempt": {when}{reason}}}')
+    return (f'{{"queue_name": "{e.queue_name}", "queue_id": {_json_str(e.id)},'
+            f' "arrival_time": {int(e.arrival)}, "message_size": {e.size}, "sender": {_json_str(e.sender)},'
+            f' "recipients": [{", ".join(rcpts)}]}}')
+
+
+_MARKS = {"active": "*", "hold": "!", "deferred": ""}
+MAILQ_HEADER = "-Queue ID-    --Size-- ----Arrival Time---- -Sender/Recipient-------"
+
+
+async def format_mailq(batches: AsyncIterator[list[QueueEntry]]) -> AsyncIterator[str]:
+    """Postfix mailq's layout, streamed: queue id (`*` active, `!` on hold), size,
+    arrival, sender; then each pending recipient, after its last error if it has one."""
+    total = count = 0
+    pad = " " * 45
+    localtime, strftime = time.localtime, time.strftime
+    async for entries in batches:
+        lines = [] if count else [MAILQ_HEADER]
+        for e in entries:
+            count += 1
+            total += e.size
+            arrival = strftime("%a %b %d %H:%M:%S", localtime(e.arrival))
+            sender = e.sender or "MAILER-DAEMON"
+            lines.append(f"{e.id + _MARKS[e.queue_name]:<13} {e.size:>8} {arrival}  {sender}")
+            for address, state, _, _, last_error in e.recipients:
+                if last_error:
+                    lines.append(f"{pad}({last_error})")
+                lines.append(f"{pad}{address} [{state}]")
+            lines.append("")
+        yield "\n".join(lines) + "\n"
+    if not count:
+        yield "Mail queue is empty\n"
     else:
-        print(format_mailq(messages))
+        kb = (total + 1023) // 1024
+        yield f"-- {kb} Kbytes in {count} Request{'s' if count != 1 else ''}.\n"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
+
+
+async def _show(store: QueueStore, given: str, body: bool) -> int:
+    detail = await store.message_detail(given.upper())
+    if detail is None:
+        print(f"mta: queue: {given}: no such message", file=sys.stderr)
+        return 1
+    sys.stdout.write(format_show(detail))
+    sys.stdout.flush()
+    data = detail.data if body else header_section(detail.data)
+    sys.stdout.buffer.write(data.replace(b"\r\n", b"\n"))
+    sys.stdout.buffer.flush()
     return 0
 
 
-def _message_json(m: QueuedMessage) -> dict[str, object]:
-    # Field names follow `postqueue -j` where they mean the same thing.
-    return {
-        "queue_id": m.id,
-        "arrival_time": int(m.arrival),
-        "message_size": m.size,
-        "sender": m.sender,
-        "recipients": [
-            {"address": r.address, "state": str(r.state), "attempts": r.attempts,
-             "next_attempt": int(r.next_attempt) if r.next_attempt else None,
-             **({"delay_reason": r.last_error} if r.last_error else {})}
-            for r in m.recipients
-        ],
-    }
+def header_section(data: bytes) -> bytes:
+    """The message's header lines, up to and without the empty line that ends them."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = data.find(sep)
+        if end >= 0:
+            return data[:end + len(sep) // 2]
+    return data if data.endswith(b"\n") or not data else data + b"\n"
 
 
-def format_mailq(messages: Sequence[QueuedMessage]) -> str:
-    """Postfix mailq's layout: id, size, arrival, sender; then recipients with reasons."""
-    if not messages:
-        return "Mail queue is empty"
-    lines = ["-Queue ID-    --Size-- ----Arrival Time---- -Sender/Recipient-------"]
-    total = 0
-    for m in messages:
-        total += m.size
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival))
-        lines.append(f"{m.id:<13} {m.size:>8} {arrival}  {m.sender or 'MAILER-DAEMON'}")
-        for r in m.recipients:
-            if r.last_error:
-                lines.append(f"{'':<45}({r.last_error})")
-            lines.append(f"{'':<45}{r.address} [{r.state}]")
-        lines.append("")
-    kb = (total + 1023) // 1024
-    lines.append(f"-- {kb} Kbytes in {len(messages)} Request{'s' if len(messages) != 1 else ''}.")
-    return "\n".join(lines)
+def format_show(d: MessageDetail) -> str:
+    """Everything but the message content, which follows it (header section or --body)."""
+    m = d.message
+    lines = [
+        f"queue_id:   {m.id}",
+        f"sender:     <{m.sender}>",
+        f"arrival:    {_when(m.arrival)}",
+        f"size:       {m.size}",
+        f"client:     {m.client or '-'}",
+        f"listener:   {m.listener or '-'}",
+        f"helo:       {d.helo or '-'}",
+        f"auth_user:  {d.auth_user or '-'}",
+        "recipients:",
+    ]
+    for r in m.recipients:
+        lines.append(f"  <{r.address}> {r.state} attempts={r.attempts} next_attempt={_when(r.next_attempt)}")
+        if r.last_error:
+            lines.append(f"    last_error: {r.last_error}")
+    lines.append("history:")
+    for h in d.history:
+        detail = f" {h.detail}" if h.detail else ""
+        lines.append(f"  {_when(h.time)} {f'<{h.recipient}>' if h.recipient else '-'} {h.event}{detail}")
+    lines.append("message:" if d.data else "message: (empty)")
+    return "\n".join(lines) + "\n"
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"by {user}"
+
+
+_DONE = {"hold": "held", "release": "released", "flush": "flushed", "requeue": "requeued"}
+
+
+async def _admin(store: QueueStore, command: str, args: argparse.Namespace) -> int:
+    given: list[str] = list(args.ids)
+    ids: list[str] | None = [i.upper() for i in given] or None
+    now = time.time()
+    detail = _operator()
+    result: AdminResult
+    if command == "hold":
+        result = await store.hold(ids or [], now, detail=detail)
+    elif command == "release":
+        result = await store.release(ids or [], now, detail=detail)
+    elif command == "flush":
+        result = await store.flush(ids, now, detail=detail)
+    elif command == "requeue":
+        result = await store.requeue(ids or [], now, detail=detail)
+    elif command == "delete":
+        result = await store.delete(None if args.all else ids)
+    else:  # pragma: no cover - argparse allows nothing else
+        return EXIT_USAGE
+    if ids is None:  # flush of every message, delete --all
+        n = len(result.found)
+        if command == "delete":
+            print(f"deleted {n} message{_s(n)}")
+        else:
+            r = sum(result.changed.values())
+            print(f"flushed {r} recipient{_s(r)} in {n} message{_s(n)}")
+        return 0
+    return _report(command, given, result)
+
+
+def _report(command: str, given: Iterable[str], result: AdminResult) -> int:
+    found = set(result.found)
+    status = 0
+    seen: set[str] = set()
+    for raw in given:
+        queue_id = raw.upper()
+        if queue_id in seen:
+            continue
+        seen.add(queue_id)
+        if queue_id not in found:
+            print(f"mta: queue: {raw}: no such message", file=sys.stderr)
+            status = 1
+        elif command == "delete":
+            print(f"{queue_id}: deleted")
+        else:
+            n = result.changed[queue_id]
+            print(f"{queue_id}: {_DONE[command]} {n} recipient{_s(n)}")
+    return status
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+

@@ -234,12 +234,12 @@ async def test_queue_list_mailq_format(queue_config):
     pad = " " * 45
     assert result.stdout.splitlines() == [
         "-Queue ID-    --Size-- ----Arrival Time---- -Sender/Recipient-------",
-        "0A1B2C3D4E01      1500 Tue Nov 14 22:13:20  alice@lab.test",
+        "0A1B2C3D4E01*     1500 Tue Nov 14 22:13:20  alice@lab.test",  # * active: bob is due
         f"{pad}bob@remote.test [queued]",
         f"{pad}(450 4.2.1 carol@remote.test: mailbox busy)",
         f"{pad}carol@remote.test [deferred]",
         "",
-        "0A1B2C3D4E02       700 Tue Nov 14 22:14:20  MAILER-DAEMON",
+        "0A1B2C3D4E02!      700 Tue Nov 14 22:14:20  MAILER-DAEMON",   # ! on hold
         f"{pad}postmaster@lab.test [held]",
         "",
         "-- 3 Kbytes in 2 Requests.",
@@ -261,7 +261,7 @@ async def test_queue_list_json(queue_config):
     assert (result.returncode, result.stderr) == (0, "")
     objects = [json.loads(line) for line in result.stdout.splitlines()]
     assert objects == [
-        {"queue_id": "0A1B2C3D4E01", "arrival_time": ARRIVAL, "message_size": 1500,
+        {"queue_name": "active", "queue_id": "0A1B2C3D4E01", "arrival_time": ARRIVAL, "message_size": 1500,
          "sender": "alice@lab.test",
          "recipients": [
              # fresh mail is due from its arrival on
@@ -270,7 +270,8 @@ async def test_queue_list_json(queue_config):
               "next_attempt": ARRIVAL + 300,
               "delay_reason": "450 4.2.1 carol@remote.test: mailbox busy"},
          ]},
-        {"queue_id": "0A1B2C3D4E02", "arrival_time": ARRIVAL + 60, "message_size": 700, "sender": "",
+        {"queue_name": "hold", "queue_id": "0A1B2C3D4E02", "arrival_time": ARRIVAL + 60, "message_size": 700,
+         "sender": "",
          "recipients": [
              {"address": "postmaster@lab.test", "state": "held", "attempts": 0, "next_attempt": ARRIVAL + 60},
          ]},

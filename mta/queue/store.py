@@ -165,12 +165,6 @@ def classify_message(states: Iterable[str]) -> str:
     return "deferred"
 
 
-def _queue_entry(head: tuple[Any, ...], rcpts: list[Recipient]) -> "QueueEntry":
-    mid, sender, arrival, size = head
-    message = QueuedMessage(id=mid, sender=sender, arrival=arrival, size=size, recipients=tuple(rcpts))
-    return QueueEntry(classify_message(r.state for r in rcpts), message)
-
-
 @dataclass(frozen=True, slots=True)
 class QueueSummary:
     """Messages with pending recipients per queue, and the oldest one's arrival."""
@@ -181,12 +175,20 @@ class QueueSummary:
     oldest_arrival: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueueEntry:
-    """One line group of `mta queue list`: a message with its pending recipients only."""
+    """A message as `mta queue list` shows it, with its pending recipients only.
+
+    Plain tuples for the recipients, as SQLite returns them: listing 100,000
+    messages must not build 100,000s of objects."""
 
     queue_name: str           # active | deferred | hold
-    message: QueuedMessage
+    id: str
+    sender: str
+    arrival: float
+    size: int
+    # (address, state, attempts, next_attempt, last_error) per pending recipient, in RCPT order
+    recipients: list[tuple[str, str, int, float, str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,38 +489,62 @@ class QueueStore:
         The classification depends on recipient states only, not on the time: ``now``
         is accepted so callers need not change if due-but-deferred mail ever counts apart.
         """
-        query = (f"SELECT cls, count(*), min(arrival) FROM (SELECT {_CLASSIFY_SQL} AS cls,"
-                 " min(m.arrival) AS arrival FROM recipients r JOIN messages m ON m.id = r.message_id"
+        # The counts come from the recipients index alone; the oldest pending message is
+        # the first one in arrival order with a pending recipient (a short index scan).
+        query = (f"SELECT cls, count(*), (SELECT m.arrival FROM messages m WHERE EXISTS (SELECT 1 FROM"
+                 f" recipients r WHERE r.message_id = m.id AND r.state IN {_PENDING_SQL}) ORDER BY m.arrival"
+                 f" LIMIT 1) FROM (SELECT {_CLASSIFY_SQL} AS cls FROM recipients r"
                  f" WHERE r.state IN {_PENDING_SQL} GROUP BY r.message_id) GROUP BY cls")
         counts = dict.fromkeys(QUEUE_NAMES, 0)
         oldest: float | None = None
         async with self.db.execute(query) as cur:
             for cls, n, arrival in await cur.fetchall():
                 counts[str(cls)] = int(n)
-                if arrival is not None and (oldest is None or float(arrival) < oldest):
-                    oldest = float(arrival)
+                oldest = float(arrival) if arrival is not None else None
         return QueueSummary(counts["active"], counts["deferred"], counts["hold"], oldest)
 
-    async def iter_queue(self, *, batch: int = 2000) -> AsyncIterator[QueueEntry]:
-        """Each message with pending recipients, oldest first, with those recipients only
-        (what mailq shows). One SELECT streamed in batches: one snapshot, so a message is
-        listed whole or not at all however long the listing takes, and no per-message query."""
+    async def iter_queue(self, *, batch: int = 2000) -> AsyncIterator[list[QueueEntry]]:
+        """Messages with pending recipients, oldest first, each with those recipients only
+        (what mailq shows), in lists of about ``batch`` rows.
+
+        One SELECT, streamed: one snapshot, so a message is listed whole or not at all
+        however long the listing takes, and no query per message. The next rows are
+        fetched (in aiosqlite's thread) while the caller formats the current ones."""
+        # CROSS JOIN keeps messages outermost: a scan of messages_arrival (arrival, rowid),
+        # then each message's recipients by primary key (message_id, rcpt_no). That is
+        # exactly the ORDER BY, so SQLite sorts nothing (an index with arrival, sender,
+        # size and id would also spare the lookups of the message rows).
         query = ("SELECT m.id, m.sender, m.arrival, m.size, r.address, r.state, r.attempts,"
-                 " r.next_attempt, r.last_error FROM messages m JOIN recipients r ON r.message_id = m.id"
-                 f" WHERE r.state IN {_PENDING_SQL} ORDER BY m.arrival, m.id, r.rcpt_no")
-        head: tuple[Any, ...] | None = None
-        rcpts: list[Recipient] = []
+                 " r.next_attempt, r.last_error FROM messages m CROSS JOIN recipients r"
+                 f" ON r.message_id = m.id WHERE r.state IN {_PENDING_SQL}"
+                 " ORDER BY m.arrival, m.rowid, r.rcpt_no")
+        entry: QueueEntry | None = None
+        current = None
         async with self.db.execute(query) as cur:
-            while rows := await cur.fetchmany(batch):
-                for mid, sender, arrival, size, address, state, attempts, next_attempt, last_error in rows:
-                    if head is None or head[0] != mid:
-                        if head is not None:
-                            yield _queue_entry(head, rcpts)
-                        head, rcpts = (mid, sender, arrival, size), []
-                    rcpts.append(Recipient(address=address, state=_RCPT_STATES[state], attempts=attempts,
-                                           next_attempt=next_attempt, last_error=last_error))
-        if head is not None:
-            yield _queue_entry(head, rcpts)
+            ahead = asyncio.ensure_future(cur.fetchmany(batch))
+            try:
+                while rows := await ahead:
+                    ahead = asyncio.ensure_future(cur.fetchmany(batch))
+                    done: list[QueueEntry] = []
+                    for row in rows:
+                        if row[0] != current:
+                            if entry is not None:
+                                done.append(entry)
+                            current = row[0]
+                            entry = QueueEntry("deferred", current, row[1], row[2], row[3], [])
+                            append = entry.recipients.append
+                        append(row[4:])
+                        # classify_message(), one recipient at a time
+                        state = row[5]
+                        if state != "deferred" and entry.queue_name != "hold":
+                            entry.queue_name = "hold" if state == "held" else "active"
+                    if done:
+                        yield done
+            finally:  # closed early (a broken pipe) or failed: settle the read ahead
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
+        if entry is not None:
+            yield [entry]
 
     async def message_detail(self, message_id: str) -> MessageDetail | None:
         """The whole message for `mta queue show`, read in one snapshot."""
@@ -584,10 +610,14 @@ class QueueStore:
         """Update the recipients in ``states`` of the messages ``ids`` with ``assignment``
         and write an ``event`` history row for each; delete the messages when ``states``
         is None. ids=None means every message with a recipient in ``states``."""
-        in_states = f"state IN ({', '.join(repr(s) for s in states)})" if states else "1"
+        # The recipients acted on (delete: counts the pending ones it removes). Within a
+        # chunk, "+state" keeps SQLite on the primary key (message_id): the (state, …)
+        # index would have it scan every deferred recipient of the queue for each chunk.
+        state_list = f"({', '.join(repr(s) for s in states)})" if states else _PENDING_SQL
+        in_states = f"+state IN {state_list}"
         if ids is None:
             query = ("SELECT id FROM messages ORDER BY arrival, id" if states is None else
-                     f"SELECT DISTINCT message_id FROM recipients WHERE {in_states}")
+                     f"SELECT DISTINCT message_id FROM recipients WHERE state IN {state_list}")
             async with self.db.execute(query) as cur:
                 ids = [str(r[0]) for r in await cur.fetchall()]
         wanted = list(dict.fromkeys(ids))
@@ -601,10 +631,9 @@ class QueueStore:
                          marks: str = marks) -> tuple[set[str], dict[str, int]]:
                 async with db.execute(f"SELECT id FROM messages WHERE id IN ({marks})", chunk) as cur:
                     present = {str(r[0]) for r in await cur.fetchall()}
-                pending = in_states if states is not None else f"state IN {_PENDING_SQL}"
                 async with db.execute(
-                    f"SELECT message_id, count(*) FROM recipients WHERE message_id IN ({marks}) AND {pending}"
-                    " GROUP BY message_id", chunk) as cur:
+                    f"SELECT message_id, count(*) FROM recipients WHERE message_id IN ({marks})"
+                    f" AND {in_states} GROUP BY message_id", chunk) as cur:
                     counts = {str(m): int(n) for m, n in await cur.fetchall()}
                 if states is None:
                     await db.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)
