@@ -108,7 +108,7 @@ async def test_sigkill_loses_nothing_that_got_250(write_config, tmp_path):
 
     with sqlite3.connect(queue) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        stored = db.execute("SELECT id, data FROM messages").fetchall()
+        stored = db.execute("SELECT message_id, data FROM bodies").fetchall()
     seen = collections.Counter()
     ids = {}
     for queue_id, data in stored:

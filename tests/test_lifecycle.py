@@ -65,7 +65,7 @@ async def test_sigterm_lets_a_running_transaction_finish(tmp_path):
             proc.kill()
             proc.wait()
     with sqlite3.connect(tmp_path / "queue.db") as db:
-        data = db.execute("SELECT data FROM messages").fetchone()[0]
+        data = db.execute("SELECT data FROM bodies").fetchone()[0]
     assert data.endswith(b"\r\n\r\nfirst half\r\nsecond half\r\n")
     assert "stopped" in (tmp_path / "mta.log").read_text()
 

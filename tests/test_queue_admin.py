@@ -221,7 +221,7 @@ async def test_show_prints_envelope_history_and_headers(daemon):
     d.script.rcpt.update({"later@remote.test": DEFER})
     queue_id = await d.submit("later@remote.test", "ok@remote.test")
     await d.wait_state(queue_id, [("later@remote.test", "deferred", 1), ("ok@remote.test", "delivered", 1)])
-    [(arrival, size, data)] = d.rows("SELECT arrival, size, data FROM messages WHERE id = ?", queue_id)
+    [(arrival, size, data)] = d.rows("SELECT arrival, size, data FROM messages JOIN bodies ON message_id = id WHERE id = ?", queue_id)
     [(next_later, reason), (next_ok, _)] = d.rows(
         "SELECT next_attempt, last_error FROM recipients WHERE message_id = ? ORDER BY rcpt_no", queue_id)
     history = d.rows("SELECT time, recipient, event, detail FROM history WHERE message_id = ?"

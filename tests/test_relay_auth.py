@@ -102,7 +102,8 @@ async def test_swaks_relay_denied_and_accepted(make_config, tmp_path):
         assert "<-  250 2.0.0 Ok: queued as " in text
         assert "<-  221 2.0.0 Bye" in text
     with sqlite3.connect(config.queue.path) as db:
-        sender, data = db.execute("SELECT sender, data FROM messages").fetchone()
+        sender, data = db.execute(
+            "SELECT m.sender, b.data FROM messages m JOIN bodies b ON b.message_id = m.id").fetchone()
     assert sender == "lab@lab.test"
     assert b"Subject: via swaks\r\n" in data and b"\r\n\r\nswaks body\r\n" in data
     assert data.startswith(b"Received: from labhost.test (unknown [127.0.0.1])\r\n")
@@ -168,7 +169,7 @@ async def test_submission_requires_auth(make_config, users_file):
             await w.send(b"Subject: no id\r\n\r\nbody\r\n.")
             assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
     with sqlite3.connect(config.queue.path) as db:
-        data, listener = db.execute("SELECT data, listener FROM messages").fetchone()
+        data, listener = db.execute("SELECT b.data, m.listener FROM messages m JOIN bodies b ON b.message_id = m.id").fetchone()
     head = data.split(b"\r\n\r\n")[0]
     assert listener == "submission"
     assert b"with ESMTPA id" in head
@@ -189,7 +190,7 @@ async def test_submission_keeps_existing_message_id(make_config, users_file):
             await w.send(b"Message-ID: <keep@me>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n.")
             await w.reply()
     with sqlite3.connect(config.queue.path) as db:
-        data = db.execute("SELECT data FROM messages").fetchone()[0]
+        data = db.execute("SELECT data FROM bodies").fetchone()[0]
     assert data.count(b"Message-ID:") == 1 and data.count(b"\r\nDate:") == 1
 
 
@@ -251,7 +252,7 @@ async def test_auth_needs_tls_unless_allowed(make_config, users_file, tls_cert):
             reply = await w.mail("alice@lab.test", ["b@example.org"], b"Subject: t\r\n\r\nx\r\n", ehlo=False)
             assert reply.startswith("250 2.0.0 Ok")
     with sqlite3.connect(config.queue.path) as db:
-        assert b"with ESMTPSA id" in db.execute("SELECT data FROM messages").fetchone()[0]
+        assert b"with ESMTPSA id" in db.execute("SELECT data FROM bodies").fetchone()[0]
 
 
 async def test_starttls_plaintext_injection_is_discarded(make_config, users_file, tls_cert):

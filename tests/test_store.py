@@ -91,3 +91,25 @@ def test_queue_ids_are_short_and_unique():
     ids = [new_queue_id() for _ in range(10000)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 12 and i.isalnum() and i.upper() == i for i in ids)
+
+
+async def test_version_3_queue_moves_bodies_out_of_messages(tmp_path):
+    """An upgrade keeps every queued message: the migration path from older releases."""
+    from mta.queue.store import MIGRATIONS, _statements
+    path = tmp_path / "queue.db"
+    with sqlite3.connect(path) as db:
+        for version, script in enumerate(MIGRATIONS[:3], start=1):
+            for statement in _statements(script):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version}")
+        db.execute("INSERT INTO messages (id, sender, arrival, size, data) VALUES ('OLD1', 'a@x', 1, 5, x'6869')")
+        db.execute("INSERT INTO recipients (message_id, rcpt_no, address, state) VALUES ('OLD1', 0, 'b@y', 'deferred')")
+    store = QueueStore(path)
+    await store.open()
+    assert await store.message_data("OLD1") == b"hi"
+    [listed] = await store.list_messages()
+    assert listed.id == "OLD1" and listed.recipients[0].state == RcptState.DEFERRED
+    await store.close()
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(messages)")]
+    assert "data" not in columns

@@ -53,7 +53,7 @@ MIGRATIONS: tuple[str, ...] = (
         body_8bit INTEGER NOT NULL DEFAULT 0,
         ret       TEXT,
         envid     TEXT,
-        data      BLOB NOT NULL              -- last, so listing never reads overflow pages
+        data      BLOB NOT NULL              -- moved to `bodies` in version 4
     );
     CREATE INDEX messages_arrival ON messages(arrival);
     CREATE TABLE recipients (
@@ -87,6 +87,16 @@ MIGRATIONS: tuple[str, ...] = (
     # 2 -> 3: one delay warning per message at most (RFC 3464 Action: delayed).
     """
     ALTER TABLE messages ADD COLUMN delay_warned INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 3 -> 4: message bodies in a table of their own. Envelope rows stay small,
+    # so listing, claiming and counting never read a message's bytes.
+    """
+    CREATE TABLE bodies (
+        message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        data       BLOB NOT NULL
+    );
+    INSERT INTO bodies (message_id, data) SELECT id, data FROM messages;
+    ALTER TABLE messages DROP COLUMN data;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -465,7 +475,7 @@ class QueueStore:
         return _group_messages(rows)
 
     async def message_data(self, message_id: str) -> bytes | None:
-        async with self.db.execute("SELECT data FROM messages WHERE id = ?", (message_id,)) as cur:
+        async with self.db.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)) as cur:
             row = await cur.fetchone()
         return bytes(row[0]) if row else None
 
@@ -553,7 +563,8 @@ class QueueStore:
             try:
                 async with self.db.execute(
                     "SELECT id, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,"
-                    " helo, auth_user, data FROM messages WHERE id = ?", (message_id,)) as cur:
+                    " helo, auth_user, b.data FROM messages JOIN bodies b ON b.message_id = id WHERE id = ?",
+                    (message_id,)) as cur:
                     row = await cur.fetchone()
                 if row is None:
                     return None
@@ -694,9 +705,10 @@ async def _rollback(db: aiosqlite.Connection) -> None:
 async def _insert_message(db: aiosqlite.Connection, m: NewMessage) -> None:
     await db.execute(
         "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
-        " smtputf8, body_8bit, ret, envid, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " smtputf8, body_8bit, ret, envid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
-         int(m.smtputf8), int(m.body_8bit), m.ret, m.envid, m.data))
+         int(m.smtputf8), int(m.body_8bit), m.ret, m.envid))
+    await db.execute("INSERT INTO bodies (message_id, data) VALUES (?, ?)", (m.id, m.data))
     # next_attempt = arrival: fresh mail is due at once, oldest first.
     await db.executemany(
         "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify,"
