@@ -56,3 +56,19 @@ def test_empty_message_and_smuggling_patterns():
         wire = b"a" + pattern + b"MAIL FROM:<x@y>\r\n.\r\n"
         got = asyncio.run(feed_and_read(wire, [3], None, 64))
         assert got is not None and b"MAIL FROM:<x@y>" in got
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=5))
+def test_what_we_send_is_read_back_exactly(data, cuts):
+    """Outbound stuffing (client.to_wire) and inbound unstuffing (read_data) agree byte for byte,
+    and nothing on the wire has a bare CR or LF."""
+    from mta.delivery.client import to_wire
+    from mta.inbound.policy import normalize_line_ends
+    wire, size = to_wire(data)
+    assert wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
+    expected = normalize_line_ends(data)
+    if expected and not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert size == len(expected)
+    assert asyncio.run(feed_and_read(wire, cuts, None, 32)) == expected
