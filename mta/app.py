@@ -170,18 +170,27 @@ class App:
         self._stop.set()
 
     async def shutdown(self) -> None:
-        await self.metrics.stop_server()
-        for listener in self.listeners:
-            listener.stop_accepting()
-        await asyncio.gather(*(listener.drain(SHUTDOWN_GRACE) for listener in self.listeners))
-        if self.scheduler is not None and self._scheduler_task is not None:
-            await self.scheduler.stop(SHUTDOWN_GRACE)
-            self._scheduler_task.cancel()
-            await asyncio.gather(self._scheduler_task, return_exceptions=True)
-        if self.router is not None:
-            await self.router.close()  # QUIT to every cached session (RFC 5321 §4.1.1.10)
-        await self.store.close()
-        log.info("stopped")
+        """Stop accepting; let inbound transactions and running deliveries finish
+        (at the same time, each within SHUTDOWN_GRACE); QUIT cached sessions; close
+        the queue. Each step runs even if an earlier one failed."""
+        try:
+            await self.metrics.stop_server()
+            for listener in self.listeners:
+                listener.stop_accepting()
+            steps = [listener.drain(SHUTDOWN_GRACE) for listener in self.listeners]
+            if self.scheduler is not None:
+                steps.append(self.scheduler.stop(SHUTDOWN_GRACE))
+            for result in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("shutdown: %r", result)
+            if self._scheduler_task is not None:
+                self._scheduler_task.cancel()
+                await asyncio.gather(self._scheduler_task, return_exceptions=True)
+            if self.router is not None:
+                await self.router.close()  # QUIT to every cached session (RFC 5321 §4.1.1.10)
+        finally:
+            await self.store.close()
+            log.info("stopped")
 
     def reload(self) -> None:
         """SIGHUP: apply what can change at run time; name what needs a restart."""
