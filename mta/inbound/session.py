@@ -17,6 +17,9 @@ import logging
 import re
 from typing import Any, AnyStr
 
+from email._header_value_parser import get_addr_spec, get_angle_addr  # what aiosmtpd uses
+from email.errors import HeaderParseError
+
 from aiosmtpd.smtp import SMTP, syntax
 
 from mta.inbound.policy import REPLIES, DSNParams, split_dsn_params
@@ -197,6 +200,23 @@ class InboundSMTP(SMTP):
         """Send lines untouched (greeting-like replies exempt from enhanced codes)."""
         for line in lines:
             await SMTP.push(self, line)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser without the typing.Protocol class it defines
+        on every call (a measurable cost per MAIL and RCPT); same results."""
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                address, rest = get_angle_addr(arg)
+            else:
+                address, rest = get_addr_spec(arg)
+        except HeaderParseError:
+            return None, None
+        addr = address.addr_spec
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     # ------------------------------------------------------------ RFC 3461 DSN parameters
     # aiosmtpd refuses any MAIL/RCPT parameter it does not know (555), so the
