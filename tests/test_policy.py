@@ -80,3 +80,27 @@ def test_check_recipient(address, trusted, expected):
 ])
 def test_enhance_reply(raw, out):
     assert enhance_reply(raw) == out
+
+
+def test_session_setup_finds_the_same_commands_hooks_and_mechanisms():
+    """InboundSMTP.__dir__ (a set-up speed-up) must not hide a command, hook or AUTH mechanism."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    from mta.config import build_config
+    from mta.inbound.handler import InboundHandler
+    from mta.inbound.session import ConnectionLimiter, InboundSMTP
+
+    config = build_config({})
+    handler = InboundHandler(config, config.listeners[0], None)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        session = InboundSMTP(handler, limiter=ConnectionLimiter(1, 1), loop=loop, hostname="x")
+        smtp_names = {n[5:] for n in object.__dir__(session) if n.startswith("smtp_")}
+        assert set(session._smtp_methods) == smtp_names
+        assert set(session._handle_hooks) == {"MAIL", "RCPT", "DATA", "exception"}
+        assert set(session._auth_methods) == {"PLAIN", "LOGIN"}
+        assert isinstance(session, SMTP)
+    finally:
+        loop.close()

@@ -59,6 +59,11 @@ class AuthThrottle:
 class InboundHandler:
     """The hooks aiosmtpd calls for one listener."""
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd scans dir(handler) for handle_* and auth_* on every connection
+        # (see InboundSMTP.__dir__): only those names matter to it.
+        return [n for n in type(self).__dict__ if n.startswith(("handle_", "auth_"))]
+
     def __init__(self, config: Config, listener: ListenerConfig, store: QueueStore,
                  users: UsersFile | None = None, throttle: AuthThrottle | None = None,
                  on_received: Callable[[str], None] | None = None,
@@ -96,6 +101,8 @@ class InboundHandler:
             log.info("reject: MAIL from %s[%s]: %s; from=<%s>", session.host_name, self._client_ip(session),
                      refusal, address)
             return self._refuse(refusal)
+        if address != "<>" and "@" not in address:
+            address = f"{address}@{self.config.hostname}"  # Postfix's append_at_myorigin (see check_sender)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.dsn = getattr(server, "pending_dsn", None)

@@ -68,6 +68,12 @@ def check_sender(address: str, smtputf8: bool = False) -> Reply | None:
     """None when the reverse-path is acceptable; the refusal otherwise."""
     if address == "":
         return None  # the null reverse-path <> (RFC 5321 §4.5.5: bounces)
+    if "@" not in address:
+        # A sender without a domain (<root>, <host!user>) is accepted as Postfix does
+        # (no reject_non_fqdn_sender by default); the handler qualifies it with our
+        # hostname (append_at_myorigin). RCPT still decides who may relay.
+        bad = _FORBIDDEN.search(address) or len(address) > 64 or (not smtputf8 and not address.isascii())
+        return REPLIES["bad_sender"] if bad else None
     parts = split_address(address)
     if parts is None or not valid_domain(parts[1], smtputf8) or (not smtputf8 and not address.isascii()):
         return REPLIES["bad_sender"]
@@ -89,15 +95,17 @@ def check_recipient(address: str, *, trusted: bool, relay_domains: tuple[str, ..
     anywhere. Anyone else may only send to a domain in relay_domains.
     """
     parts = split_address(address)
+    if not trusted and (parts is None or parts[1].lower().rstrip(".") not in relay_domains
+                        or _ROUTING_LOCAL.search(parts[0])):
+        # Relay permission comes before syntax: for an untrusted client anything that
+        # is not a plain local@relay_domain is 554 5.7.1, however it is spelt (a quoted
+        # "user@remote" without a domain, a bare user, a source route, ...).
+        return REPLIES["relay_denied"]
     if parts is None:
-        return REPLIES["relay_denied"] if not trusted and "@" not in address else REPLIES["bad_rcpt"]
+        return REPLIES["bad_rcpt"]
     local, domain = parts
     if not valid_domain(domain, smtputf8) or (not smtputf8 and not address.isascii()):
         return REPLIES["bad_rcpt"]
-    if trusted:
-        return None
-    if domain.lower().rstrip(".") not in relay_domains or _ROUTING_LOCAL.search(local):
-        return REPLIES["relay_denied"]
     return None
 
 
