@@ -39,7 +39,9 @@ class App:
         self.config = config
         self.deliver = deliver  # False: accept and queue only (inbound tests)
         self.config_path = config_path
-        self.store = QueueStore(config.queue.path)
+        # Like Postfix, keep 1.5 x message_size_limit free for the queue manager's own
+        # writes: new mail is refused with 452 4.3.1 before the disk is really full.
+        self.store = QueueStore(config.queue.path, reserve=int(1.5 * config.limits.message_size))
         self.listeners: list[Listener] = []
         self.metrics = Metrics([lc.name for lc in config.listeners], refresh=self._refresh_queue_metrics)
         self.pool: ConnectionPool | None = None

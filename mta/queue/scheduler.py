@@ -18,11 +18,12 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from mta.config import DeliveryConfig
+from mta.errors import StoreError
 from mta.model import RcptState, Reply
 from mta.queue.backoff import expired, next_delay
 from mta.model import NewMessage
@@ -33,6 +34,11 @@ log = logging.getLogger("mta.qmgr")
 
 POLL_INTERVAL = 1.0  # upper bound on how late flushes and due retries are noticed
 CLAIM_LIMIT = 1000   # recipients held in memory at once; the rest wait in SQLite
+# A queue write that failed (disk full, I/O error, a file locked too long) is tried
+# again after these waits, doubling: the condition is usually temporary.
+STORE_RETRY_MIN, STORE_RETRY_MAX = 0.2, 5.0
+
+T = TypeVar("T")
 
 
 class Delivering(Protocol):
@@ -108,19 +114,41 @@ class Scheduler:
         return self._claimed
 
     async def run(self) -> None:
-        recovered = await self.store.recover_in_flight()
+        # A failed queue write must not end the queue manager (the daemon would stop):
+        # on a full disk, delivering what is queued is exactly what frees space.
+        recovered = await self._until_stored("recovering recipients left in flight",
+                                             self.store.recover_in_flight, while_stopping=False)
         if recovered:
             log.info("%d recipient(s) left in flight by an earlier run are due again", recovered)
         while not self._stopping:
             self._wake.clear()
             room = CLAIM_LIMIT - self._claimed
             if room > 0:
-                due = await self.store.claim_due(self.clock(), room)
+                due = await self._until_stored("claiming due recipients",
+                                               lambda: self.store.claim_due(self.clock(), room),
+                                               while_stopping=False)
+                if due is None:
+                    break   # stopping
                 if due:
                     self._enqueue_jobs(due)
                     if len(due) == room:
                         continue  # there may be more due right now
             await self._sleep_until_due()
+
+    async def _until_stored(self, what: str, write: Callable[[], Awaitable[T]], *,
+                            while_stopping: bool) -> T | None:
+        """``write()``, tried again after a StoreError until it succeeds; None once the
+        scheduler is stopping, unless ``while_stopping`` (then until cancelled)."""
+        delay = STORE_RETRY_MIN
+        while True:
+            try:
+                return await write()
+            except StoreError as exc:
+                if self._stopping and not while_stopping:
+                    return None
+                log.warning("queue write failed while %s, trying again in %.1fs: %s", what, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, STORE_RETRY_MAX)
 
     async def _sleep_until_due(self) -> None:
         timeout = POLL_INTERVAL
@@ -140,7 +168,10 @@ class Scheduler:
         for queue in self._queues.values():
             queue.clear()  # workers stop taking jobs; these go back to the queue untried
         for job in waiting:
-            await self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients])
+            try:
+                await self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients])
+            except StoreError as exc:   # left 'active': recover_in_flight() at the next start
+                log.warning("%s: could not return claimed recipients to the queue: %s", job.message_id, exc)
             self._claimed -= len(job.recipients)
         if self._workers:
             done, pending = await asyncio.wait(self._workers, timeout=grace)
@@ -184,7 +215,7 @@ class Scheduler:
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         self._workers.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("delivery worker failed: %r", task.exception())
+            log.error("delivery worker failed: %r", task.exception(), exc_info=task.exception())
         if not self._stopping:
             self._dispatch()
             self.wake()
@@ -210,7 +241,10 @@ class Scheduler:
         try:
             outcomes = await self.router.deliver(delivery)
         except asyncio.CancelledError:
-            await asyncio.shield(self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients]))
+            try:
+                await asyncio.shield(self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients]))
+            except StoreError:
+                pass   # left 'active': recover_in_flight() makes them due at the next start
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in delivery defers; it never loses mail
             log.exception("%s: delivery to %s failed unexpectedly", job.message_id, job.destination)
@@ -237,9 +271,15 @@ class Scheduler:
                     for rcpt, res in zip(job.recipients, results)]
         reports = reports_for(attempts, self.config.retry, now)
         report = self.make_report(job, data, reports, now) if reports else None
-        finished = await self.store.record_outcomes(
-            job.message_id, updates, now, history=history, new_messages=[report] if report else [],
-            delay_warned=any(r.action == "delayed" for r in reports))
+        # Until it is written, the outcome exists only here: keep trying (a full disk frees
+        # up as deliveries remove mail). Giving up would leave the recipients 'active', to
+        # be sent again after a restart -- a duplicate for every delivered one.
+        finished = await self._until_stored(
+            f"recording the delivery of {job.message_id}",
+            lambda: self.store.record_outcomes(
+                job.message_id, updates, now, history=history, new_messages=[report] if report else [],
+                delay_warned=any(r.action == "delayed" for r in reports)),
+            while_stopping=True)
         for result in results:
             _log_result(result)
             self.on_result(result)

@@ -220,12 +220,23 @@ class AdminResult:
     changed: dict[str, int]    # per found id: recipients changed (deleted, for delete)
 
 
+# The WAL is trimmed back to this size whenever it is reset after a checkpoint, so one
+# large transaction does not keep its high-water mark allocated on disk for ever.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
 class QueueStore:
     """Async access to the queue database. Build one per process in app.py."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0):
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, reserve: int = 0):
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        # Disk space kept free for the queue manager's own writes (outcomes, deletions,
+        # bounces, WAL checkpoints): new mail that would eat into it is refused with a
+        # disk-full StoreError (452 4.3.1). Postfix keeps 1.5 x message_size_limit.
+        self.reserve = reserve
+        self._enqueuing = 0        # bytes of messages waiting for their commit (see _check_room)
+        self._low_water = reserve  # below this much free space the WAL is emptied after each commit
         self._db: aiosqlite.Connection | None = None
         self._pending: list[_PendingWrite] = []
         self._writer: asyncio.Task[None] | None = None
@@ -249,7 +260,17 @@ class QueueStore:
         # FULL: the WAL is fsynced at every commit, so "250" really means durable.
         await self._db.execute("PRAGMA synchronous = FULL")
         await self._db.execute("PRAGMA foreign_keys = ON")
+        async with self._db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}") as cur:
+            await cur.fetchall()   # it answers with a row; an open statement would block COMMIT
         await self._migrate()
+        # Un-checkpointed WAL frames may need that much room in the database file when
+        # they are checkpointed: at least twice the auto-checkpoint size must stay free
+        # beyond the reserve, or the WAL is checkpointed and truncated after every commit.
+        async with self._db.execute("PRAGMA page_size") as cur:
+            page_size = int((await cur.fetchone() or (4096,))[0])
+        async with self._db.execute("PRAGMA wal_autocheckpoint") as cur:
+            pages = int((await cur.fetchone() or (1000,))[0])
+        self._low_water = self.reserve + 2 * page_size * max(pages, 1000)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -313,10 +334,20 @@ class QueueStore:
                         await self._run_alone(item)
                     continue
                 self._fail(batch, exc)
+                if _is_disk_full(exc):
+                    # The failed transaction may have grown the WAL; give that room back.
+                    await self._checkpoint()
                 continue
             for item, result in zip(batch, results):
                 if not item.done.done():
                     item.done.set_result(result)
+            if self._free_space() < self._low_water:
+                # Short of space: checkpoint now and truncate the WAL, so the WAL never
+                # holds more than one batch. Otherwise a WAL of many megabytes could no
+                # longer be checkpointed once the disk is full (the database file must
+                # grow to take its pages), and without a checkpoint no later write --
+                # not even a deletion that would free room -- could ever commit again.
+                await self._checkpoint()
 
     async def _run_batch(self, batch: Sequence[_PendingWrite]) -> list[Any]:
         async with self._write_lock:
@@ -346,6 +377,45 @@ class QueueStore:
             if not item.done.done():
                 item.done.set_result(result)
 
+    def _free_space(self) -> int:
+        """Bytes available to us on the queue's file system."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 1 << 62  # cannot tell: do not refuse mail for that
+        return st.f_bavail * st.f_frsize
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it (best effort, never raises)."""
+        async with self._write_lock:
+            try:
+                # Read the result row and close the statement: left open, it makes
+                # the next COMMIT fail ("SQL statements in progress").
+                async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    await cur.fetchall()
+            except sqlite3.Error as exc:
+                # "locked": a read of ours is in progress; the next commit tries again.
+                log.log(logging.DEBUG if "locked" in str(exc) else logging.WARNING,
+                        "queue checkpoint failed: %s", exc)
+
+    async def _check_room(self, size: int) -> None:
+        """Refuse a message of ``size`` bytes (StoreError, disk full) when storing it would
+        leave less than the reserve. It takes about twice its size until checkpointed (the
+        WAL and the database file); messages still waiting for their commit count too.
+        Pages freed inside the database by delivered mail are reused before the file
+        grows, so they count as free: acceptance resumes as soon as mail leaves the queue."""
+        need = self.reserve + 2 * (size + self._enqueuing)
+        free = self._free_space()
+        if free >= need:
+            return
+        async with self.db.execute("PRAGMA freelist_count") as cur:
+            free_pages = int((await cur.fetchone() or (0,))[0])
+        async with self.db.execute("PRAGMA page_size") as cur:
+            page_size = int((await cur.fetchone() or (4096,))[0])
+        if free + free_pages * page_size < need:
+            raise StoreError(f"not enough free space in the queue file system ({free} bytes free, "
+                             f"{free_pages} free pages in the queue; {need} bytes needed)", disk_full=True)
+
     def _fail(self, batch: Sequence[_PendingWrite], exc: BaseException) -> None:
         log.error("queue write failed (%d write(s)): %s", len(batch), exc)
         error = StoreError(str(exc), disk_full=_is_disk_full(exc))
@@ -356,9 +426,16 @@ class QueueStore:
     # ----------------------------------------------------------------- inbound
 
     async def enqueue(self, message: NewMessage) -> None:
-        """Store a message and its recipients; return once committed."""
+        """Store a message and its recipients; return once committed.
 
-        await self._write(lambda conn: _insert_message(conn, message))
+        Refused (StoreError, disk full) when it would eat into the reserve."""
+        size = len(message.data)
+        await self._check_room(size)
+        self._enqueuing += size
+        try:
+            await self._write(lambda conn: _insert_message(conn, message))
+        finally:
+            self._enqueuing -= size
         for callback in self._listeners:
             callback([message])
 
