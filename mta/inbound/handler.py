@@ -225,7 +225,9 @@ class InboundHandler:
         user = user_b.decode("utf-8", "replace")
         password = password_b.decode("utf-8", "surrogateescape")
         ok = False
-        if self.users is not None and not any(c in user for c in "\r\n\x00"):
+        # No NUL in a password either (RFC 4616 §2): HMAC pads short keys with zero
+        # bytes, so scrypt would take "secret\0" for "secret".
+        if self.users is not None and not any(c in user for c in "\r\n\x00") and "\x00" not in password:
             # scrypt is deliberately slow: keep it off the event loop.
             ok = await asyncio.to_thread(self.users.check, user, password)
         if ok:

@@ -32,7 +32,8 @@ REPLIES = {
 # RFC 5321 §4.1.2 Domain, or an address literal such as [192.0.2.1] / [IPv6:::1].
 _DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
-_UTF8_DOMAIN = re.compile(r"(?=.{1,253}$)[^\s@.\[\]]+(?:\.[^\s@.\[\]]+)*\.?")
+# No control characters in a U-label either (NUL passed before: found by tests/test_adversarial.py).
+_UTF8_DOMAIN = re.compile(r"(?=.{1,253}$)[^\s\x00-\x1f\x7f@.\[\]]+(?:\.[^\s\x00-\x1f\x7f@.\[\]]+)*\.?")
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 
 
@@ -41,6 +42,8 @@ def valid_domain(domain: str, smtputf8: bool = False) -> bool:
         literal = domain[1:-1]
         if literal[:5].lower() == "ipv6:":
             literal = literal[5:]
+            if "%" in literal:
+                return False  # a zone id ("fe80::1%eth0", any text) is no RFC 5321 address literal
             try:
                 return ipaddress.ip_address(literal).version == 6
             except ValueError:
