@@ -24,9 +24,8 @@ from typing import Protocol, TypeVar
 
 from mta.config import DeliveryConfig
 from mta.errors import StoreError
-from mta.model import RcptState, Reply
+from mta.model import NewMessage, RcptState, Reply
 from mta.queue.backoff import expired, next_delay
-from mta.model import NewMessage
 from mta.queue.reports import AttemptResult, Report, reports_for
 from mta.queue.store import DueRecipient, HistoryEntry, QueueStore, RecipientUpdate
 
