@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 
 from mta import bounce
@@ -235,5 +237,22 @@ def serve(config: Config, config_path: str | None) -> int:
     async def main() -> None:
         await App(config, config_path).run()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main())
     return 0
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (the `fast` extra), else asyncio's own loop.
+
+    uvloop runs the same code with a cheaper event loop and socket layer
+    (benchmarks/README.md). MTA_EVENT_LOOP=asyncio turns it off.
+    """
+    if os.environ.get("MTA_EVENT_LOOP", "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    log.info("event loop: uvloop %s", uvloop.__version__)
+    return uvloop.new_event_loop
