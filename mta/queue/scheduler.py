@@ -83,6 +83,31 @@ class RecipientResult:
     attempts: int
 
 
+class _SharedBodies:
+    """One read of a message's bytes for all of its jobs in memory: a message to ten
+    domains is ten jobs, and each queue read costs a thread hand-off."""
+
+    def __init__(self, load: Callable[[str], Awaitable[bytes | None]]):
+        self._load = load
+        self._users: collections.Counter[str] = collections.Counter()
+        self._reads: dict[str, asyncio.Future[bytes | None]] = {}
+
+    def hold(self, message_id: str) -> None:
+        self._users[message_id] += 1
+
+    async def get(self, message_id: str) -> bytes | None:
+        read = self._reads.get(message_id)
+        if read is None:
+            read = self._reads[message_id] = asyncio.ensure_future(self._load(message_id))
+        return await asyncio.shield(read)
+
+    def release(self, message_id: str) -> None:
+        self._users[message_id] -= 1
+        if self._users[message_id] <= 0:
+            del self._users[message_id]
+            self._reads.pop(message_id, None)
+
+
 class Scheduler:
     def __init__(self, store: QueueStore, router: Delivering, config: DeliveryConfig,
                  make_delivery: Callable[[Job, bytes], DeliveryLike], *,
@@ -101,6 +126,7 @@ class Scheduler:
         self._running: collections.Counter[str] = collections.Counter()
         self._workers: set[asyncio.Task[None]] = set()
         self._claimed = 0
+        self._bodies = _SharedBodies(store.message_data)
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -172,6 +198,7 @@ class Scheduler:
             except StoreError as exc:   # left 'active': recover_in_flight() at the next start
                 log.warning("%s: could not return claimed recipients to the queue: %s", job.message_id, exc)
             self._claimed -= len(job.recipients)
+            self._bodies.release(job.message_id)
         if self._workers:
             done, pending = await asyncio.wait(self._workers, timeout=grace)
             for task in pending:
@@ -197,6 +224,7 @@ class Scheduler:
             else:
                 queue.append(job)
             self._claimed += len(job.recipients)
+            self._bodies.hold(job.message_id)
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -228,12 +256,13 @@ class Scheduler:
                     await self._run_job(job)
                 finally:
                     self._claimed -= len(job.recipients)
+                    self._bodies.release(job.message_id)
         finally:
             self._running[destination] -= 1
 
     # ------------------------------------------------------------------ one job
     async def _run_job(self, job: Job) -> None:
-        data = await self.store.message_data(job.message_id)
+        data = await self._bodies.get(job.message_id)
         if data is None:
             return  # deleted by an operator meanwhile
         delivery = self.make_delivery(job, data)
