@@ -16,8 +16,6 @@ class RcptState(StrEnum):
     HELD = "held"            # operator hold: never delivered or expired
 
 
-PENDING_STATES = (RcptState.QUEUED, RcptState.ACTIVE, RcptState.DEFERRED, RcptState.HELD)
-FINAL_STATES = (RcptState.DELIVERED, RcptState.BOUNCED)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 
@@ -116,3 +114,19 @@ def notify_wants(notify: str | None, event: str) -> bool:
     if notify is None:
         return event in ("FAILURE", "DELAY")
     return event in notify.split(",")
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_line_ends(data: bytes) -> bytes:
+    """Turn every bare LF and bare CR into CRLF (RFC 5321 §2.3.8).
+
+    Stored and relayed mail then has one line-end convention, so no server
+    reads a different end of DATA than we did (SMTP smuggling). The counts
+    make the common, already-clean case a C-speed fast path.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    return _LINE_END.sub(b"\r\n", data)

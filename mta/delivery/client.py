@@ -30,12 +30,11 @@ import base64
 import ipaddress
 import logging
 import os
-import re
 import ssl
 
 from mta.config import TimeoutsConfig
 from mta.errors import PermanentError, TransientError
-from mta.model import Reply
+from mta.model import Reply, normalize_line_ends
 
 log = logging.getLogger("mta.delivery")
 
@@ -43,7 +42,6 @@ _LINE_LIMIT = 64 * 1024        # longest reply line we accept (RFC 5321 4.5.3.1.
 _MAX_REPLY_LINES = 200         # a multi-line reply longer than this is hostile
 _CHUNK = 64 * 1024             # message data is written (and drained) in chunks of this size
 _QUIT_WAIT = 2.0               # how long QUIT waits for its 221
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _BAD_ADDRESS_CHARS = ("\r", "\n", "\0")
 TLS_MODES = ("may", "encrypt", "none")
 
@@ -107,11 +105,7 @@ def to_wire(data: bytes) -> tuple[bytes, int]:
     data ends with CRLF "." CRLF. The size counts the normalised data without
     stuffing or terminator, as RFC 1870 section 3 asks.
     """
-    crlf = data.count(b"\r\n")
-    # Fast path: the queue stores CRLF-only data, so usually nothing needs rewriting
-    # and a C-level count saves a regex pass over every byte of a large message.
-    clean = data.count(b"\n") == crlf and data.count(b"\r") == crlf
-    body = data if clean else _LINE_END.sub(b"\r\n", data)
+    body = normalize_line_ends(data)  # the queue holds CRLF-only data: usually the fast path
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     stuffed = body.replace(b"\r\n.", b"\r\n..")

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from mta.model import Reply, notify_wants  # noqa: F401 - re-exported for inbound callers
+from mta.model import Reply, normalize_line_ends, notify_wants  # noqa: F401 - re-exported for inbound callers
 
 REPLIES = {
     "relay_denied": Reply(554, "5.7.1", "Relay access denied"),
@@ -113,19 +113,6 @@ def check_recipient(address: str, *, trusted: bool, relay_domains: tuple[str, ..
 
 
 # ----------------------------------------------------------------------------- message bytes
-
-def normalize_line_ends(data: bytes) -> bytes:
-    """Turn every bare LF and bare CR into CRLF (RFC 5321 §2.3.8).
-
-    Stored and relayed mail then has one line-end convention, so no
-    downstream server can read a different end of DATA than we did (SMTP
-    smuggling). The counts make the common, already-clean case a fast path.
-    """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
-        return data
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-
 
 @dataclass(frozen=True, slots=True)
 class HeaderFacts:

@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -293,15 +294,7 @@ class QueueStore:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {version} is newer than this mta ({SCHEMA_VERSION})")
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in _statements(MIGRATIONS[target - 1]):
-                        await self.db.execute(statement)
-                    await self.db.execute(f"PRAGMA user_version = {target}")
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    await self.db.execute("ROLLBACK")
-                    raise
+                await self._in_thread(_run_transaction, [partial(_migrate_to, target)])
                 log.info("queue schema migrated to version %d", target)
 
     def add_listener(self, callback: Callable[[Sequence[NewMessage]], None]) -> None:
@@ -541,9 +534,6 @@ class QueueStore:
 
         return await self._in_thread(read)
 
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self)
-
     # ----------------------------------------------------------------- reading
 
     async def list_messages(self, ids: Iterable[str] | None = None) -> list[QueuedMessage]:
@@ -649,26 +639,30 @@ class QueueStore:
 
     async def message_detail(self, message_id: str) -> MessageDetail | None:
         """The whole message for `mta queue show`, read in one snapshot."""
-        async with self._write_lock:  # keeps our other statements out of this read transaction
-            await self.db.execute("BEGIN")
+        def read(conn: sqlite3.Connection) -> tuple[Any, list[Any], list[Any]] | None:
+            conn.execute("BEGIN")  # one read transaction: the three queries see the same queue
             try:
-                async with self.db.execute(
+                row = conn.execute(
                     "SELECT id, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,"
                     " helo, auth_user, b.data FROM messages JOIN bodies b ON b.message_id = id WHERE id = ?",
-                    (message_id,)) as cur:
-                    row = await cur.fetchone()
+                    (message_id,)).fetchone()
                 if row is None:
                     return None
-                async with self.db.execute(
+                rcpts = conn.execute(
                     "SELECT address, state, attempts, next_attempt, last_error, notify, orcpt FROM recipients"
-                    " WHERE message_id = ? ORDER BY rcpt_no", (message_id,)) as cur:
-                    rcpt_rows = await cur.fetchall()
-                async with self.db.execute(
+                    " WHERE message_id = ? ORDER BY rcpt_no", (message_id,)).fetchall()
+                history = conn.execute(
                     "SELECT time, recipient, event, detail FROM history WHERE message_id = ?"
-                    " ORDER BY time, rowid", (message_id,)) as cur:
-                    history_rows = await cur.fetchall()
+                    " ORDER BY time, rowid", (message_id,)).fetchall()
+                return row, rcpts, history
             finally:
-                await _rollback(self.db)  # read only: nothing to commit
+                conn.execute("ROLLBACK")  # read only: nothing to commit
+
+        async with self._write_lock:  # keeps a batch's BEGIN out of this read transaction
+            found = await self._in_thread(read)
+        if found is None:
+            return None
+        row, rcpt_rows, history_rows = found
         (mid, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,
          helo, auth_user, data) = row
         recipients = tuple(
@@ -756,40 +750,10 @@ class QueueStore:
         return AdminResult(tuple(found), changed)
 
 
-class _Transaction:
-    """``async with store._transaction():`` BEGIN IMMEDIATE … COMMIT, ROLLBACK on error."""
-
-    def __init__(self, store: QueueStore):
-        self.store = store
-
-    async def __aenter__(self) -> aiosqlite.Connection:
-        await self.store._write_lock.acquire()
-        try:
-            await self.store.db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.store._write_lock.release()
-            raise
-        return self.store.db
-
-    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        try:
-            if exc is None:
-                try:
-                    await self.store.db.execute("COMMIT")
-                except BaseException:
-                    await _rollback(self.store.db)
-                    raise
-            else:
-                await _rollback(self.store.db)
-        finally:
-            self.store._write_lock.release()
-
-
-async def _rollback(db: aiosqlite.Connection) -> None:
-    try:
-        await db.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass  # no transaction left to roll back (SQLite may already have ended it)
+def _migrate_to(target: int, conn: sqlite3.Connection) -> None:
+    for statement in _statements(MIGRATIONS[target - 1]):
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {target}")
 
 
 def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
