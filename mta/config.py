@@ -27,7 +27,7 @@ _SIZE_UNITS = {
     "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3,
 }
-LISTENER_MODES = ("relay", "submission")
+LISTENER_MODES = ("relay", "submission", "pop3")
 DELIVERY_TLS_MODES = ("may", "encrypt", "none")
 
 
@@ -190,6 +190,16 @@ class BounceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MailboxesConfig:
+    """Mailboxes for local_domains (issue 7): who has one, and how much is kept."""
+
+    users_file: str | None = None
+    max_messages: int = 10_000
+    max_age: float = 7 * 86400.0
+    catch_all: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     host: str | None = "127.0.0.1"
     port: int = 9101
@@ -207,6 +217,8 @@ class Config:
     limits: LimitsConfig
     metrics: MetricsConfig
     bounce: BounceConfig = field(default_factory=BounceConfig)
+    local_domains: tuple[str, ...] = ()
+    mailboxes: MailboxesConfig = field(default_factory=MailboxesConfig)
     source: str = "<built-in defaults>"
 
     def in_mynetworks(self, ip: str) -> bool:
@@ -221,6 +233,10 @@ class Config:
     def is_relay_domain(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")
         return domain in self.relay_domains
+
+    def is_local_domain(self, domain: str) -> bool:
+        """Mail for these domains goes into mailboxes here (Postfix: mydestination)."""
+        return domain.lower().rstrip(".") in self.local_domains
 
 
 # --------------------------------------------------------------------------- loading
@@ -457,6 +473,15 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     if mynetworks is None:
         mynetworks = tuple(ipaddress.ip_network(n) for n in DEFAULT_MYNETWORKS)
     relay_domains = top.get("relay_domains", (), _list(_domain))
+    local_domains = top.get("local_domains", (), _list(_domain))
+    for i, domain in enumerate(local_domains):
+        if domain in relay_domains:
+            raise ConfigError(f"local_domains[{i}]", f'"{domain}" is also in relay_domains (mail for it is either kept here or relayed)')
+    mailboxes = _mailboxes(top.section("mailboxes"))
+    if local_domains and not (mailboxes.users_file or mailboxes.catch_all):
+        raise ConfigError("mailboxes.users_file", "missing (local_domains need mailbox users, or catch_all: true)")
+    if any(item.mode == "pop3" for item in listeners) and not mailboxes.users_file:
+        raise ConfigError("mailboxes.users_file", "missing (a pop3 listener needs mailbox passwords)")
     auth = top.section("auth")
     auth_cfg = AuthConfig(users_file=auth.get("users_file", None, _optional_path))
     auth.done()
@@ -486,7 +511,19 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     top.done()
     return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
                   relay_domains=relay_domains, auth=auth_cfg, queue=queue_cfg,
-                  delivery=delivery, limits=limits, metrics=metrics, bounce=bounce, source=source)
+                  delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
+                  local_domains=local_domains, mailboxes=mailboxes, source=source)
+
+
+def _mailboxes(sec: _Section) -> MailboxesConfig:
+    cfg = MailboxesConfig(
+        users_file=sec.get("users_file", None, _optional_path),
+        max_messages=sec.get("max_messages", 10_000, _int(1)),
+        max_age=sec.get("max_age", 7 * 86400.0, parse_duration),
+        catch_all=sec.get("catch_all", False, _bool),
+    )
+    sec.done()
+    return cfg
 
 
 def _mailbox(value: Any, path: str) -> str:

@@ -76,9 +76,11 @@ def set_password(path: str | os.PathLike[str], user: str, password: str) -> None
 class UsersFile:
     """Reads the users file again whenever it changes, so `mta passwd` needs no reload."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, fold_case: bool = False):
         self.path = Path(path)
-        self._stamp: tuple[float, int] | None = None
+        # Mailbox users are addresses, looked up without regard to case.
+        self.fold_case = fold_case
+        self._stamp: tuple[float, int, int] | None = None
         self._users: dict[str, str] = {}
 
     def lookup(self, user: str) -> str | None:
@@ -86,11 +88,15 @@ class UsersFile:
             st = self.path.stat()
         except OSError:
             return None
-        stamp = (st.st_mtime, st.st_size)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp != self._stamp:
-            self._users = read_users(self.path)
+            try:
+                users = read_users(self.path)
+            except (OSError, UnicodeDecodeError):
+                return None
+            self._users = {k.lower(): v for k, v in users.items()} if self.fold_case else users
             self._stamp = stamp
-        return self._users.get(user)
+        return self._users.get(user.lower() if self.fold_case else user)
 
     def check(self, user: str, password: str) -> bool:
         stored = self.lookup(user)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from mta.errors import StoreError
+from mta.mailbox.store import MIGRATION as MAILBOX_MIGRATION, MailboxCopy, insert_copies
 from mta.model import NewMessage, QueuedMessage, RcptState, Recipient
 
 log = logging.getLogger("mta.queue")
@@ -99,6 +100,8 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO bodies (message_id, data) SELECT id, data FROM messages;
     ALTER TABLE messages DROP COLUMN data;
     """,
+    # 4 -> 5: mailboxes for local_domains (mta/mailbox/store.py).
+    MAILBOX_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -476,7 +479,8 @@ class QueueStore:
 
     async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float,
                               *, history: Sequence[HistoryEntry] = (),
-                              new_messages: Sequence[NewMessage] = (), delay_warned: bool = False) -> bool:
+                              new_messages: Sequence[NewMessage] = (), delay_warned: bool = False,
+                              mailbox_copies: Sequence[MailboxCopy] = (), max_mailbox_messages: int = 10_000) -> bool:
         """Write a delivery attempt's per-recipient results in one commit.
 
         ``new_messages`` (bounces) are enqueued in the same commit, so a crash
@@ -484,9 +488,13 @@ class QueueStore:
         message is left pending, the message is removed in that commit too (as
         Postfix removes a queue file); returns True then. A recipient an
         operator put on hold while it was being tried stays held if deferred.
+        ``mailbox_copies`` (local delivery) are stored in the same commit that
+        marks their recipients delivered.
         """
 
         def record(conn: sqlite3.Connection) -> bool:
+            if mailbox_copies:
+                insert_copies(conn, mailbox_copies, now, max_mailbox_messages)
             conn.executemany(
                 "UPDATE recipients SET state = CASE WHEN state = 'held' AND ? = 'deferred' THEN 'held' ELSE ? END,"
                 " attempts = ?, next_attempt = ?, last_error = ?, updated = ? WHERE message_id = ? AND rcpt_no = ?",
