@@ -13,6 +13,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import replace
 
 from mta import bounce
@@ -20,9 +21,12 @@ from mta.config import Config, load_config
 from mta.delivery.mx import MXResolver
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Delivery, Router
-from mta.errors import ConfigError
+from mta.errors import ConfigError, StoreError
 from mta.inbound.handler import AuthThrottle, InboundHandler
 from mta.inbound.server import Listener
+from mta.mailbox.local import LocalDelivery
+from mta.mailbox.store import MailboxStore
+from mta.mailbox.users import MailboxUsers
 from mta.metrics import Metrics
 from mta.notify import Notifier
 from mta.passwords import UsersFile
@@ -34,6 +38,7 @@ from mta.queue.store import QueueStore, new_queue_id
 log = logging.getLogger("mta.master")
 
 SHUTDOWN_GRACE = 10.0  # seconds running SMTP transactions get to finish on SIGTERM
+PRUNE_INTERVAL = 60.0  # how often mail older than mailboxes.max_age is removed
 
 
 class App:
@@ -44,7 +49,11 @@ class App:
         # Like Postfix, keep 1.5 x message_size_limit free for the queue manager's own
         # writes: new mail is refused with 452 4.3.1 before the disk is really full.
         self.store = QueueStore(config.queue.path, reserve=int(1.5 * config.limits.message_size))
-        self.listeners: list[Listener] = []
+        self.listeners: list[Any] = []   # SMTP Listener and POP3Listener: start/sockets/stop_accepting/drain
+        self.mailboxes = MailboxStore(self.store)
+        self.mailbox_users = MailboxUsers(config)
+        self.mailbox_locks: set[str] = set()   # mailboxes held by a POP3 session, across listeners
+        self._prune_task: asyncio.Task[None] | None = None
         self.metrics = Metrics([lc.name for lc in config.listeners], refresh=self._refresh_queue_metrics)
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
@@ -57,9 +66,14 @@ class App:
         users = UsersFile(self.config.auth.users_file) if self.config.auth.users_file else None
         throttle = AuthThrottle()
         for lc in self.config.listeners:
+            if lc.mode == "pop3":
+                from mta.pop3.server import POP3Listener
+                self.listeners.append(POP3Listener(self.config, lc, self.mailboxes, self.mailbox_users,
+                                                   locks=self.mailbox_locks, throttle=throttle))
+                continue
             handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle,
                                      on_received=self.metrics.message_received,
-                                     on_rejected=self.metrics.rejected)
+                                     on_rejected=self.metrics.rejected, mailbox_users=self.mailbox_users)
             self.listeners.append(Listener(self.config, lc, handler))
 
     async def start(self) -> None:
@@ -75,6 +89,8 @@ class App:
             raise ConfigError("listeners", f"cannot listen: {exc.strerror or exc}") from None
         if self.deliver:
             self._start_delivery()
+        if self.config.local_domains or any(lc.mode == "pop3" for lc in self.config.listeners):
+            self._prune_task = asyncio.create_task(self._prune_mailboxes(), name="mailbox-prune")
         if self.config.metrics.host is not None:
             try:
                 await self.metrics.start_server(self.config.metrics.host, self.config.metrics.port)
@@ -96,10 +112,25 @@ class App:
                              own_sockets=self.own_sockets())
         self.metrics.attach_pool(self.pool)
         self.scheduler = Scheduler(self.store, self.router, delivery, make_delivery,
-                                   make_report=self.make_report, on_result=self.metrics.recipient_result)
+                                   make_report=self.make_report, on_result=self.metrics.recipient_result,
+                                   local=LocalDelivery(self.mailbox_users),
+                                   max_mailbox_messages=self.config.mailboxes.max_messages)
         self.store.add_listener(self.scheduler.wake)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._scheduler_task.add_done_callback(self._scheduler_ended)
+
+    async def _prune_mailboxes(self) -> None:
+        """mailboxes.max_age: old mail goes (max_messages is kept at each delivery)."""
+        while True:
+            max_age = self.config.mailboxes.max_age
+            try:
+                pruned = await self.mailboxes.prune_older_than(time.time() - max_age)
+            except StoreError as exc:
+                log.warning("mailbox: pruning old mail failed, trying again later: %s", exc)
+            else:
+                if pruned:
+                    log.info("mailbox: removed %d message(s) older than %gs (mailboxes.max_age)", pruned, max_age)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -179,6 +210,9 @@ class App:
         the queue. Each step runs even if an earlier one failed."""
         try:
             await self.metrics.stop_server()
+            if self._prune_task is not None:
+                self._prune_task.cancel()
+                await asyncio.gather(self._prune_task, return_exceptions=True)
             for listener in self.listeners:
                 listener.stop_accepting()
             steps = [listener.drain(SHUTDOWN_GRACE) for listener in self.listeners]
@@ -217,9 +251,17 @@ class App:
             new = replace(new, listeners=self.config.listeners, queue=self.config.queue,
                           metrics=self.config.metrics, hostname=self.config.hostname)
         self.config = new
+        self.mailbox_users = MailboxUsers(new)
         for listener in self.listeners:
             listener.config = new
-            listener.handler.config = new
+            if isinstance(listener, Listener):
+                listener.handler.config = new
+                listener.handler.mailbox_users = self.mailbox_users
+            else:
+                listener.users = self.mailbox_users
+        if self.scheduler is not None:
+            self.scheduler.local = LocalDelivery(self.mailbox_users)
+            self.scheduler.max_mailbox_messages = new.mailboxes.max_messages
         log.info("reload: configuration re-read from %s", self.config_path or "built-in defaults")
 
 

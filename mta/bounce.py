@@ -68,8 +68,8 @@ def remote_mta_of(relay: str) -> str | None:
     '127.0.0.2[127.0.0.2]:25' -> '127.0.0.2'; '[2001:db8::1]:25' -> '2001:db8::1'.
     """
     relay = _one_line(relay or "").strip()
-    if not relay or relay.lower() == "none":
-        return None
+    if not relay or relay.lower() in ("none", "local"):
+        return None   # no remote MTA: we gave up, or delivered into a local mailbox
     name, bracket, rest = relay.partition("[")
     if bracket:
         name = name.strip() or rest.partition("]")[0].strip()

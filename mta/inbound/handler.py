@@ -20,6 +20,7 @@ from mta.config import Config, ListenerConfig
 from mta.errors import StoreError
 from mta.inbound import policy
 from mta.inbound.policy import REPLIES
+from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient
 from mta.passwords import UsersFile
 from mta.queue.store import QueueStore, new_queue_id
@@ -67,8 +68,10 @@ class InboundHandler:
     def __init__(self, config: Config, listener: ListenerConfig, store: QueueStore,
                  users: UsersFile | None = None, throttle: AuthThrottle | None = None,
                  on_received: Callable[[str], None] | None = None,
-                 on_rejected: Callable[[str, int], None] | None = None):
+                 on_rejected: Callable[[str, int], None] | None = None,
+                 mailbox_users: MailboxUsers | None = None):
         self.config = config
+        self.mailbox_users = mailbox_users
         self.listener = listener
         self.store = store
         self.users = users
@@ -112,9 +115,21 @@ class InboundHandler:
                           address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
             return self._refuse(REPLIES["too_many_rcpts"])
+        users = self.mailbox_users
+        if users is not None and self.config.local_domains and address.lower() == "postmaster":
+            # RFC 5321 §4.5.1: "Postmaster" without a domain must be accepted; it is
+            # the postmaster of the first local domain here.
+            address = f"postmaster@{self.config.local_domains[0]}"
+        # Anyone may send to a local domain, as to a relay domain (Postfix: mydestination).
         refusal = policy.check_recipient(address, trusted=self._trusted(session),
-                                         relay_domains=self.config.relay_domains,
+                                         relay_domains=self.config.relay_domains + self.config.local_domains,
                                          smtputf8=envelope.smtp_utf8)
+        if refusal is None and users is not None and users.is_local(address) and not users.exists(address):
+            unknown = REPLIES["unknown_user"]
+            reply = f"{unknown.code} {unknown.enhanced} <{address}>: {unknown.text}"
+            log.info("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s>", session.host_name,
+                     self._client_ip(session), reply, envelope.mail_from, address)
+            return reply
         if refusal is not None:
             log.info("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s>", session.host_name,
                      self._client_ip(session), refusal, envelope.mail_from, address)

@@ -22,6 +22,8 @@ REPLIES = {
     "too_many_hops": Reply(554, "5.4.6", "Too many hops (mail loop?)"),
     "store_failed": Reply(451, "4.3.0", "Error: queue file write error"),
     "disk_full": Reply(452, "4.3.1", "Insufficient system storage"),
+    # Postfix's wording for an address at a local domain with no mailbox (local_recipient_maps).
+    "unknown_user": Reply(550, "5.1.1", "Recipient address rejected: User unknown in local recipient table"),
     "sender_ok": Reply(250, "2.1.0", "Ok"),
     "rcpt_ok": Reply(250, "2.1.5", "Ok"),
     "idle_timeout": Reply(421, "4.4.2", "Error: timeout exceeded"),

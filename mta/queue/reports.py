@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mta.config import RetryConfig
+from mta.mailbox.local import LOCAL_RELAY
 from mta.model import RcptState, Reply, notify_wants
 from mta.queue.store import DueRecipient
 
@@ -24,7 +25,7 @@ class Report:
     """One recipient line of a DSN."""
 
     rcpt: DueRecipient
-    action: str            # failed | delayed | relayed
+    action: str            # failed | delayed | relayed | delivered
     reply: Reply
     relay: str
     will_retry_until: float | None = None
@@ -47,8 +48,10 @@ def reports_for(results: Sequence[AttemptResult], retry: RetryConfig, now: float
         if r.state is RcptState.BOUNCED and notify_wants(notify, "FAILURE"):
             reports.append(Report(r.rcpt, "failed", r.reply, r.relay))
         elif r.state is RcptState.DELIVERED and notify_wants(notify, "SUCCESS") and not r.dsn_passed:
-            # RFC 3461 §5.2.2: the next hop cannot report success, so we say "relayed".
-            reports.append(Report(r.rcpt, "relayed", r.reply, r.relay))
+            # RFC 3461 §5.2.2: the next hop cannot report success, so we say "relayed";
+            # mail kept in a mailbox here has reached its destination: "delivered".
+            action = "delivered" if r.relay == LOCAL_RELAY else "relayed"
+            reports.append(Report(r.rcpt, action, r.reply, r.relay))
         elif (r.state is RcptState.DEFERRED and warn_delay and not r.rcpt.delay_warned
               and now - r.rcpt.arrival >= (retry.delay_warning or 0) and notify_wants(notify, "DELAY")):
             reports.append(Report(r.rcpt, "delayed", r.reply, r.relay,

@@ -24,6 +24,8 @@ from typing import Protocol, TypeVar
 
 from mta.config import DeliveryConfig
 from mta.errors import StoreError
+from mta.mailbox.local import LOCAL_DESTINATION, LOCAL_RELAY, LocalDelivery, LocalRecipient
+from mta.mailbox.store import MailboxCopy
 from mta.model import NewMessage, RcptState, Reply
 from mta.queue.backoff import expired, next_delay
 from mta.queue.reports import AttemptResult, Report, reports_for
@@ -113,7 +115,8 @@ class Scheduler:
                  make_delivery: Callable[[Job, bytes], DeliveryLike], *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
                  on_result: Callable[[RecipientResult], None] | None = None,
-                 make_report: Callable[[Job, bytes, Sequence[Report], float], NewMessage | None] | None = None):
+                 make_report: Callable[[Job, bytes, Sequence[Report], float], NewMessage | None] | None = None,
+                 local: LocalDelivery | None = None, max_mailbox_messages: int = 10_000):
         self.store = store
         self.router = router
         self.config = config
@@ -122,6 +125,9 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.on_result = on_result or (lambda result: None)
         self.make_report = make_report or (lambda job, data, reports, now: None)
+        # Mail for local_domains goes into mailboxes (replaced on reload).
+        self.local = local
+        self.max_mailbox_messages = max_mailbox_messages
         self._queues: dict[str, collections.deque[Job]] = {}
         self._running: collections.Counter[str] = collections.Counter()
         self._workers: set[asyncio.Task[None]] = set()
@@ -210,7 +216,10 @@ class Scheduler:
     def _enqueue_jobs(self, due: Sequence[DueRecipient]) -> None:
         jobs: dict[tuple[str, str], Job] = {}
         for rcpt in due:
-            destination = self.router.destination(rcpt.address)
+            if self.local is not None and self.local.handles(rcpt.address):
+                destination = LOCAL_DESTINATION
+            else:
+                destination = self.router.destination(rcpt.address)
             key = (rcpt.message_id, destination)
             if key not in jobs:
                 jobs[key] = Job(destination, rcpt.message_id)
@@ -265,6 +274,12 @@ class Scheduler:
         data = await self._bodies.get(job.message_id)
         if data is None:
             return  # deleted by an operator meanwhile
+        if job.destination == LOCAL_DESTINATION and self.local is not None:
+            first = job.recipients[0]
+            copies, local_outcomes = self.local.deliver(
+                job.message_id, first.sender, [LocalRecipient(r.address, r.orcpt) for r in job.recipients], data)
+            await self._record(job, local_outcomes, data, copies)
+            return
         delivery = self.make_delivery(job, data)
         try:
             outcomes = await self.router.deliver(delivery)
@@ -280,7 +295,8 @@ class Scheduler:
             outcomes = [_Outcome(r.address, reply, "none") for r in job.recipients]
         await self._record(job, outcomes, data)
 
-    async def _record(self, job: Job, outcomes: Sequence[OutcomeLike], data: bytes) -> None:
+    async def _record(self, job: Job, outcomes: Sequence[OutcomeLike], data: bytes,
+                      mailbox_copies: Sequence[MailboxCopy] = ()) -> None:
         now = self.clock()
         by_address: dict[str, OutcomeLike] = {o.recipient: o for o in outcomes}
         updates: list[RecipientUpdate] = []
@@ -306,13 +322,15 @@ class Scheduler:
             f"recording the delivery of {job.message_id}",
             lambda: self.store.record_outcomes(
                 job.message_id, updates, now, history=history, new_messages=[report] if report else [],
-                delay_warned=any(r.action == "delayed" for r in reports)),
+                delay_warned=any(r.action == "delayed" for r in reports),
+                mailbox_copies=mailbox_copies, max_mailbox_messages=self.max_mailbox_messages),
             while_stopping=True)
         for result in results:
             _log_result(result)
             self.on_result(result)
         if report is not None:
-            kind = {"failed": "non-delivery", "delayed": "delay", "relayed": "delivery"}[reports[0].action]
+            kind = {"failed": "non-delivery", "delayed": "delay", "relayed": "delivery",
+                    "delivered": "delivery"}[reports[0].action]
             log.info("%s: sender %s notification: %s", job.message_id, kind, report.id)
         if finished:
             log.info("%s: removed", job.message_id)
@@ -342,6 +360,8 @@ def _log_result(result: RecipientResult) -> None:
     """Postfix's per-recipient line, so operators grep what they already grep."""
     reply = result.reply
     text = f"{reply.code} {reply.enhanced} {reply.text}" if reply.code else reply.text
+    if result.relay == LOCAL_RELAY:
+        text = reply.text   # Postfix local(8): "status=sent (delivered to mailbox)"
     if result.state is RcptState.BOUNCED and reply.transient:
         text = f"{text} (delivery time expired)"
     log.info("%s: to=<%s>, relay=%s, delay=%.2g, attempts=%d, dsn=%s, status=%s (%s)", result.message_id,

@@ -1,0 +1,256 @@
+"""Local delivery for local_domains: RCPT checks, the stored copy, limits, bounces, the log."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import sqlite3
+import time
+
+import pytest
+from smtp_peer import RecordingPeer
+from wire import Wire
+
+from mta.config import build_config
+from mta.errors import ConfigError
+from mta.mailbox.store import MailboxCopy
+from mta.model import NewMessage, RcptState, Recipient
+from mta.passwords import set_password
+from mta.queue.store import QueueStore, RecipientUpdate
+from tests.conftest import free_port, listener_port, running
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = b"From: lab@lab.test\r\nSubject: test run 42\r\n\r\nline one\r\n.leading dot\r\n"
+WIRE_BODY = BODY.replace(b"\r\n.", b"\r\n..")   # dot-stuffed for DATA (RFC 5321 §4.5.2)
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    path = tmp_path / "mailboxes.users"
+    for user in ("alice@lab.test", "Bob@Lab.Test"):
+        set_password(path, user, "pw")
+    return path
+
+
+@pytest.fixture
+def lab(make_config, users_file, tmp_path):
+    def make(**overrides):
+        mailboxes = {"users_file": str(users_file), **overrides.pop("mailboxes", {})}
+        return make_config(local_domains=["lab.test"], mailboxes=mailboxes, **overrides)
+    return make
+
+
+def mailbox_rows(config, columns="mailbox, sender, subject, size, data"):
+    with sqlite3.connect(config.queue.path) as db:
+        return db.execute(f"SELECT {columns} FROM mailbox_messages ORDER BY id").fetchall()
+
+
+def queue_rows(config):
+    with sqlite3.connect(config.queue.path) as db:
+        return db.execute("SELECT address, state FROM recipients ORDER BY message_id, rcpt_no").fetchall()
+
+
+async def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def rcpt_replies(config, recipients, sender="someone@example.test"):
+    async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        await w.ehlo()
+        assert (await w.cmd(f"MAIL FROM:<{sender}>")).startswith("250")
+        return [await w.cmd(f"RCPT TO:<{r}>") for r in recipients]
+
+
+# --------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"local_domains": ["lab.test"]},
+     "mailboxes.users_file: missing (local_domains need mailbox users, or catch_all: true)"),
+    ({"local_domains": ["lab.test"], "relay_domains": ["lab.test"], "mailboxes": {"catch_all": True}},
+     'local_domains[0]: "lab.test" is also in relay_domains (mail for it is either kept here or relayed)'),
+    ({"listeners": [{"name": "pop3", "address": "127.0.0.1:1110", "mode": "pop3"}],
+      "mailboxes": {"catch_all": True}},
+     "mailboxes.users_file: missing (a pop3 listener needs mailbox passwords)"),
+    ({"mailboxes": {"max_messages": 0}}, "mailboxes.max_messages: 0 is below the minimum of 1"),
+    ({"mailboxes": {"max_age": "soon"}}, 'mailboxes.max_age: "soon" is not a duration'),
+    ({"mailboxes": {"quota": 5}}, "mailboxes.quota: unknown key"),
+])
+def test_config_errors_name_the_key(doc, problem):
+    with pytest.raises(ConfigError) as err:
+        build_config(doc)
+    assert str(err.value) == problem
+
+
+def test_config_defaults():
+    config = build_config({"local_domains": ["Lab.Test."], "mailboxes": {"users_file": "u", "max_age": "2d"}})
+    assert config.local_domains == ("lab.test",)
+    assert config.mailboxes.max_messages == 10_000 and config.mailboxes.max_age == 2 * 86400
+    assert config.mailboxes.catch_all is False
+
+
+# --------------------------------------------------------------------------- RCPT
+
+async def test_unknown_local_user_is_refused_at_rcpt(lab):
+    config = lab()
+    async with running(config):
+        replies = await rcpt_replies(config, ["nobody@lab.test", "alice@lab.test", "BOB@lab.test"])
+    assert replies == [
+        "550 5.1.1 <nobody@lab.test>: Recipient address rejected: User unknown in local recipient table",
+        "250 2.1.5 Ok",
+        "250 2.1.5 Ok",
+    ]
+
+
+async def test_anyone_may_send_to_a_local_domain_but_not_relay(lab):
+    config = lab(mynetworks=[])   # the client is not trusted: no relaying
+    async with running(config):
+        replies = await rcpt_replies(config, ["alice@lab.test", "x@example.test", "nobody@lab.test"])
+    assert replies == [
+        "250 2.1.5 Ok",
+        "554 5.7.1 Relay access denied",
+        "550 5.1.1 <nobody@lab.test>: Recipient address rejected: User unknown in local recipient table",
+    ]
+
+
+async def test_catch_all_accepts_any_local_address(lab):
+    config = lab(mailboxes={"catch_all": True})
+    async with running(config):
+        replies = await rcpt_replies(config, ["whoever@lab.test", "x@other.lab.test"])
+    assert replies[0] == "250 2.1.5 Ok"
+    assert replies[1] == "250 2.1.5 Ok"   # trusted client (127.0.0.1 is in mynetworks): relayed
+
+
+async def test_postmaster_without_domain_is_accepted(lab, users_file):
+    """RFC 5321 §4.5.1: RCPT TO:<Postmaster> must be accepted."""
+    set_password(users_file, "postmaster@lab.test", "pw")
+    config = lab(mynetworks=[])
+    async with running(config, deliver=True):
+        assert await rcpt_replies(config, ["Postmaster"]) == ["250 2.1.5 Ok"]
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            assert (await w.mail("someone@example.test", ["Postmaster"], WIRE_BODY)).startswith("250 2.0.0")
+        await wait_until(lambda: len(mailbox_rows(config)) == 1)
+    assert mailbox_rows(config, "mailbox")[0] == ("postmaster@lab.test",)
+
+
+# --------------------------------------------------------------------------- delivery
+
+async def test_local_and_remote_recipients_of_one_message(lab, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    port = free_port("127.0.0.2")
+    config = lab(delivery={"routes": {"example.test": f"127.0.0.2:{port}"},
+                           "connection_cache": {"idle_timeout": "0.2s"}})
+    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            reply = await w.mail("sender@example.test", ["alice@lab.test", "far@example.test", "bob@lab.test"],
+                                 WIRE_BODY)
+        queue_id = reply.rsplit(" ", 1)[1]
+        await peer.wait_for_messages(1, timeout=10)
+        await wait_until(lambda: queue_rows(config) == [] and len(mailbox_rows(config)) == 2)
+    [relayed] = peer.messages
+    assert relayed.rcpts == ["far@example.test"]
+    rows = mailbox_rows(config, "mailbox, queue_id, sender, subject, size, data")
+    assert [r[:4] for r in rows] == [("alice@lab.test", queue_id, "sender@example.test", "test run 42"),
+                                     ("bob@lab.test", queue_id, "sender@example.test", "test run 42")]
+    alice = rows[0][5]
+    # The copy is: the trace fields of final delivery, then the message as queued (Received: first).
+    assert alice.startswith(b"Return-Path: <sender@example.test>\r\nX-Original-To: alice@lab.test\r\n"
+                            b"Delivered-To: alice@lab.test\r\nReceived: from client.test")
+    assert alice.endswith(b"\r\n\r\n" + BODY.split(b"\r\n\r\n", 1)[1])
+    assert relayed.data.endswith(BODY.split(b"\r\n\r\n", 1)[1])
+    assert rows[0][4] == len(alice)
+    assert b"Delivered-To: bob@lab.test\r\n" in rows[1][5]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mta.qmgr"]
+    assert any(line.startswith(f"{queue_id}: to=<alice@lab.test>, relay=local, delay=")
+               and line.endswith("dsn=2.0.0, status=sent (delivered to mailbox)") for line in lines), lines
+    assert any("to=<far@example.test>, relay=127.0.0.2[127.0.0.2]" in line for line in lines), lines
+
+
+async def test_user_removed_after_acceptance_bounces_to_the_sender_mailbox(lab, users_file):
+    """A local sender gets the DSN for a local recipient that vanished: the bounce is local mail too."""
+    config = lab()
+    async with running(config):   # accept only
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            assert (await w.mail("alice@lab.test", ["bob@lab.test"], WIRE_BODY)).startswith("250")
+    users_file.write_text("\n".join(line for line in users_file.read_text().splitlines()
+                                    if not line.lower().startswith("bob@")) + "\n")
+    async with running(config, deliver=True):
+        await wait_until(lambda: queue_rows(config) == [] and len(mailbox_rows(config)) == 1)
+    [(mailbox, sender, subject, _, data)] = mailbox_rows(config)
+    assert (mailbox, sender) == ("alice@lab.test", "")
+    assert data.startswith(b"Return-Path: <>\r\n")
+    dsn = email.message_from_bytes(data, policy=email.policy.default)
+    status = dsn.get_payload()[1].get_payload()[1]
+    assert status["Action"] == "failed" and status["Status"] == "5.1.1"
+    assert status["Final-Recipient"] == "rfc822; bob@lab.test"
+    assert "Remote-MTA" not in status
+
+
+async def test_notify_success_gets_a_delivered_report(lab):
+    config = lab()
+    async with running(config, deliver=True):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            await w.ehlo()
+            assert (await w.cmd("MAIL FROM:<alice@lab.test>")).startswith("250")
+            assert (await w.cmd("RCPT TO:<bob@lab.test> NOTIFY=SUCCESS")).startswith("250")
+            assert (await w.cmd("DATA")).startswith("354")
+            await w.send(WIRE_BODY + b".", crlf=True)
+            assert (await w.reply())[-1].startswith("250 2.0.0")
+        await wait_until(lambda: len(mailbox_rows(config)) == 2 and queue_rows(config) == [])
+    [(box1, _, _, _, _), (box2, sender, _, _, data)] = mailbox_rows(config)
+    assert (box1, box2, sender) == ("bob@lab.test", "alice@lab.test", "")
+    status = email.message_from_bytes(data, policy=email.policy.default).get_payload()[1].get_payload()[1]
+    assert status["Action"] == "delivered" and status["Status"] == "2.0.0"
+
+
+async def test_max_messages_keeps_the_newest(lab):
+    config = lab(mailboxes={"max_messages": 3})
+    async with running(config, deliver=True):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            await w.ehlo()
+            for n in range(5):
+                body = f"Subject: number {n}\r\n\r\nbody\r\n".encode()
+                assert (await w.mail("s@example.test", ["alice@lab.test"], body, ehlo=False)).startswith("250")
+                await wait_until(lambda n=n: len(mailbox_rows(config, "id")) == min(n + 1, 3)
+                                 and queue_rows(config) == [])
+    assert mailbox_rows(config, "subject") == [("number 2",), ("number 3",), ("number 4",)]
+
+
+async def test_max_age_prunes_old_mail(lab):
+    config = lab(mailboxes={"max_age": "1d"})
+    store = QueueStore(config.queue.path)
+    await store.open()
+    from mta.mailbox.store import insert_copies
+    copies = [MailboxCopy("alice@lab.test", "AAAA", "s@x.test", "old", b"Subject: old\r\n\r\n\r\n")]
+    await store._write(lambda conn: insert_copies(conn, copies, time.time() - 2 * 86400, 100))
+    copies = [MailboxCopy("alice@lab.test", "BBBB", "s@x.test", "new", b"Subject: new\r\n\r\n\r\n")]
+    await store._write(lambda conn: insert_copies(conn, copies, time.time() - 3600, 100))
+    await store.close()
+    async with running(config):
+        await wait_until(lambda: len(mailbox_rows(config, "id")) == 1)
+    assert mailbox_rows(config, "subject") == [("new",)]
+
+
+async def test_mailbox_copy_and_delivered_state_are_one_commit(tmp_path):
+    """If the commit that marks a local recipient delivered fails, no copy is kept either."""
+    store = QueueStore(tmp_path / "queue.db")
+    await store.open()
+    await store.enqueue(NewMessage(id="AAAA00000001", sender="s@example.test",
+                                   recipients=(Recipient("alice@lab.test"),), data=BODY, arrival=time.time()))
+    [claimed] = await store.claim_due(time.time(), 10)
+    delivered = RecipientUpdate(claimed.rcpt_no, RcptState.DELIVERED, 1, time.time(), None)
+    copy = MailboxCopy("alice@lab.test", "AAAA00000001", "s@example.test", "t", BODY)
+    clash = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("s@example.test"),),
+                       data=b"dsn", arrival=time.time())   # same id: fails inside the commit
+    with pytest.raises(Exception):
+        await store.record_outcomes("AAAA00000001", [delivered], time.time(), new_messages=[clash],
+                                    mailbox_copies=[copy])
+    await store.close()
+    with sqlite3.connect(tmp_path / "queue.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM mailbox_messages").fetchone() == (0,)
+        assert db.execute("SELECT state FROM recipients").fetchall() == [("active",)]
