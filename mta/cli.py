@@ -1,4 +1,4 @@
-"""The `mta` command: serve, check-config, queue …, passwd.
+"""The `mta` command: serve, check-config, queue …, mailbox …, passwd.
 
 Every subcommand takes ``--config F`` anywhere on its line, else $MTA_CONFIG,
 else the built-in defaults. Problems are one line on stderr and exit status 2.
@@ -27,6 +27,7 @@ from mta.config import Config, load_config
 from mta.errors import ConfigError, StoreError
 from mta.log import setup_logging
 from mta.passwords import set_password
+from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
@@ -106,6 +107,21 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("ids", nargs="*", metavar="ID")
     delete.add_argument("--all", action="store_true", help="delete every message in the queue")
 
+    mailbox = sub.add_parser("mailbox", parents=[common], help="inspect and empty local mailboxes")
+    msub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
+    mlist = msub.add_parser("list", parents=[common], help="list mailboxes, or one mailbox's messages",
+                            description="Without USER: each mailbox holding mail, with its message count,\n"
+                                        "size and newest arrival. With USER (alice@lab.test): that mailbox's\n"
+                                        "messages, oldest first, as POP3 numbers them, with UIDL, size,\n"
+                                        "arrival, sender and subject.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    mlist.add_argument("user", nargs="?", metavar="USER")
+    mlist.add_argument("--json", action="store_true", help="one JSON object per line")
+    purge = msub.add_parser("purge", parents=[common], help="remove every message of a mailbox",
+                            description="Remove every message of USER's mailbox (the users file is not\n"
+                                        "changed). A POP3 session open on it sees the messages as gone.")
+    purge.add_argument("user", metavar="USER")
+
     passwd = sub.add_parser("passwd", parents=[common], help="add or change a user in a users file")
     passwd.add_argument("--users-file", required=True, metavar="FILE")
     passwd.add_argument("user")
@@ -135,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config, path)
         if args.command == "queue":
             return asyncio.run(_queue(args, config))
+        if args.command == "mailbox":
+            return asyncio.run(_mailbox(args, config))
     except ConfigError as exc:
         print(f"config: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -167,6 +185,62 @@ def _passwd(args: argparse.Namespace) -> int:
         print(f"mta passwd: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------- mailbox
+
+async def _mailbox(args: argparse.Namespace, config: Config) -> int:
+    if not os.path.exists(config.queue.path):
+        print(f"mta: mailbox: {config.queue.path}: no queue database (has the daemon run?)", file=sys.stderr)
+        return 1
+    store = QueueStore(config.queue.path)
+    await store.open()
+    try:
+        mailboxes = MailboxStore(store)
+        if args.mailbox_command == "purge":
+            removed = await mailboxes.purge(args.user)
+            print(f"{mailbox_key(args.user)}: {removed} message{'s' if removed != 1 else ''} removed")
+            return 0
+        if args.user is None:
+            summaries = await mailboxes.summaries()
+            if args.json:
+                for m in summaries:
+                    print(json.dumps({"mailbox": m.mailbox, "messages": m.messages, "size": m.size,
+                                      "oldest": int(m.oldest), "newest": int(m.newest)}))
+            else:
+                print(format_mailboxes(summaries), end="")
+            return 0
+        messages = await mailboxes.listing(args.user)
+        if args.json:
+            for n, msg in enumerate(messages, 1):
+                print(json.dumps({"number": n, "uidl": msg.uid, "queue_id": msg.queue_id, "size": msg.size,
+                                  "received": int(msg.received), "sender": msg.sender,
+                                  "subject": msg.subject}, ensure_ascii=False))
+        else:
+            print(format_mailbox(mailbox_key(args.user), messages), end="")
+        return 0
+    finally:
+        await store.close()
+
+
+def format_mailboxes(summaries: Sequence[MailboxSummary]) -> str:
+    if not summaries:
+        return "No mail in any mailbox\n"
+    width = max(len("Mailbox"), *(len(m.mailbox) for m in summaries))
+    lines = [f"{'Mailbox':<{width}} Messages     Size Newest"]
+    lines += [f"{m.mailbox:<{width}} {m.messages:>8} {m.size:>8} {_when(m.newest)}" for m in summaries]
+    return "\n".join(lines) + "\n"
+
+
+def format_mailbox(name: str, messages: Sequence[MessageSummary]) -> str:
+    if not messages:
+        return f"{name}: no messages\n"
+    lines = [f"{name}: {len(messages)} message{'s' if len(messages) != 1 else ''},"
+             f" {sum(m.size for m in messages)} octets",
+             f"{'#':>4}  {'UIDL':<18} {'Size':>8}  {'Received':<25}  From / Subject"]
+    for n, m in enumerate(messages, 1):
+        lines.append(f"{n:>4}  {m.uid:<18} {m.size:>8}  {_when(m.received):<25}  <{m.sender}> {m.subject}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- queue
