@@ -49,8 +49,8 @@ class LocalDelivery:
     def handles(self, address: str) -> bool:
         return self.users.is_local(address)
 
-    def deliver(self, queue_id: str, sender: str, recipients: Sequence[LocalRecipient],
-                data: bytes) -> tuple[list[MailboxCopy], list[LocalOutcome]]:
+    def deliver(self, queue_id: str, sender: str, recipients: Sequence[LocalRecipient], data: bytes,
+                arrival: float) -> tuple[list[MailboxCopy], list[LocalOutcome]]:
         body = normalize_line_ends(data)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
@@ -62,7 +62,7 @@ class LocalDelivery:
                 outcomes.append(LocalOutcome(rcpt.address, UNKNOWN_USER))
                 continue
             copies.append(MailboxCopy(rcpt.address, queue_id, sender, subject,
-                                      delivery_headers(sender, rcpt.address, rcpt.orcpt) + body))
+                                      delivery_headers(sender, rcpt.address, rcpt.orcpt) + body, arrival))
             outcomes.append(LocalOutcome(rcpt.address, DELIVERED))
         return copies, outcomes
 

@@ -23,14 +23,14 @@ MIGRATION = """
         id       INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: never reused, part of the UIDL
         mailbox  TEXT NOT NULL,                      -- the full address, lower-cased
         queue_id TEXT NOT NULL,
-        received REAL NOT NULL,
+        received REAL NOT NULL,                      -- when the message arrived in the queue
         sender   TEXT NOT NULL,
         subject  TEXT NOT NULL DEFAULT '',
         size     INTEGER NOT NULL,
         data     BLOB NOT NULL                       -- last, so listing never reads it
     );
-    -- Covers POP3's maildrop scan (STAT, LIST, UIDL) without touching message bytes.
-    CREATE INDEX mailbox_messages_box ON mailbox_messages(mailbox, id, size, queue_id, received);
+    -- Covers POP3's maildrop scan (STAT, LIST, UIDL) in arrival order without touching message bytes.
+    CREATE INDEX mailbox_messages_box ON mailbox_messages(mailbox, received, id, size, queue_id);
     CREATE INDEX mailbox_messages_received ON mailbox_messages(received);
 """
 
@@ -44,6 +44,7 @@ class MailboxCopy:
     sender: str
     subject: str
     data: bytes
+    arrival: float | None = None   # the message's arrival in the queue (else now): mailboxes are in this order
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,20 +92,22 @@ def mailbox_key(address: str) -> str:
     return address.lower()
 
 
-def insert_copies(conn: sqlite3.Connection, copies: Sequence[MailboxCopy], now: float,
-                  max_messages: int) -> int:
+def insert_copies(conn: sqlite3.Connection, copies: Sequence[MailboxCopy], now: float, max_messages: int) -> int:
     """Store ``copies`` (inside the caller's transaction); prune each mailbox touched
-    to its newest ``max_messages``. Returns how many old messages were pruned."""
+    to its newest ``max_messages``. Returns how many old messages were pruned.
+
+    Mailboxes are in arrival order, not delivery order: messages delivered in
+    parallel still read back in the order they were sent."""
     conn.executemany(
         "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data)"
         " VALUES (?,?,?,?,?,?,?)",
-        [(mailbox_key(c.mailbox), c.queue_id, now, c.sender, c.subject, len(c.data), c.data) for c in copies])
+        [(mailbox_key(c.mailbox), c.queue_id, now if c.arrival is None else c.arrival, c.sender, c.subject, len(c.data), c.data)
+         for c in copies])
     pruned = 0
     for mailbox in {mailbox_key(c.mailbox) for c in copies}:
         pruned += conn.execute(
-            "DELETE FROM mailbox_messages WHERE mailbox = ? AND id <= (SELECT id FROM mailbox_messages"
-            " WHERE mailbox = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-            (mailbox, mailbox, max_messages)).rowcount
+            "DELETE FROM mailbox_messages WHERE id IN (SELECT id FROM mailbox_messages WHERE mailbox = ?"
+            " ORDER BY received DESC, id DESC LIMIT -1 OFFSET ?)", (mailbox, max_messages)).rowcount
     return pruned
 
 
@@ -116,11 +119,12 @@ class MailboxStore:
         self.queue = queue
 
     async def messages(self, mailbox: str) -> list[StoredMessage]:
-        """The maildrop, oldest first (POP3 message numbers follow this order)."""
+        """The maildrop in arrival order (POP3 message numbers follow it)."""
 
         def read(conn: sqlite3.Connection) -> list[StoredMessage]:
             rows = conn.execute(
-                "SELECT id, queue_id, size, received FROM mailbox_messages WHERE mailbox = ? ORDER BY id",
+                "SELECT id, queue_id, size, received FROM mailbox_messages WHERE mailbox = ?"
+                " ORDER BY received, id",
                 (mailbox_key(mailbox),)).fetchall()
             return [StoredMessage(int(i), str(q), int(s), float(r)) for i, q, s, r in rows]
 
@@ -175,12 +179,12 @@ class MailboxStore:
         return await self.queue._in_thread(read)
 
     async def listing(self, mailbox: str) -> list[MessageSummary]:
-        """One mailbox's messages with sender and subject, oldest first."""
+        """One mailbox's messages with sender and subject, in arrival order (as POP3 numbers them)."""
 
         def read(conn: sqlite3.Connection) -> list[MessageSummary]:
             rows = conn.execute(
                 "SELECT id, queue_id, size, received, sender, subject FROM mailbox_messages"
-                " WHERE mailbox = ? ORDER BY id", (mailbox_key(mailbox),)).fetchall()
+                " WHERE mailbox = ? ORDER BY received, id", (mailbox_key(mailbox),)).fetchall()
             return [MessageSummary(int(i), str(q), int(s), float(r), str(f), str(t)) for i, q, s, r, f, t in rows]
 
         return await self.queue._in_thread(read)

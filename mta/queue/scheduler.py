@@ -277,7 +277,8 @@ class Scheduler:
         if job.destination == LOCAL_DESTINATION and self.local is not None:
             first = job.recipients[0]
             copies, local_outcomes = self.local.deliver(
-                job.message_id, first.sender, [LocalRecipient(r.address, r.orcpt) for r in job.recipients], data)
+                job.message_id, first.sender, [LocalRecipient(r.address, r.orcpt) for r in job.recipients], data,
+                first.arrival)
             await self._record(job, local_outcomes, data, copies)
             return
         delivery = self.make_delivery(job, data)
