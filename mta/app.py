@@ -13,27 +13,24 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 from dataclasses import replace
+from typing import Any
 
-from mta import bounce
 from mta.config import Config, load_config
-from mta.delivery.mx import MXResolver
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.router import Delivery, Router
+from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
 from mta.inbound.handler import AuthThrottle, InboundHandler
 from mta.inbound.server import Listener
-from mta.mailbox.local import LocalDelivery
 from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
 from mta.metrics import Metrics
 from mta.notify import Notifier
 from mta.passwords import UsersFile
-from mta.model import NewMessage, Recipient
-from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
-from mta.queue.scheduler import Job, Scheduler
-from mta.queue.store import QueueStore, new_queue_id
+from mta.qmgr import DeliveryService
+from mta.queue.scheduler import Scheduler
+from mta.queue.store import QueueStore
+from mta.worker import DeliveryProcess
 
 log = logging.getLogger("mta.master")
 
@@ -42,9 +39,14 @@ PRUNE_INTERVAL = 60.0  # how often mail older than mailboxes.max_age is removed
 
 
 class App:
-    def __init__(self, config: Config, config_path: str | None = None, *, deliver: bool = True):
+    def __init__(self, config: Config, config_path: str | None = None, *, deliver: bool = True,
+                 delivery_process: bool = False, log_level: str = "INFO"):
         self.config = config
         self.deliver = deliver  # False: accept and queue only (inbound tests)
+        # True: the queue manager runs in a child process (mta/worker.py), on the second core.
+        self.delivery_process = delivery_process
+        self.log_level = log_level
+        self.delivery: DeliveryService | DeliveryProcess | None = None
         self.config_path = config_path
         # Like Postfix, keep 1.5 x message_size_limit free for the queue manager's own
         # writes: new mail is refused with 452 4.3.1 before the disk is really full.
@@ -55,10 +57,10 @@ class App:
         self.mailbox_locks: set[str] = set()   # mailboxes held by a POP3 session, across listeners
         self._prune_task: asyncio.Task[None] | None = None
         self.metrics = Metrics([lc.name for lc in config.listeners], refresh=self._refresh_queue_metrics)
+        # The in-process delivery side's parts, for tests that look inside (None with a child process).
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
         self.scheduler: Scheduler | None = None
-        self._scheduler_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
 
@@ -88,7 +90,7 @@ class App:
             await self.store.close()
             raise ConfigError("listeners", f"cannot listen: {exc.strerror or exc}") from None
         if self.deliver:
-            self._start_delivery()
+            await self._start_delivery()
         if self.config.local_domains or any(lc.mode == "pop3" for lc in self.config.listeners):
             self._prune_task = asyncio.create_task(self._prune_mailboxes(), name="mailbox-prune")
         if self.config.metrics.host is not None:
@@ -100,24 +102,17 @@ class App:
         log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
                  self.config.queue.path, len(self.listeners))
 
-    def _start_delivery(self) -> None:
-        delivery = self.config.delivery
-        self.pool = ConnectionPool(
-            max_messages=delivery.connection_cache.max_messages,
-            idle_timeout=delivery.connection_cache.idle_timeout,
-            per_destination=delivery.per_destination_concurrency,
-            max_idle_total=delivery.concurrency,
-        )
-        self.router = Router(delivery, self.config.hostname, MXResolver(delivery.dns), self.pool,
-                             own_sockets=self.own_sockets())
-        self.metrics.attach_pool(self.pool)
-        self.scheduler = Scheduler(self.store, self.router, delivery, make_delivery,
-                                   make_report=self.make_report, on_result=self.metrics.recipient_result,
-                                   local=LocalDelivery(self.mailbox_users),
-                                   max_mailbox_messages=self.config.mailboxes.max_messages)
-        self.store.add_listener(self.scheduler.wake)
-        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
-        self._scheduler_task.add_done_callback(self._scheduler_ended)
+    async def _start_delivery(self) -> None:
+        own = self.own_sockets()
+        if self.delivery_process:
+            self.delivery = DeliveryProcess(self.config_path, self.metrics, own, log_level=self.log_level)
+            await self.delivery.start()
+            self.store.add_listener(self.delivery.wake)   # new mail: wake the child at once
+        else:
+            service = DeliveryService(self.config, self.store, self.metrics, own)
+            self.pool, self.router, self.scheduler = service.pool, service.router, service.scheduler
+            self.delivery = service
+            service.start().add_done_callback(self._scheduler_ended)
 
     async def _prune_mailboxes(self) -> None:
         """mailboxes.max_age: old mail goes (max_messages is kept at each delivery)."""
@@ -138,36 +133,6 @@ class App:
             # service manager restarts us and the queue is intact.
             log.critical("queue manager failed: %r", task.exception())
             self._stop.set()
-
-    def make_report(self, job: Job, data: bytes, reports: list[Report], now: float) -> NewMessage | None:
-        """The DSN for ``reports``, as a new message from <> (RFC 3464, RFC 5321 §4.5.5)."""
-        first = job.recipients[0]
-        recipient = first.sender
-        listener = BOUNCE_LISTENER
-        if not first.sender:
-            # Never bounce a bounce. A failed report may go once to the
-            # double-bounce address, and a failed double bounce nowhere.
-            failed = [r for r in reports if r.action == "failed"]
-            target = self.config.bounce.double_bounce_to
-            if not failed or not target or first.listener == DOUBLE_BOUNCE_LISTENER:
-                for r in failed:
-                    log.warning("%s: undeliverable notification to <%s> discarded: %s", job.message_id,
-                                r.rcpt.address, r.reply)
-                return None
-            reports, recipient, listener = failed, target, DOUBLE_BOUNCE_LISTENER
-        queue_id = new_queue_id()
-        self.metrics.bounce_generated()
-        dsn = bounce.build_dsn(
-            hostname=self.config.hostname, original_queue_id=job.message_id, sender=recipient,
-            original=data, arrival=first.arrival, now=now, message_id=f"{queue_id}@{self.config.hostname}",
-            ret_full=first.ret == "FULL", envid=first.envid,
-            recipients=[bounce.ReportedRecipient(
-                address=r.rcpt.address, reply=r.reply, remote_mta=bounce.remote_mta_of(r.relay),
-                last_attempt=now, action=r.action, orcpt=r.rcpt.orcpt, will_retry_until=r.will_retry_until)
-                for r in reports])
-        return NewMessage(id=queue_id, sender="", recipients=(Recipient(address=recipient),), data=dsn,
-                          arrival=now, client="127.0.0.1", listener=listener, helo=self.config.hostname,
-                          body_8bit=not dsn.isascii())
 
     async def _refresh_queue_metrics(self) -> None:
         now = time.time()
@@ -198,7 +163,7 @@ class App:
 
     def _healthy(self) -> bool:
         """The watchdog is fed only while the queue manager is alive."""
-        return self._scheduler_task is None or not self._scheduler_task.done()
+        return self.delivery is None or self.delivery.healthy
 
     def request_stop(self, why: str = "request") -> None:
         log.info("stopping (%s)", why)
@@ -216,16 +181,12 @@ class App:
             for listener in self.listeners:
                 listener.stop_accepting()
             steps = [listener.drain(SHUTDOWN_GRACE) for listener in self.listeners]
-            if self.scheduler is not None:
-                steps.append(self.scheduler.stop(SHUTDOWN_GRACE))
+            if self.delivery is not None:
+                # Running deliveries finish, then QUIT to every cached session (RFC 5321 §4.1.1.10).
+                steps.append(self.delivery.stop(SHUTDOWN_GRACE))
             for result in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(result, Exception):
                     log.error("shutdown: %r", result)
-            if self._scheduler_task is not None:
-                self._scheduler_task.cancel()
-                await asyncio.gather(self._scheduler_task, return_exceptions=True)
-            if self.router is not None:
-                await self.router.close()  # QUIT to every cached session (RFC 5321 §4.1.1.10)
         finally:
             await self.store.close()
             log.info("stopped")
@@ -259,32 +220,35 @@ class App:
                 listener.handler.mailbox_users = self.mailbox_users
             else:
                 listener.users = self.mailbox_users
-        if self.scheduler is not None:
-            self.scheduler.local = LocalDelivery(self.mailbox_users)
-            self.scheduler.max_mailbox_messages = new.mailboxes.max_messages
+        if self.delivery is not None:
+            self.delivery.reconfigure(new, self.mailbox_users)
         log.info("reload: configuration re-read from %s", self.config_path or "built-in defaults")
 
 
-def make_delivery(job: Job, data: bytes) -> Delivery:
-    first = job.recipients[0]
-    return Delivery(message_id=job.message_id, sender=first.sender,
-                    recipients=tuple(r.address for r in job.recipients), data=data,
-                    smtputf8=first.smtputf8, body_8bit=first.body_8bit, ret=first.ret, envid=first.envid,
-                    notify=tuple(r.notify for r in job.recipients), orcpt=tuple(r.orcpt for r in job.recipients))
-
-
-def serve(config: Config, config_path: str | None) -> int:
+def serve(config: Config, config_path: str | None, log_level: str = "INFO") -> int:
     warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
     async def main() -> None:
-        await App(config, config_path).run()
+        await App(config, config_path, delivery_process=use_delivery_process(),
+                  log_level=log_level).run()
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(main())
     return 0
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def use_delivery_process() -> bool:
+    """A second process for delivery when there is a second core to run it
+    (benchmarks/README.md has the figures); MTA_DELIVERY_PROCESS=no keeps one process."""
+    setting = os.environ.get("MTA_DELIVERY_PROCESS", "auto").lower()
+    if setting in ("no", "0", "false", "off"):
+        return False
+    if setting in ("yes", "1", "true", "on"):
+        return True
+    return len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1
+
+
+def event_loop_factory(*, quiet: bool = False) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when it is installed (the `fast` extra), else asyncio's own loop.
 
     uvloop runs the same code with a cheaper event loop and socket layer
@@ -296,5 +260,6 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         return None
-    log.info("event loop: uvloop %s", uvloop.__version__)
+    if not quiet:
+        log.info("event loop: uvloop %s", uvloop.__version__)
     return uvloop.new_event_loop

@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from mta.config import Config, load_config
 from mta.errors import ConfigError, StoreError
 from mta.log import setup_logging
-from mta.passwords import set_password
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
+from mta.passwords import set_password
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
+
+    # Started by `mta serve` (mta/worker.py), not by hand: the delivery side in its own process.
+    deliver = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
+    deliver.add_argument("--channel-fd", type=int, required=True)
+    deliver.add_argument("--own-sockets", default="[]")
+    deliver.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     queue = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue",
                            epilog=_QUEUE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             setup_logging(args.log_level)
             from mta.app import serve  # the daemon's imports are not needed by the other commands
-            return serve(config, path)
+            return serve(config, path, args.log_level)
+        if args.command == "deliver":
+            setup_logging(args.log_level)
+            from mta.app import SHUTDOWN_GRACE, event_loop_factory
+            from mta.worker import child_main
+            return child_main(config, path, args.channel_fd, args.own_sockets, SHUTDOWN_GRACE,
+                              event_loop_factory(quiet=True))
         if args.command == "queue":
             return asyncio.run(_queue(args, config))
         if args.command == "mailbox":

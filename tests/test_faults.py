@@ -288,7 +288,7 @@ async def test_queue_manager_rides_out_failing_queue_writes(make_config):
             assert (await send_tagged(listener_port(config), 1)).outcome == "accepted"
             await peer.wait_for_messages(1, 10)
             await peer.wait_for(lambda: pending_messages(config.queue.path) == 0, 10)
-            assert app._scheduler_task is not None and not app._scheduler_task.done()
+            assert app.delivery is not None and app.delivery.healthy
         finally:
             await app.shutdown()
     assert failures == {"claim_due": 0, "record_outcomes": 0}

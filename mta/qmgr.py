@@ -1,0 +1,127 @@
+"""The delivery side of the daemon: queue manager, router and connection cache.
+
+Postfix's qmgr with its smtp clients and local(8), composed in one object so
+that the daemon can run it on its own event loop in the same process (tests,
+one core) or in a process of its own (``mta/worker.py``) while the listeners
+keep the first core busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from mta import bounce
+from mta.config import Config
+from mta.delivery.mx import MXResolver
+from mta.delivery.pool import ConnectionPool
+from mta.delivery.router import Delivery, Router
+from mta.mailbox.local import LocalDelivery
+from mta.mailbox.users import MailboxUsers
+from mta.model import NewMessage, Recipient
+from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
+from mta.queue.scheduler import Job, RecipientResult, Scheduler
+from mta.queue.store import QueueStore, new_queue_id
+
+log = logging.getLogger("mta.qmgr")
+
+
+class DeliveryMetrics(Protocol):
+    """What the delivery side reports (mta.metrics.Metrics, or a forwarder to it)."""
+
+    def recipient_result(self, result: RecipientResult) -> None: ...
+    def bounce_generated(self) -> None: ...
+    def attach_pool(self, pool: ConnectionPool | None) -> None: ...
+
+
+class DeliveryService:
+    def __init__(self, config: Config, store: QueueStore, metrics: DeliveryMetrics,
+                 own_sockets: frozenset[tuple[str, int]]):
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        delivery = config.delivery
+        self.pool = ConnectionPool(
+            max_messages=delivery.connection_cache.max_messages,
+            idle_timeout=delivery.connection_cache.idle_timeout,
+            per_destination=delivery.per_destination_concurrency,
+            max_idle_total=delivery.concurrency,
+        )
+        self.router = Router(delivery, config.hostname, MXResolver(delivery.dns), self.pool,
+                             own_sockets=own_sockets)
+        metrics.attach_pool(self.pool)
+        self.scheduler = Scheduler(store, self.router, delivery, make_delivery,
+                                   make_report=self.make_report, on_result=metrics.recipient_result,
+                                   local=LocalDelivery(MailboxUsers(config)),
+                                   max_mailbox_messages=config.mailboxes.max_messages)
+        store.add_listener(self.scheduler.wake)   # our own bounces wake us too
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        return self.task
+
+    def wake(self) -> None:
+        self.scheduler.wake()
+
+    @property
+    def healthy(self) -> bool:
+        return self.task is None or not self.task.done()
+
+    def reconfigure(self, config: Config, users: MailboxUsers) -> None:
+        """SIGHUP: mailbox users and limits apply at once; the rest needs a restart."""
+        self.config = config
+        self.scheduler.local = LocalDelivery(users)
+        self.scheduler.max_mailbox_messages = config.mailboxes.max_messages
+
+    async def stop(self, grace: float) -> None:
+        """Let running deliveries finish within ``grace``; then QUIT every cached
+        session (RFC 5321 §4.1.1.10)."""
+        try:
+            await self.scheduler.stop(grace)
+        finally:
+            if self.task is not None:
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+            await self.router.close()
+
+    def make_report(self, job: Job, data: bytes, reports: Sequence[Report], now: float) -> NewMessage | None:
+        """The DSN for ``reports``, as a new message from <> (RFC 3464, RFC 5321 §4.5.5)."""
+        first = job.recipients[0]
+        recipient = first.sender
+        listener = BOUNCE_LISTENER
+        if not first.sender:
+            # Never bounce a bounce. A failed report may go once to the
+            # double-bounce address, and a failed double bounce nowhere.
+            failed = [r for r in reports if r.action == "failed"]
+            target = self.config.bounce.double_bounce_to
+            if not failed or not target or first.listener == DOUBLE_BOUNCE_LISTENER:
+                for r in failed:
+                    log.warning("%s: undeliverable notification to <%s> discarded: %s", job.message_id,
+                                r.rcpt.address, r.reply)
+                return None
+            reports, recipient, listener = failed, target, DOUBLE_BOUNCE_LISTENER
+        queue_id = new_queue_id()
+        self.metrics.bounce_generated()
+        hostname = self.config.hostname
+        dsn = bounce.build_dsn(
+            hostname=hostname, original_queue_id=job.message_id, sender=recipient,
+            original=data, arrival=first.arrival, now=now, message_id=f"{queue_id}@{hostname}",
+            ret_full=first.ret == "FULL", envid=first.envid,
+            recipients=[bounce.ReportedRecipient(
+                address=r.rcpt.address, reply=r.reply, remote_mta=bounce.remote_mta_of(r.relay),
+                last_attempt=now, action=r.action, orcpt=r.rcpt.orcpt, will_retry_until=r.will_retry_until)
+                for r in reports])
+        return NewMessage(id=queue_id, sender="", recipients=(Recipient(address=recipient),), data=dsn,
+                          arrival=now, client="127.0.0.1", listener=listener, helo=hostname,
+                          body_8bit=not dsn.isascii())
+
+
+def make_delivery(job: Job, data: bytes) -> Delivery:
+    first = job.recipients[0]
+    return Delivery(message_id=job.message_id, sender=first.sender,
+                    recipients=tuple(r.address for r in job.recipients), data=data,
+                    smtputf8=first.smtputf8, body_8bit=first.body_8bit, ret=first.ret, envid=first.envid,
+                    notify=tuple(r.notify for r in job.recipients), orcpt=tuple(r.orcpt for r in job.recipients))

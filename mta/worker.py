@@ -1,0 +1,258 @@
+"""The delivery side in a process of its own (``mta deliver``, started by ``mta serve``).
+
+One event loop runs on one core. Postfix spreads its work over processes
+(smtpd, cleanup, qmgr, smtp), so on a 2-core relay it uses both; so do we:
+the main process keeps the listeners, the metrics endpoint and the POP3
+server, and a child process runs the queue manager with its SMTP clients
+(mta/qmgr.py). Both open the same SQLite queue in WAL mode, which allows one
+writer at a time and readers beside it, so nothing else is shared.
+
+A socket pair joins the two:
+- main → child: one byte per commit of new mail ("w"), so fresh mail is
+  picked up at once (the queue manager also polls every second, so a lost
+  wake-up only delays, never loses). End of file means the main process is
+  gone: the child stops.
+- child → main: one line per event the metrics count ("r <state> <delay>",
+  "b", "p <opened> <reused>"); the main process serves them on /metrics.
+
+The child dies with the main process even on SIGKILL (PR_SET_PDEATHSIG), so a
+crashed daemon never leaves a queue manager behind to race the next one. A
+child that exits on its own is started again after a pause, as Postfix's
+master restarts qmgr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mta.config import Config, load_config
+from mta.errors import ConfigError
+from mta.mailbox.users import MailboxUsers
+from mta.model import RcptState
+from mta.queue.store import QueueStore
+
+log = logging.getLogger("mta.master")
+
+RESTART_DELAY = 1.0    # seconds before a delivery process that exited is started again
+STOP_MARGIN = 5.0      # beyond the grace period, before a child that will not stop is killed
+_WAKE = b"w"
+
+
+@dataclass
+class _PoolCounts:
+    """The child's connection-cache counters, as the metrics' pool collector reads them."""
+
+    opened: int = 0
+    reused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    state: RcptState
+    delay: float
+
+
+class DeliveryProcess:
+    """The main process's handle on the delivery child: start, wake, reload, stop."""
+
+    def __init__(self, config_path: str | None, metrics: object, own_sockets: frozenset[tuple[str, int]],
+                 log_level: str = "INFO"):
+        self.config_path = config_path
+        self.metrics = metrics
+        self.own_sockets = own_sockets
+        self.log_level = log_level
+        self.proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.starts = 0
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="delivery-process")
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        # systemd's notify socket belongs to the main process (NotifyAccess=main).
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        args = [sys.executable, "-m", "mta", "deliver", "--channel-fd", str(theirs.fileno()),
+                "--own-sockets", json.dumps(sorted(self.own_sockets)), "--log-level", self.log_level]
+        if self.config_path:
+            args += ["--config", self.config_path]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=[theirs.fileno()], env=env,
+                                                             stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        self.starts += 1
+        pool = _PoolCounts()
+        self.metrics.attach_pool(pool)
+        self._events = asyncio.create_task(self._read_events(reader, pool), name="delivery-events")
+        log.info("delivery process started (pid %d)", self.proc.pid)
+
+    async def _read_events(self, reader: asyncio.StreamReader, pool: _PoolCounts) -> None:
+        metrics = self.metrics
+        while line := await reader.readline():
+            kind, _, rest = line.decode("ascii", "replace").strip().partition(" ")
+            try:
+                if kind == "r":
+                    state, delay = rest.split()
+                    metrics.recipient_result(_Result(RcptState(state), float(delay)))
+                elif kind == "b":
+                    metrics.bounce_generated()
+                elif kind == "p":
+                    opened, reused = rest.split()
+                    pool.opened, pool.reused = int(opened), int(reused)
+            except ValueError:
+                log.warning("delivery process sent a line not understood: %r", line[:100])
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self.proc is not None
+            status = await self.proc.wait()
+            await asyncio.gather(self._events, return_exceptions=True)
+            if self._writer is not None:
+                self._writer.close()
+            if self._stopping:
+                return
+            log.critical("delivery process (pid %d) exited with status %d; starting it again in %.0fs",
+                         self.proc.pid, status, RESTART_DELAY)
+            await asyncio.sleep(RESTART_DELAY)
+            if self._stopping:
+                return
+            try:
+                await self._spawn()
+            except OSError as exc:
+                log.critical("cannot start the delivery process: %s", exc)
+
+    def wake(self, *_: object) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(_WAKE)
+
+    @property
+    def healthy(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def reconfigure(self, config: Config, users: MailboxUsers) -> None:
+        """SIGHUP: the child reads the configuration again itself."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM: the child lets deliveries finish within ``grace`` and QUITs its sessions."""
+        self._stopping = True
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace + STOP_MARGIN)
+            except TimeoutError:
+                log.error("delivery process (pid %d) did not stop; killing it", proc.pid)
+                proc.kill()
+                await proc.wait()
+        if self._supervisor is not None:
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+
+
+# ----------------------------------------------------------------------------- the child
+
+class _Forwarder:
+    """Stands in for mta.metrics.Metrics in the child: each event becomes a line."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.pool: object | None = None
+
+    def attach_pool(self, pool: object) -> None:
+        self.pool = pool
+
+    def recipient_result(self, result: object) -> None:
+        state, delay = getattr(result, "state"), float(getattr(result, "delay"))
+        pool = self.pool
+        counts = f"p {getattr(pool, 'opened', 0)} {getattr(pool, 'reused', 0)}\n" if pool is not None else ""
+        self._send(f"r {state} {max(0.0, delay):.6f}\n{counts}")
+
+    def bounce_generated(self) -> None:
+        self._send("b\n")
+
+    def _send(self, text: str) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(text.encode("ascii", "replace"))
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the kernel sends us SIGKILL when the main process dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass   # not Linux: the end of the channel still stops us
+    if os.getppid() == 1:
+        os._exit(1)   # the main process died before the line above
+
+
+async def run_child(config: Config, config_path: str | None, channel_fd: int,
+                    own_sockets: frozenset[tuple[str, int]], grace: float) -> int:
+    from mta.qmgr import DeliveryService  # the child's imports only
+
+    _die_with_parent()
+    store = QueueStore(config.queue.path)
+    await store.open()
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd))
+    forwarder = _Forwarder(writer)
+    service = DeliveryService(config, store, forwarder, own_sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        try:
+            new = load_config(config_path)
+        except ConfigError as exc:
+            log.error("delivery: reload failed, keeping the old configuration: config: %s", exc)
+            return
+        service.reconfigure(new, MailboxUsers(new))
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def wakes() -> None:
+        while await reader.read(4096):
+            service.wake()
+        stop.set()   # the main process is gone
+
+    task = service.start()
+    task.add_done_callback(lambda _: stop.set())
+    waker = asyncio.create_task(wakes(), name="wakes")
+    status = 0
+    try:
+        await stop.wait()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.critical("queue manager failed: %r", task.exception())
+            status = 1
+    finally:
+        waker.cancel()
+        await asyncio.gather(waker, return_exceptions=True)
+        await service.stop(grace)
+        writer.close()
+        await store.close()
+        log.info("delivery process stopped")
+    return status
+
+
+def child_main(config: Config, config_path: str | None, channel_fd: int, own_sockets_json: str,
+               grace: float, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None) -> int:
+    own = frozenset((str(h), int(p)) for h, p in json.loads(own_sockets_json))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run_child(config, config_path, channel_fd, own, grace))

@@ -1,0 +1,176 @@
+"""`mta serve` runs delivery in a child process (mta/worker.py): metrics cross over,
+the child is restarted if it dies, dies with the main process, and can be turned off."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+import yaml
+from smtp_peer import RecordingPeer
+
+from tests.conftest import free_port, mta_command, subprocess_env
+from tests.test_crash import wait_listening
+from tests.wire import Wire
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def children(pid):
+    """Pids of ``pid``'s children running `mta deliver`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"deliver" in cmd:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def metric(port, name):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+@pytest.fixture
+async def daemon(tmp_path):
+    started = []
+
+    async def start(peer_port, **env):
+        smtp_port, metrics_port = free_port(), free_port()
+        config = {
+            "hostname": "relay.lab.test",
+            "listeners": [{"name": "mta", "address": f"127.0.0.1:{smtp_port}", "mode": "relay"}],
+            "queue": {"path": str(tmp_path / "queue.db")},
+            "metrics": {"address": f"127.0.0.1:{metrics_port}"},
+            "delivery": {"routes": {"example.test": f"127.0.0.2:{peer_port}"},
+                         "connection_cache": {"idle_timeout": "5s"}},
+        }
+        path = tmp_path / "mta.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = open(tmp_path / "mta.log", "ab")
+        proc = await asyncio.create_subprocess_exec(*mta_command("serve", "--config", str(path)), stdout=log,
+                                                    stderr=log, env=subprocess_env(**env))
+        log.close()
+        started.append(proc)
+        await wait_listening(smtp_port, _Poll(proc))
+        return proc, smtp_port, metrics_port
+
+    yield start
+    for proc in started:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 20)
+
+
+class _Poll:
+    """wait_listening() wants Popen.poll()."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def poll(self):
+        return self.proc.returncode
+
+
+async def send(port, n, start=0):
+    async with await Wire.connect("127.0.0.1", port) as w:
+        await w.ehlo()
+        for i in range(start, start + n):
+            reply = await w.mail("lab@lab.test", [f"r{i}@example.test"], f"Subject: {i}\r\n\r\nx\r\n".encode(),
+                                 ehlo=False)
+            assert reply.startswith("250 2.0.0"), reply
+
+
+async def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_delivery_in_a_child_process_with_metrics_forwarded(daemon, tmp_path):
+    peer_port = free_port("127.0.0.2")
+    async with RecordingPeer("127.0.0.2", peer_port) as peer:
+        proc, smtp_port, metrics_port = await daemon(peer_port, MTA_DELIVERY_PROCESS="yes")
+        [child] = children(proc.pid)
+        await send(smtp_port, 5)
+        await peer.wait_for_messages(5, timeout=10)
+        await until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 5)
+        assert metric(metrics_port, 'mta_messages_received_total{listener="mta"}') == 5
+        # Counted by the child's connection cache, served by the main process.
+        opened = len(peer.connections)
+        assert metric(metrics_port, "mta_smtp_connections_opened_total") == opened
+        assert metric(metrics_port, "mta_smtp_connections_reused_total") == 5 - opened
+        await stop(proc)
+        # The child QUIT its cached session before the daemon exited.
+        assert all(c.transcript[-1] == "QUIT" for c in peer.connections)
+        assert not alive(child)
+    log = (tmp_path / "mta.log").read_text()
+    assert f"mta.qmgr[{child}]: INFO" in log and "delivery process stopped" in log
+
+
+async def test_a_dead_child_is_started_again_and_mail_still_flows(daemon, tmp_path):
+    peer_port = free_port("127.0.0.2")
+    async with RecordingPeer("127.0.0.2", peer_port) as peer:
+        proc, smtp_port, metrics_port = await daemon(peer_port, MTA_DELIVERY_PROCESS="yes")
+        [first] = children(proc.pid)
+        await send(smtp_port, 2)
+        await until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 2)
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: children(proc.pid) not in ([], [first]))
+        await send(smtp_port, 2, start=2)
+        await peer.wait_for_messages(4, timeout=10)
+        # Counters stay monotonic across the restart (the new child's pool starts at 0).
+        await until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 4)
+        assert metric(metrics_port, "mta_smtp_connections_opened_total") == len(peer.connections)
+        await stop(proc)
+    assert sorted(m.rcpts[0] for m in peer.messages) == [f"r{i}@example.test" for i in range(4)]
+    log = (tmp_path / "mta.log").read_text()
+    assert f"delivery process (pid {first}) exited with status -9; starting it again in 1s" in log
+
+
+async def test_the_child_dies_with_the_main_process(daemon):
+    peer_port = free_port("127.0.0.2")
+    proc, _, _ = await daemon(peer_port, MTA_DELIVERY_PROCESS="yes")
+    [child] = children(proc.pid)
+    proc.kill()
+    await proc.wait()
+    await until(lambda: not alive(child), timeout=5)
+
+
+async def test_one_process_when_turned_off(daemon):
+    peer_port = free_port("127.0.0.2")
+    async with RecordingPeer("127.0.0.2", peer_port) as peer:
+        proc, smtp_port, _ = await daemon(peer_port, MTA_DELIVERY_PROCESS="no")
+        assert children(proc.pid) == []
+        await send(smtp_port, 1)
+        await peer.wait_for_messages(1, timeout=10)
+        await stop(proc)
