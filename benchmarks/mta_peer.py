@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+import procfs
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository: `mta` is imported from here
 
 
@@ -89,7 +91,8 @@ class MtaDaemon:
         self.startup_s = time.monotonic() - t0
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+        # The main process and its delivery child (mta/worker.py).
+        return procfs.tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -10,10 +10,10 @@ prints the medians over --runs of:
   delivered/s   messages / time from the client's start until the sink has
                 received every message (counted with smtp-sink -c)
   CPU s         user+system CPU of the MTA's processes during the window
-                (mta: its one process; Postfix: master and every process
+                (mta: its main and delivery processes; Postfix: master and every process
                 under it, exited children included via cutime/cstime)
   RSS MB        peak resident memory in the window (VmHWM, reset at the
-                start): mta's process; for Postfix the SUM of its processes'
+                start): for both, the SUM of their processes'
                 own peaks (an upper bound: shared pages count once per process)
   PSS MB        peak of the summed proportional set size, sampled every 0.5 s
                 (shared pages split between sharers: the fairer comparison)
@@ -317,7 +317,7 @@ class Bench:
         files = self.profiles.setdefault((s.key, variant), [])
         tag = "-no-backlog" if variant != "mta" else ""
         out = self.args.profile / f"mta-{s.key}{tag}-{len(files) + 1}.txt"
-        spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--rate", "200",
+        spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--subprocesses", "--rate", "200",
                                 "--format", "raw", "--output", str(out), "--pid", str(daemon.proc.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.cleanup.add(spy)
@@ -491,7 +491,7 @@ class Bench:
                 print(f"{'mta/postfix':20}" + "".join(f"{fmt(r, '{:.2f}x'):>13}" for r in ratios))
             elif key == "d":
                 print(f"{'':20}(Postfix not measured with a backlog: --no-postfix-backlog)")
-        print("\nRSS: mta = its process's VmHWM; Postfix = sum of every process's own VmHWM (shared pages"
+        print("\nRSS: mta = sum of its processes' VmHWM (main and delivery); Postfix = sum of every process's own VmHWM (shared pages"
               "\n     counted per process, so an upper bound). PSS: peak of the summed proportional set size"
               " (0.5 s samples).")
         postfix_runs = [r for (_, m), c in self.cells.items() if m == "postfix" for r in c.ok()]

@@ -297,7 +297,7 @@ class QueueStore:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {version} is newer than this mta ({SCHEMA_VERSION})")
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                await self._in_thread(_run_transaction, [partial(_migrate_to, target)])
+                await self._in_thread(_run_transaction, [partial(_migrate_to, target)], self.busy_timeout)
                 log.info("queue schema migrated to version %d", target)
 
     def add_listener(self, callback: Callable[[Sequence[NewMessage]], None]) -> None:
@@ -347,7 +347,7 @@ class QueueStore:
 
     async def _run_batch(self, batch: Sequence[_PendingWrite]) -> list[Any]:
         async with self._write_lock:
-            results = await self._in_thread(_run_transaction, [item.op for item in batch])
+            results = await self._in_thread(_run_transaction, [item.op for item in batch], self.busy_timeout)
         self.commits += 1
         return results
 
@@ -764,9 +764,10 @@ def _migrate_to(target: int, conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA user_version = {target}")
 
 
-def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]],
+                     busy_timeout: float = 10.0) -> list[Any]:
     """BEGIN IMMEDIATE, every op, COMMIT (one fsync); ROLLBACK if anything fails."""
-    conn.execute("BEGIN IMMEDIATE")
+    _begin_immediate(conn, busy_timeout)
     try:
         results = [op(conn) for op in ops]
         conn.execute("COMMIT")
@@ -777,6 +778,35 @@ def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.C
             pass  # no transaction left to roll back (SQLite may already have ended it)
         raise
     return results
+
+
+# Waits between tries for the write lock while another process holds it.
+_BEGIN_WAITS = (0.0001, 0.0002, 0.0004, 0.0008, 0.0016)
+
+
+def _begin_immediate(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """Take the write lock, waiting in short steps while another process writes.
+
+    The daemon's listeners and its delivery process (mta/worker.py) write to
+    the same file, each holding the lock for well under a millisecond. SQLite's
+    own busy handler sleeps 1, 2, 5, 10 ms ... between tries: a collision would
+    cost a serial client a millisecond or more per message. Here the first
+    tries come after 0.1-1.6 ms; past those, SQLite's handler takes over with
+    the connection's busy_timeout.
+    """
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        for wait in _BEGIN_WAITS:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            time.sleep(wait)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    conn.execute("BEGIN IMMEDIATE")
 
 
 def _insert_message(conn: sqlite3.Connection, m: NewMessage) -> None:
