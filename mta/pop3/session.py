@@ -1,0 +1,648 @@
+"""One POP3 session: RFC 1939's strict state machine over asyncio streams.
+
+AUTHORIZATION (USER/PASS, AUTH PLAIN, STLS) → TRANSACTION (the maildrop as it
+was at login, numbered 1..n oldest first, locked against other sessions) →
+UPDATE (QUIT: the messages marked with DELE go, in one store commit). A
+connection that ends any other way (dropped, timed out, server shutting down)
+never reaches UPDATE and so deletes nothing (RFC 1939 §6).
+
+Every command line gets exactly one reply, in order, so clients may pipeline
+(RFC 2449 §6.6). A failure inside one session ends that session only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import logging
+import re
+import ssl
+import time
+from base64 import b64decode
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mta.config import Config, ListenerConfig
+from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
+from mta.mailbox.users import MailboxUsers
+from mta.passwords import AuthThrottle
+from mta.pop3 import replies as R
+
+log = logging.getLogger("mta.pop3")
+
+# RFC 2449 §4: a command line is at most 255 octets, CRLF included.
+COMMAND_LINE_LIMIT = 255
+# RFC 5034 §4 puts no such limit on AUTH continuation lines; RFC 4616 allows 255
+# octets for each of authzid, authcid and password, which is ~1 kB in base64.
+AUTH_RESPONSE_LIMIT = 2048
+# Dovecot closes after a few bad logins; each failure is also slowed per IP.
+MAX_AUTH_FAILURES = 3
+READ_CHUNK = 65536
+
+_NUMBER = re.compile(r"[0-9]{1,10}")
+
+
+class State(StrEnum):
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+# Which state each command belongs to (RFC 1939 §4-6, RFC 2449, RFC 2595, RFC 5034);
+# CAPA and QUIT are valid in both.
+AUTHORIZATION_COMMANDS = frozenset({"USER", "PASS", "AUTH", "APOP", "STLS"})
+TRANSACTION_COMMANDS = frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """What a session needs from its listener, fixed when the connection arrives."""
+
+    config: Config
+    listener: ListenerConfig
+    store: MailboxStore
+    users: MailboxUsers
+    locks: set[str]                 # mailbox keys in TRANSACTION, shared by every POP3 listener
+    throttle: AuthThrottle          # login failures per client IP, shared likewise
+    tls_context: ssl.SSLContext | None
+
+
+class _TooLong:
+    """What :meth:`LineReader.next` returns for a line over the limit."""
+
+
+TOO_LONG = _TooLong()
+
+
+class LineReader:
+    """Command lines from a stream, each at most ``limit`` octets with its line end.
+
+    An over-long line is read to its end and discarded (memory stays bounded),
+    then reported once as TOO_LONG, so the reply order still matches the
+    command order. A bare LF ends a line too. Cancelling a read loses nothing."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self.reader = reader
+        self.buffer = bytearray()
+        self._discarding = False
+
+    async def next(self, limit: int) -> bytes | _TooLong | None:
+        """The next line without its CRLF; None at end of input."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 1]
+                too_long = self._discarding or end + 1 > limit
+                self._discarding = False
+                return TOO_LONG if too_long else line.removesuffix(b"\r")
+            if len(self.buffer) >= limit:
+                # No line end within the limit: forget what came so far, keep reading to it.
+                self._discarding = True
+                self.buffer.clear()
+            chunk = await self.reader.read(READ_CHUNK)
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def discard_buffered(self) -> None:
+        """Forget every byte received but not yet read as a command (before STLS)."""
+        self.buffer.clear()
+        self._discarding = False
+        # RFC 2595 §4 / CVE-2011-0411: plaintext the client pipelined after STLS must
+        # not be executed as if it had come over TLS. StreamReader has no public way to
+        # drop its buffer; aiosmtpd's STARTTLS clears the same attribute.
+        self.reader._buffer.clear()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Maildrop:
+    """The mailbox as snapshotted at login; message n is ``messages[n - 1]``."""
+
+    messages: list[StoredMessage]
+    deleted: set[int] = field(default_factory=set)   # message numbers marked by DELE
+
+    def live(self) -> Iterator[tuple[int, StoredMessage]]:
+        for number, message in enumerate(self.messages, 1):
+            if number not in self.deleted:
+                yield number, message
+
+    def totals(self) -> tuple[int, int]:
+        sizes = [m.size for _, m in self.live()]
+        return len(sizes), sum(sizes)
+
+
+class _Disconnected(Exception):
+    """The client went away in the middle of a command."""
+
+
+class _Stopped(Exception):
+    """The server is shutting down: answer the command in progress and close."""
+
+
+class _SlowClient(Exception):
+    """The client stopped reading our replies for longer than the idle timeout."""
+
+
+class _Refused(Exception):
+    """A command cannot be carried out; ``reply`` is its -ERR line."""
+
+    def __init__(self, reply: bytes):
+        super().__init__(reply)
+        self.reply = reply
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """Client-supplied text made safe for one log line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _header_end(data: bytes) -> int:
+    """Offset just past the blank line ending the header (or the end of a header-only message)."""
+    if data.startswith((b"\r\n", b"\n")):
+        return data.index(b"\n") + 1
+    ends = [i + len(sep) for sep in (b"\n\r\n", b"\n\n") if (i := data.find(sep)) >= 0]
+    return min(ends) if ends else len(data)
+
+
+def top_of(data: bytes, lines: int) -> bytes:
+    """RFC 1939 §7 TOP: the header, the blank line, then ``lines`` lines of the body."""
+    start = _header_end(data)
+    end = start
+    for _ in range(lines):
+        newline = data.find(b"\n", end)
+        if newline < 0:
+            return data
+        end = newline + 1
+    return data[:end]
+
+
+class POP3Session:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: SessionContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.writer = writer
+        self.lines = LineReader(reader)
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        self.ip = str(peer[0]) if peer else "unknown"
+        self.local_ip = str(local[0]) if local else "unknown"
+        self.tls_active = writer.get_extra_info("ssl_object") is not None   # implicit TLS (RFC 8314)
+        self.state = State.AUTHORIZATION
+        self.task: asyncio.Task[None] | None = None
+        # USER names the mailbox for a PASS that must come right after it (RFC 1939 §7):
+        # any other command in between forgets it.
+        self.pending_user: str | None = None
+        self.user_for_pass: str | None = None
+        self.user: str | None = None           # set at login
+        self.lock: str | None = None           # our key in ctx.locks while we hold it
+        self.maildrop: Maildrop | None = None
+        self.auth_failures = 0
+        self.closing = False
+        self.stopping = False
+        self._waiting = False   # blocked on the client or the throttle: safe to interrupt
+        self.end_reason = "Connection closed"
+        self.started = time.monotonic()
+        self.retrieved = [0, 0]   # RETR count, octets
+        self.topped = [0, 0]      # TOP count, octets
+        self.deleted = 0          # messages removed at UPDATE
+        self._handlers: dict[str, Callable[[str], Awaitable[bytes]]] = {
+            "USER": self._user, "PASS": self._pass, "AUTH": self._auth, "APOP": self._apop,
+            "STLS": self._stls, "CAPA": self._capa, "QUIT": self._quit,
+            "STAT": self._stat, "LIST": self._list, "UIDL": self._uidl, "RETR": self._retr,
+            "TOP": self._top, "DELE": self._dele, "RSET": self._rset, "NOOP": self._noop,
+        }
+
+    @property
+    def idle_timeout(self) -> float:
+        # RFC 1939 §3 suggests 10 minutes; the operator's limits.idle_timeout
+        # (Postfix's smtpd_timeout, 300 s by default) applies to every protocol here.
+        return self.config.limits.idle_timeout
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Serve the connection until QUIT, EOF, timeout, error or shutdown."""
+        self.task = asyncio.current_task()
+        try:
+            await self._send(R.greeting(self.config.hostname))
+            while not self.closing:
+                reply = await self._next_reply()
+                if reply is None:
+                    break
+                await self._send(reply)
+        except (_Disconnected, ConnectionError, ssl.SSLError):
+            self.end_reason = "Connection closed"
+        except _SlowClient:
+            self.end_reason = "Client stopped reading"
+            self.writer.transport.abort()
+        except asyncio.CancelledError:
+            self.end_reason = "Aborted"
+            raise
+        except Exception:
+            # One session's failure must not take the daemon down: log it, tell the
+            # client if we still can, close this connection only.
+            log.exception("pop3: session from %s failed", self.ip)
+            self.end_reason = "Internal error"
+            with contextlib.suppress(Exception):   # the transport may be gone already
+                self.writer.write(R.INTERNAL_ERROR)
+        finally:
+            self._release_lock()
+            self._log_disconnect()
+            await self._close()
+
+    async def _next_reply(self) -> bytes | None:
+        """Read one command and work out its reply; None when the client has gone."""
+        try:
+            line = await self._read(COMMAND_LINE_LIMIT)
+            if line is None:
+                return None
+            return await self._command(line)
+        except TimeoutError:
+            # RFC 1939 §3 autologout. Nothing marked is deleted: this is not QUIT.
+            self.closing, self.end_reason = True, "Inactivity"
+            return R.IDLE_TIMEOUT
+        except _Stopped:
+            self.closing, self.end_reason = True, "Server shutting down"
+            return R.SHUTTING_DOWN
+
+    def stop(self) -> None:
+        """Server shutdown: end the session after the command in progress, if any.
+
+        A session waiting for the client is interrupted at once. Nothing marked for
+        deletion is deleted, as no QUIT was given (RFC 1939 §6)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self._waiting and self.task is not None and not self.task.done():
+            self.task.cancel(msg="pop3 shutdown")
+
+    def abort(self) -> None:
+        """Shutdown grace is over: drop the connection whatever it was doing."""
+        self.stopping = True
+        self.writer.transport.abort()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def _close(self) -> None:
+        self.writer.close()
+        try:
+            # A client that does not read can keep close() from completing: bound the wait.
+            async with asyncio.timeout(min(self.idle_timeout, 5.0)):
+                await self.writer.wait_closed()
+        except (TimeoutError, OSError, ssl.SSLError):   # OSError covers ConnectionError
+            self.writer.transport.abort()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.ctx.locks.discard(self.lock)
+            self.lock = None
+
+    # ------------------------------------------------------------------ I/O
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise _SlowClient from None
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Around awaits that depend on the client: shutdown interrupts them (_Stopped)."""
+        if self.stopping:
+            raise _Stopped
+        self._waiting = True
+        try:
+            yield
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.stopping and task is not None and task.uncancel() == 0:
+                raise _Stopped from None   # our own stop(): an orderly end
+            raise
+        finally:
+            self._waiting = False
+
+    async def _read(self, limit: int) -> bytes | _TooLong | None:
+        """The next line from the client; TimeoutError after the idle timeout."""
+        with self._interruptible():
+            async with asyncio.timeout(self.idle_timeout):
+                return await self.lines.next(limit)
+
+    # ------------------------------------------------------------------ dispatch
+    async def _command(self, line: bytes | _TooLong) -> bytes:
+        self.user_for_pass, self.pending_user = self.pending_user, None
+        if isinstance(line, _TooLong):
+            return R.LINE_TOO_LONG
+        if b"\x00" in line:
+            return R.NUL_IN_COMMAND
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return R.NOT_UTF8
+        word, _, arg = text.partition(" ")
+        # isascii first: str.upper() maps some non-ASCII letters onto ASCII ("ſ" → "S").
+        keyword = word.upper() if word.isascii() else ""
+        handler = self._handlers.get(keyword)
+        if handler is None:
+            return R.UNKNOWN_COMMAND
+        if keyword in AUTHORIZATION_COMMANDS and self.state is not State.AUTHORIZATION:
+            return R.err(f"{keyword} is not valid after login")
+        if keyword in TRANSACTION_COMMANDS and self.state is not State.TRANSACTION:
+            return R.err(f"{keyword} is not valid before login")
+        try:
+            return await handler(arg)
+        except _Refused as refused:
+            return refused.reply
+
+    @staticmethod
+    def _no_args(keyword: str, arg: str) -> None:
+        if arg.strip():
+            raise _Refused(R.err(f"{keyword} takes no arguments"))
+
+    @staticmethod
+    def _args(arg: str, count: int, usage: str) -> list[str]:
+        args = arg.split()
+        if len(args) != count:
+            raise _Refused(R.err(usage))
+        return args
+
+    def _message(self, arg: str) -> tuple[int, StoredMessage]:
+        """A message number argument, checked against the maildrop (RFC 1939 §5)."""
+        assert self.maildrop is not None
+        if not _NUMBER.fullmatch(arg):
+            raise _Refused(R.BAD_MESSAGE_NUMBER)
+        number = int(arg)
+        if not 1 <= number <= len(self.maildrop.messages):
+            raise _Refused(R.NO_SUCH_MESSAGE)
+        if number in self.maildrop.deleted:
+            raise _Refused(R.err(f"message {number} already deleted"))
+        return number, self.maildrop.messages[number - 1]
+
+    # ------------------------------------------------------------------ AUTHORIZATION
+    def _plaintext_allowed(self) -> bool:
+        return self.tls_active or self.ctx.listener.allow_insecure_auth
+
+    def _stls_available(self) -> bool:
+        return self.ctx.tls_context is not None and not self.tls_active and self.state is State.AUTHORIZATION
+
+    def _require_plaintext_allowed(self) -> None:
+        # Dovecot's disable_plaintext_auth: no password in clear unless the operator said so.
+        if not self._plaintext_allowed():
+            raise _Refused(R.PLAINTEXT_NEEDS_STLS if self._stls_available() else R.PLAINTEXT_NEEDS_TLS)
+
+    async def _user(self, arg: str) -> bytes:
+        self._require_plaintext_allowed()
+        if not arg.strip():
+            return R.MISSING_USER_NAME
+        # Always accepted: -ERR for unknown names would tell a guesser which exist
+        # (RFC 1939 §13). PASS decides.
+        self.pending_user = arg
+        return R.USER_ACCEPTED
+
+    async def _pass(self, arg: str) -> bytes:
+        self._require_plaintext_allowed()
+        if self.user_for_pass is None:
+            return R.PASS_WITHOUT_USER
+        if not arg:
+            return R.MISSING_PASSWORD
+        # RFC 1939 §7: PASS has one argument, so spaces belong to the password.
+        return await self._login(self.user_for_pass, arg, "USER")
+
+    async def _apop(self, arg: str) -> bytes:
+        return R.APOP_UNSUPPORTED
+
+    async def _auth(self, arg: str) -> bytes:
+        mechanism, _, initial = arg.strip().partition(" ")
+        if not mechanism:
+            return R.AUTH_SYNTAX
+        if mechanism.upper() != "PLAIN":
+            return R.AUTH_UNSUPPORTED
+        self._require_plaintext_allowed()
+        if not initial:
+            initial = await self._auth_response()
+        try:
+            # "=" is the empty initial response (RFC 5034 §4); PLAIN has no use for it.
+            decoded = b"" if initial == "=" else b64decode(initial, validate=True)
+        except (binascii.Error, ValueError):
+            return R.AUTH_BAD_BASE64
+        parts = decoded.split(b"\x00")
+        if len(parts) != 3:
+            return R.AUTH_BAD_PLAIN
+        try:
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            return R.AUTH_BAD_PLAIN
+        if not authcid or (authzid and mailbox_key(authzid) != mailbox_key(authcid)):
+            # RFC 4616 §2: acting as another user would need proxy rights nobody has here.
+            return self._login_failed(authcid or authzid, "PLAIN")
+        return await self._login(authcid, password, "PLAIN")
+
+    async def _auth_response(self) -> str:
+        """RFC 5034 §4: an empty challenge, then the client's response on a line of its own."""
+        await self._send(R.AUTH_CONTINUE)
+        line = await self._read(AUTH_RESPONSE_LIMIT)
+        if line is None:
+            raise _Disconnected
+        if isinstance(line, _TooLong):
+            raise _Refused(R.AUTH_RESPONSE_TOO_LONG)
+        if line == b"*":
+            raise _Refused(R.AUTH_CANCELLED)
+        try:
+            return line.decode("ascii")
+        except UnicodeDecodeError:
+            raise _Refused(R.AUTH_BAD_BASE64) from None
+
+    async def _login(self, user: str, password: str, method: str) -> bytes:
+        delay = self.ctx.throttle.delay(self.ip)
+        if delay:
+            with self._interruptible():
+                await asyncio.sleep(delay)
+        # scrypt is deliberately slow: keep it off the event loop.
+        if not await asyncio.to_thread(self.ctx.users.check_password, user, password):
+            return self._login_failed(user, method)
+        self.ctx.throttle.succeeded(self.ip)
+        key = mailbox_key(user)
+        # RFC 1939 §8: one session per maildrop. Checked after the password, so
+        # [IN-USE] tells nothing to someone who does not know it (RFC 2449 §8.1.1).
+        if key in self.ctx.locks:
+            log.info("pop3-login: Login refused, mailbox in use: user=<%s>, method=%s, %s",
+                     _printable(user), method, self._where())
+            return R.IN_USE
+        self.ctx.locks.add(key)
+        self.lock = key
+        try:
+            messages = await self.ctx.store.messages(user)
+        except Exception:  # a store failure fails this login, not the daemon
+            log.exception("pop3(%s): cannot read the maildrop", _printable(user))
+            self._release_lock()
+            return R.MAILDROP_UNAVAILABLE
+        self.user = user
+        self.maildrop = Maildrop(messages)
+        self.state = State.TRANSACTION
+        count, octets = self.maildrop.totals()
+        log.info("pop3-login: Login: user=<%s>, method=%s, %s", _printable(user), method, self._where())
+        return R.ok(f"{_printable(user)} has {_plural(count, 'message')} ({octets} octets)")
+
+    def _login_failed(self, user: str, method: str) -> bytes:
+        self.ctx.throttle.failed(self.ip)
+        self.auth_failures += 1
+        # The name as given, never the password (Dovecot logs the same fields).
+        log.warning("pop3-login: Authentication failed: user=<%s>, method=%s, %s",
+                    _printable(user), method, self._where())
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self.closing, self.end_reason = True, "Too many authentication failures"
+            return R.AUTH_FAILED_CLOSING
+        return R.AUTH_FAILED
+
+    async def _stls(self, arg: str) -> bytes:
+        self._no_args("STLS", arg)
+        if self.tls_active:
+            return R.TLS_ALREADY_ACTIVE
+        if self.ctx.tls_context is None:
+            return R.TLS_NOT_AVAILABLE
+        await self._send(R.BEGIN_TLS)
+        # Nothing the client sent before the handshake may count as a command.
+        self.lines.discard_buffered()
+        try:
+            await self.writer.start_tls(self.ctx.tls_context, ssl_handshake_timeout=self.idle_timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("pop3-login: TLS handshake failed (%s): %s", exc, self._where())
+            raise _Disconnected from None
+        self.tls_active = True
+        return b""   # the +OK above was this command's reply
+
+    # ------------------------------------------------------------------ any state
+    async def _capa(self, arg: str) -> bytes:
+        self._no_args("CAPA", arg)
+        # RFC 2449 §5: what is available in AUTHORIZATION is announced in both states;
+        # STLS only where it can be used (RFC 2595 §4: AUTHORIZATION, TLS not yet active).
+        caps = ["TOP", "UIDL"]
+        if self._plaintext_allowed():
+            caps += ["USER", "SASL PLAIN"]
+        caps += ["RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self._stls_available():
+            caps.append("STLS")
+        caps.append("IMPLEMENTATION mta")
+        return R.multiline("Capability list follows", caps)
+
+    async def _quit(self, arg: str) -> bytes:
+        self._no_args("QUIT", arg)
+        self.closing = True
+        if self.state is State.AUTHORIZATION:
+            self.end_reason = "Logged out"
+            return R.signing_off(self.config.hostname)
+        assert self.maildrop is not None and self.user is not None
+        # RFC 1939 §6: UPDATE removes the marked messages (one commit), then the lock goes.
+        self.state = State.UPDATE
+        marked = [self.maildrop.messages[n - 1].id for n in sorted(self.maildrop.deleted)]
+        try:
+            await self.ctx.store.delete(self.user, marked)
+        except Exception:  # the commit failed: every message is still there
+            log.exception("pop3(%s): deleting %d messages failed", _printable(self.user), len(marked))
+            self.end_reason = "Logout failed"
+            return R.DELETE_FAILED
+        self.deleted = len(marked)
+        self.end_reason = "Logged out"
+        left = len(self.maildrop.messages) - len(marked)
+        return R.signing_off(self.config.hostname, f"{_plural(len(marked), 'message')} deleted, {left} left")
+
+    # ------------------------------------------------------------------ TRANSACTION
+    async def _stat(self, arg: str) -> bytes:
+        self._no_args("STAT", arg)
+        assert self.maildrop is not None
+        count, octets = self.maildrop.totals()
+        return R.ok(f"{count} {octets}")   # RFC 1939 §5: exactly "+OK nn mm", for parsers
+
+    async def _list(self, arg: str) -> bytes:
+        def status(count: int, octets: int) -> str:
+            return f"{_plural(count, 'message')} ({octets} octets)"
+
+        return self._listing(arg, "LIST", lambda m: str(m.size), status)
+
+    async def _uidl(self, arg: str) -> bytes:
+        return self._listing(arg, "UIDL", lambda m: m.uid, lambda count, octets: "unique-id listing follows")
+
+    def _listing(self, arg: str, keyword: str, value: Callable[[StoredMessage], str],
+                 status: Callable[[int, int], str]) -> bytes:
+        """LIST and UIDL: one message's line, or every message not marked deleted."""
+        assert self.maildrop is not None
+        args = arg.split()
+        if len(args) > 1:
+            return R.err(f"{keyword} takes at most one message number")
+        if args:
+            number, message = self._message(args[0])
+            return R.ok(f"{number} {value(message)}")
+        count, octets = self.maildrop.totals()
+        return R.multiline(status(count, octets), (f"{n} {value(m)}" for n, m in self.maildrop.live()))
+
+    async def _retr(self, arg: str) -> bytes:
+        [which] = self._args(arg, 1, "RETR needs one message number")
+        number, message = self._message(which)
+        data = await self._fetch(number, message)
+        self.retrieved[0] += 1
+        self.retrieved[1] += len(data)
+        return R.ok(f"{len(data)} octets") + R.stuff(data)
+
+    async def _top(self, arg: str) -> bytes:
+        which, lines = self._args(arg, 2, "TOP needs a message number and a number of lines")
+        number, message = self._message(which)
+        if not _NUMBER.fullmatch(lines):
+            return R.err("invalid number of lines")
+        part = top_of(await self._fetch(number, message), int(lines))
+        self.topped[0] += 1
+        self.topped[1] += len(part)
+        return R.ok("top of message follows") + R.stuff(part)
+
+    async def _fetch(self, number: int, message: StoredMessage) -> bytes:
+        assert self.user is not None
+        try:
+            data = await self.ctx.store.read(self.user, message.id)
+        except Exception:  # a read failure fails this command, not the session
+            log.exception("pop3(%s): reading message %d failed", _printable(self.user), number)
+            raise _Refused(R.err(f"[SYS/TEMP] cannot read message {number} now; try again later")) from None
+        if data is None:
+            # Pruned (mailboxes.max_age / max_messages) after the maildrop was snapshotted.
+            raise _Refused(R.err(f"message {number} is no longer available"))
+        return data
+
+    async def _dele(self, arg: str) -> bytes:
+        [which] = self._args(arg, 1, "DELE needs one message number")
+        number, _ = self._message(which)
+        assert self.maildrop is not None
+        # Only marked: the store changes at QUIT, in the UPDATE state (RFC 1939 §6).
+        self.maildrop.deleted.add(number)
+        return R.ok(f"message {number} deleted")
+
+    async def _rset(self, arg: str) -> bytes:
+        self._no_args("RSET", arg)
+        assert self.maildrop is not None
+        self.maildrop.deleted.clear()
+        count, octets = self.maildrop.totals()
+        return R.ok(f"maildrop has {_plural(count, 'message')} ({octets} octets)")
+
+    async def _noop(self, arg: str) -> bytes:
+        self._no_args("NOOP", arg)
+        return R.NOOP
+
+    # ------------------------------------------------------------------ logging
+    def _where(self) -> str:
+        return f"rip={self.ip}, lip={self.local_ip}" + (", TLS" if self.tls_active else "")
+
+    def _log_disconnect(self) -> None:
+        secs = int(time.monotonic() - self.started)
+        if self.user is None or self.maildrop is None:
+            attempts = (f"auth failed, {_plural(self.auth_failures, 'attempt')}" if self.auth_failures
+                        else "no auth attempts")
+            log.info("pop3-login: Disconnected (%s in %d secs): %s", attempts, secs, self._where())
+            return
+        # Dovecot's pop3_logout_format spelled out: top=count/octets, retrieved=count/octets,
+        # deleted=count/messages at login, size=octets at login.
+        log.info("pop3(%s): Disconnected: %s %s, top=%d/%d, retrieved=%d/%d, deleted=%d/%d, size=%d",
+                 _printable(self.user), self.end_reason, self._where(), *self.topped, *self.retrieved,
+                 self.deleted, len(self.maildrop.messages), sum(m.size for m in self.maildrop.messages))
