@@ -20,13 +20,13 @@ from mta.config import Config, load_config
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
-from mta.inbound.handler import AuthThrottle, InboundHandler
+from mta.inbound.handler import InboundHandler
 from mta.inbound.server import Listener
 from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
 from mta.metrics import Metrics
 from mta.notify import Notifier
-from mta.passwords import UsersFile
+from mta.passwords import AuthThrottle, UsersFile
 from mta.qmgr import DeliveryService
 from mta.queue.scheduler import Scheduler
 from mta.queue.store import QueueStore

@@ -1,4 +1,5 @@
-"""The users file: one ``user:hash`` per line, never a plain-text password.
+"""The users file: one ``user:hash`` per line, never a plain-text password;
+and the login throttle shared by SMTP AUTH and POP3.
 
 Hash format: ``scrypt$N$r$p$<salt b64>$<key b64>`` from hashlib.scrypt (the
 standard library's memory-hard KDF, so no extra dependency). Used by submission
@@ -13,6 +14,9 @@ import hmac
 import os
 import secrets
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -108,3 +112,32 @@ class UsersFile:
 
 
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+@dataclass
+class AuthThrottle:
+    """Slows down password guessing: a growing delay per client IP after failures."""
+
+    free_failures: int = 3
+    window: float = 600.0
+    max_delay: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def delay(self, ip: str) -> float:
+        now = self.clock()
+        recent = [t for t in self._failures.get(ip, []) if now - t < self.window]
+        if recent:
+            self._failures[ip] = recent
+        else:
+            self._failures.pop(ip, None)
+        excess = len(recent) - self.free_failures + 1
+        return 0.0 if excess <= 0 else min(float(2 ** (excess - 1)), self.max_delay)
+
+    def failed(self, ip: str) -> None:
+        self._failures.setdefault(ip, []).append(self.clock())
+        if len(self._failures) > 10000:  # bound memory under a scan from many addresses
+            self._failures.pop(next(iter(self._failures)))
+
+    def succeeded(self, ip: str) -> None:
+        self._failures.pop(ip, None)

@@ -11,10 +11,9 @@ import binascii
 import logging
 import time
 from base64 import b64decode
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, SMTP
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from mta.config import Config, ListenerConfig
 from mta.errors import StoreError
@@ -22,39 +21,10 @@ from mta.inbound import policy
 from mta.inbound.policy import REPLIES
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient
-from mta.passwords import UsersFile
+from mta.passwords import AuthThrottle, UsersFile
 from mta.queue.store import QueueStore, new_queue_id
 
 log = logging.getLogger("mta.smtpd")
-
-
-@dataclass
-class AuthThrottle:
-    """Slows down password guessing: a growing delay per client IP after failures."""
-
-    free_failures: int = 3
-    window: float = 600.0
-    max_delay: float = 30.0
-    clock: Callable[[], float] = time.monotonic
-    _failures: dict[str, list[float]] = field(default_factory=dict)
-
-    def delay(self, ip: str) -> float:
-        now = self.clock()
-        recent = [t for t in self._failures.get(ip, []) if now - t < self.window]
-        if recent:
-            self._failures[ip] = recent
-        else:
-            self._failures.pop(ip, None)
-        excess = len(recent) - self.free_failures + 1
-        return 0.0 if excess <= 0 else min(float(2 ** (excess - 1)), self.max_delay)
-
-    def failed(self, ip: str) -> None:
-        self._failures.setdefault(ip, []).append(self.clock())
-        if len(self._failures) > 10000:  # bound memory under a scan from many addresses
-            self._failures.pop(next(iter(self._failures)))
-
-    def succeeded(self, ip: str) -> None:
-        self._failures.pop(ip, None)
 
 
 class InboundHandler:

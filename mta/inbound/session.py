@@ -17,10 +17,9 @@ import binascii
 import collections
 import logging
 import re
-from typing import Any, AnyStr
-
 from email._header_value_parser import get_addr_spec, get_angle_addr  # what aiosmtpd uses
 from email.errors import HeaderParseError
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 

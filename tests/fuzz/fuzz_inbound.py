@@ -50,11 +50,11 @@ except ImportError:  # pytest replays seeds without it
 if atheris is not None and __name__ == "__main__":
     with atheris.instrument_imports(include=["mta", "aiosmtpd", "email"]):
         from mta.config import build_config
-        from mta.inbound.handler import AuthThrottle, InboundHandler
+        from mta.inbound.handler import AuthThrottle, InboundHandler  # AuthThrottle re-exported
         from mta.inbound.server import Listener
 else:
     from mta.config import build_config
-    from mta.inbound.handler import AuthThrottle, InboundHandler
+    from mta.inbound.handler import AuthThrottle, InboundHandler  # AuthThrottle re-exported
     from mta.inbound.server import Listener
 
 HOSTNAME = "relay.lab.test"
