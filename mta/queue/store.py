@@ -30,8 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from mta.errors import StoreError
-from mta.mailbox.store import MIGRATION as MAILBOX_MIGRATION
-from mta.mailbox.store import MailboxCopy, insert_copies
+from mta.mailbox.store import MIGRATION as MAILBOX_MIGRATION, MailboxCopy, insert_copies
 from mta.model import NewMessage, QueuedMessage, RcptState, Recipient
 
 log = logging.getLogger("mta.queue")
@@ -116,7 +115,6 @@ def _is_disk_full(exc: BaseException) -> bool:
 class _PendingWrite:
     op: Callable[[sqlite3.Connection], Any]
     done: asyncio.Future[Any]
-    durable: bool = True   # False: losing this write in a power cut is harmless (no fsync)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,18 +306,14 @@ class QueueStore:
 
     # ----------------------------------------------------------------- group commit
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``op`` inside a write transaction; return once it has committed.
 
         Writes that arrive while a batch is being committed wait and go into
         the next batch together: one fsync for all of them (group commit).
-        ``durable=False``: the commit is not fsynced unless it shares a batch
-        with a durable write. Only for writes whose loss in a power cut is
-        harmless; the next durable commit makes them durable too (the WAL is
-        one file, fsynced as a whole).
         """
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingWrite(op, done, durable))
+        self._pending.append(_PendingWrite(op, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
         return await done
@@ -353,8 +347,7 @@ class QueueStore:
 
     async def _run_batch(self, batch: Sequence[_PendingWrite]) -> list[Any]:
         async with self._write_lock:
-            results = await self._in_thread(_run_transaction, [item.op for item in batch], self.busy_timeout,
-                                            any(item.durable for item in batch))
+            results = await self._in_thread(_run_transaction, [item.op for item in batch], self.busy_timeout)
         self.commits += 1
         return results
 
@@ -459,12 +452,7 @@ class QueueStore:
         """Mark up to ``limit`` due recipients active and return them: fresh mail
         first, then deferred mail whose time has come. Both are range scans of
         the (state, next_attempt) index, so a large deferred backlog that is not
-        yet due costs nothing here.
-
-        The claim is not fsynced: if a power cut loses it, its recipients are
-        simply due again, as recover_in_flight() makes them after any crash.
-        The outcome of their delivery is a durable commit, and that fsync
-        covers the claim too."""
+        yet due costs nothing here."""
 
         def claim(conn: sqlite3.Connection) -> list[DueRecipient]:
             due: list[DueRecipient] = []
@@ -487,7 +475,7 @@ class QueueStore:
                 [(now, d.message_id, d.rcpt_no) for d in due])
             return due
 
-        return await self._write(claim, durable=False)
+        return await self._write(claim)
 
     async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float,
                               *, history: Sequence[HistoryEntry] = (),
@@ -777,11 +765,8 @@ def _migrate_to(target: int, conn: sqlite3.Connection) -> None:
 
 
 def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]],
-                     busy_timeout: float = 10.0, durable: bool = True) -> list[Any]:
-    """BEGIN IMMEDIATE, every op, COMMIT (one fsync unless not ``durable``);
-    ROLLBACK if anything fails."""
-    if not durable:
-        conn.execute("PRAGMA synchronous = NORMAL")   # WAL mode: this commit is not fsynced
+                     busy_timeout: float = 10.0) -> list[Any]:
+    """BEGIN IMMEDIATE, every op, COMMIT (one fsync); ROLLBACK if anything fails."""
     _begin_immediate(conn, busy_timeout)
     try:
         results = [op(conn) for op in ops]
@@ -792,9 +777,6 @@ def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.C
         except sqlite3.Error:
             pass  # no transaction left to roll back (SQLite may already have ended it)
         raise
-    finally:
-        if not durable:
-            conn.execute("PRAGMA synchronous = FULL")
     return results
 
 
