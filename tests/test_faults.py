@@ -272,7 +272,7 @@ async def test_queue_manager_rides_out_failing_queue_writes(make_config):
     async with RecordingPeer("127.0.0.2") as peer:
         config = make_config(delivery={"smarthost": f"127.0.0.2:{peer.port}", "tls": "none"})
         app = App(config, deliver=True)
-        failures = {"claim_due": 2, "record_outcomes": 2}
+        failures = {"claim": 2, "record_outcomes": 2}
         for name in failures:
             real = getattr(app.store, name)
 
@@ -291,7 +291,7 @@ async def test_queue_manager_rides_out_failing_queue_writes(make_config):
             assert app.delivery is not None and app.delivery.healthy
         finally:
             await app.shutdown()
-    assert failures == {"claim_due": 0, "record_outcomes": 0}
+    assert failures == {"claim": 0, "record_outcomes": 0}
     assert seq_counts(peer.messages) == {1: 1}
 
 

@@ -35,6 +35,9 @@ log = logging.getLogger("mta.qmgr")
 
 POLL_INTERVAL = 1.0  # upper bound on how late flushes and due retries are noticed
 CLAIM_LIMIT = 1000   # recipients held in memory at once; the rest wait in SQLite
+# Message bodies read together with a claim (one database round trip instead of one
+# per message); bigger batches are read when their job starts, so memory stays small.
+PREFETCH_BYTES = 1 << 20
 # A queue write that failed (disk full, I/O error, a file locked too long) is tried
 # again after these waits, doubling: the condition is usually temporary.
 STORE_RETRY_MIN, STORE_RETRY_MAX = 0.2, 5.0
@@ -97,6 +100,13 @@ class _SharedBodies:
     def hold(self, message_id: str) -> None:
         self._users[message_id] += 1
 
+    def preload(self, message_id: str, data: bytes) -> None:
+        """Bytes read with the claim: the jobs of a held message need no read of their own."""
+        if self._users[message_id] > 0 and message_id not in self._reads:
+            read: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+            read.set_result(data)
+            self._reads[message_id] = read
+
     async def get(self, message_id: str) -> bytes | None:
         read = self._reads.get(message_id)
         if read is None:
@@ -154,17 +164,22 @@ class Scheduler:
         while not self._stopping:
             self._wake.clear()
             room = CLAIM_LIMIT - self._claimed
+            next_due: float | None = None
             if room > 0:
-                due = await self._until_stored("claiming due recipients",
-                                               lambda: self.store.claim_due(self.clock(), room),
-                                               while_stopping=False)
-                if due is None:
+                claimed = await self._until_stored(
+                    "claiming due recipients",
+                    lambda room=room: self.store.claim(self.clock(), room, prefetch_bytes=PREFETCH_BYTES),
+                    while_stopping=False)
+                if claimed is None:
                     break   # stopping
-                if due:
-                    self._enqueue_jobs(due)
-                    if len(due) == room:
+                if claimed.due:
+                    self._enqueue_jobs(claimed.due, claimed.bodies)
+                    if len(claimed.due) == room:
                         continue  # there may be more due right now
-            await self._sleep_until_due()
+                next_due = claimed.next_due
+            else:
+                next_due = await self.store.next_due_time()
+            await self._sleep_until_due(next_due)
 
     async def _until_stored(self, what: str, write: Callable[[], Awaitable[T]], *,
                             while_stopping: bool) -> T | None:
@@ -181,9 +196,8 @@ class Scheduler:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, STORE_RETRY_MAX)
 
-    async def _sleep_until_due(self) -> None:
+    async def _sleep_until_due(self, next_due: float | None) -> None:
         timeout = POLL_INTERVAL
-        next_due = await self.store.next_due_time()
         if next_due is not None:
             timeout = min(timeout, max(0.0, next_due - self.clock()))
         try:
@@ -213,7 +227,7 @@ class Scheduler:
                 await asyncio.wait(pending)
 
     # ------------------------------------------------------------------ dispatch
-    def _enqueue_jobs(self, due: Sequence[DueRecipient]) -> None:
+    def _enqueue_jobs(self, due: Sequence[DueRecipient], bodies: dict[str, bytes] | None = None) -> None:
         jobs: dict[tuple[str, str], Job] = {}
         for rcpt in due:
             if self.local is not None and self.local.handles(rcpt.address):
@@ -234,6 +248,8 @@ class Scheduler:
                 queue.append(job)
             self._claimed += len(job.recipients)
             self._bodies.hold(job.message_id)
+        for message_id, data in (bodies or {}).items():
+            self._bodies.preload(message_id, data)
         self._dispatch()
 
     def _dispatch(self) -> None:
