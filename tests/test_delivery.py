@@ -130,6 +130,9 @@ async def test_ten_messages_share_one_connection_with_rset_and_quit(relay, dns, 
         for n in range(len(transactions)):
             expected += (["RSET"] if n else []) + ["MAIL", "RCPT", "DATA"]
         assert body == expected
+        # RFC 2920 3.1: the RSET travels in the same write as the next MAIL, RCPT and DATA.
+        batches = [[line.split(" ")[0] for line in b] for b in conn.batches]
+        assert all(b == ["RSET", "MAIL", "RCPT", "DATA"] for b in batches if "RSET" in b), batches
     assert verbs.count("MAIL") == 10 and verbs.count("QUIT") == len(peer.connections)
     assert sorted(m.rcpts[0] for m in peer.messages) == sorted(f"user{i}@example.test" for i in range(10))
 

@@ -154,6 +154,29 @@ async def test_5xx_at_mail_stops_fallback_and_session_is_reused_after_rset() -> 
     assert router.pool.reused == 1
 
 
+async def test_rset_is_pipelined_and_a_failed_rset_retries_on_a_new_connection() -> None:
+    """RSET goes in the same write as MAIL, RCPT and DATA (RFC 2920 3.1); a cached
+    session whose RSET is refused is dropped and the message goes on a fresh one."""
+    port = free_port()
+    refuse_second_rset = lambda v, a, c: "421 4.3.2 Shutting down" if v == "RSET" and c.peer.counts["RSET"] == 2 \
+        else None  # noqa: E731
+    async with RecordingPeer("127.0.0.2", port, replies=refuse_second_rset) as p2:
+        router = make_router(port, two_mx())
+        for n in range(3):
+            [outcome] = await router.deliver(delivery("u@example.test", n=n))
+            assert outcome.delivered, outcome
+        await router.close()
+        await p2.wait_finished()
+    first, second = p2.connections
+    # The peer hung up after its 421, leaving the rest of that write unread.
+    assert first.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "RSET"]
+    assert ["RSET", "MAIL", "RCPT", "DATA"] in [[line.split(" ")[0] for line in b] for b in first.batches]
+    assert first.closed_by_peer
+    assert second.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert len(p2.messages) == 3
+    assert router.pool.reused == 2 and router.pool.opened == 2
+
+
 async def test_4xx_at_mail_moves_on() -> None:
     port = free_port()
     async with RecordingPeer("127.0.0.2", port, replies=lambda v, a, c: "451 4.3.0 Busy" if v == "MAIL"

@@ -131,6 +131,7 @@ class Session:
         self.transactions = 0
         self._dead = False
         self._unsolicited = False
+        self._rset_due = False   # a reused session: RSET goes first in the next transaction
         self._stage = "receiving the initial server greeting"
 
     # ------------------------------------------------------------------ properties
@@ -394,6 +395,9 @@ class Session:
             accepted, data_reply = await self._envelope_pipelined(mail, rcpt_lines, wanted, results,
                                                                   smtputf8)
         else:
+            if self._rset_due:
+                self._rset_due = False
+                self._check_rset(await self._command("RSET", "sending RSET"))
             accepted, data_reply = await self._envelope_lockstep(mail, rcpt_lines, wanted, results,
                                                                  smtputf8)
         if data_reply is None:           # no recipient accepted: the transaction is over
@@ -415,6 +419,11 @@ class Session:
             results[rcpt] = data_reply
         return results
 
+    def _check_rset(self, reply: Reply) -> None:
+        """A cached session whose RSET fails is finished; the message goes on a new one."""
+        if reply.code != 250:
+            raise self._lost(f"RSET answered {reply.code}")
+
     def _check_mail(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
             return
@@ -427,9 +436,13 @@ class Session:
                                   ) -> tuple[list[str], Reply | None]:
         # RFC 2920 3.1: MAIL, the RCPTs and DATA go in one write -- DATA is the last
         # command of the group, since what follows depends on its reply.
-        self._stage = "sending MAIL FROM"
-        batch = "".join(line + "\r\n" for line in [mail, *rcpt_lines, "DATA"])
+        rset, self._rset_due = self._rset_due, False
+        self._stage = "sending RSET" if rset else "sending MAIL FROM"
+        batch = "".join(line + "\r\n" for line in [*(["RSET"] if rset else []), mail, *rcpt_lines, "DATA"])
         await self._write(batch.encode("utf-8" if utf8 else "ascii"))
+        if rset:
+            self._check_rset(await self._read_reply())
+            self._stage = "sending MAIL FROM"
         mail_reply = await self._read_reply()
         accepted = []
         self._stage = "sending RCPT TO"
@@ -476,12 +489,27 @@ class Session:
         await self._reader.read(1)
         self._unsolicited = True
 
-    async def rset(self) -> bool:
-        """Prepare a cached session for a new transaction; False if it is not usable."""
+    def reuse(self) -> bool:
+        """Take a cached session for a new transaction; False if it is not usable.
+
+        The RSET (RFC 5321 4.1.1.5) is sent with the next transaction's MAIL,
+        RCPT and DATA in one pipelined write (RFC 2920 3.1 allows RSET anywhere
+        in a group), saving a round trip per message; if its reply is not 250
+        the transaction fails as a lost connection and the router retries on a
+        new one. Without PIPELINING it is sent alone first.
+        """
         if self._unsolicited or self._reader.pending() or not self.is_alive:
             # The peer spoke while idle (typically "421 ... timeout") or hung up.
             self._dead = True
             return False
+        self._rset_due = True
+        return True
+
+    async def rset(self) -> bool:
+        """RSET now, waiting for the reply; False if the session is not usable."""
+        if not self.reuse():
+            return False
+        self._rset_due = False
         try:
             reply = await self._command("RSET", "sending RSET")
         except TransientError:

@@ -4,9 +4,9 @@ After a transaction the session is parked here, keyed by next hop
 ("address:port"), so the next message to the same host skips TCP, greeting,
 EHLO and STARTTLS. A parked session is QUIT after ``idle_timeout`` without work
 or after ``max_messages`` transactions, and is reset with RSET (RFC 5321 4.1.1.5)
-before reuse. A peer that speaks while we are idle -- usually "421 timeout"
+before reuse (pipelined with the next transaction). A peer that speaks while we are idle -- usually "421 timeout"
 before it hangs up (RFC 5321 3.8) -- makes the session unusable: the idle
-watcher notices at once and ``Session.rset`` checks again at acquire time.
+watcher notices at once and ``Session.reuse`` checks again at acquire time.
 """
 
 from __future__ import annotations
@@ -47,14 +47,16 @@ class ConnectionPool:
         return sum(len(entries) for entries in self._idle.values())
 
     async def acquire(self, key: str) -> Session | None:
-        """An idle session for ``key`` that answered RSET with 250, or None."""
+        """An idle session for ``key``, or None. Its RSET goes out with the next
+        transaction (Session.reuse); if that RSET fails the router retries on a
+        fresh connection."""
         while entries := self._idle.get(key):
             entry = entries.pop()            # the most recently used: older ones may time out
             if not entries:
                 del self._idle[key]
             entry.watcher.cancel()
             await asyncio.gather(entry.watcher, return_exceptions=True)
-            if await entry.session.rset():
+            if entry.session.reuse():
                 self.reused += 1
                 log.debug("reusing cached connection to %s (%d transactions so far)",
                           entry.session.peer, entry.session.transactions)
