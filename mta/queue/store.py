@@ -243,6 +243,7 @@ class QueueStore:
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, reserve: int = 0):
         self.path = Path(path)
+        self._directory = str(self.path.parent)   # statvfs'd after every commit: no Path work each time
         self.busy_timeout = busy_timeout
         # Disk space kept free for the queue manager's own writes (outcomes, deletions,
         # bounces, WAL checkpoints): new mail that would eat into it is refused with a
@@ -385,7 +386,7 @@ class QueueStore:
     def _free_space(self) -> int:
         """Bytes available to us on the queue's file system."""
         try:
-            st = os.statvfs(self.path.parent)
+            st = os.statvfs(self._directory)
         except OSError:
             return 1 << 62  # cannot tell: do not refuse mail for that
         return st.f_bavail * st.f_frsize
