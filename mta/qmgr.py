@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from mta import bounce
@@ -71,8 +72,17 @@ class DeliveryService:
         return self.task is None or not self.task.done()
 
     def reconfigure(self, config: Config, users: MailboxUsers) -> None:
-        """SIGHUP: mailbox users and limits apply at once; the rest needs a restart."""
-        self.config = config
+        """SIGHUP: routes, smarthost, TLS, timeouts, retry, concurrency, bounce and
+        mailbox settings apply to the next delivery; the resolver's and the
+        connection cache's settings need a restart (their objects are built once)."""
+        old, new = self.config.delivery, config.delivery
+        if new.dns != old.dns or new.connection_cache != old.connection_cache:
+            log.warning("reload: changes to delivery.dns and delivery.connection_cache take effect "
+                        "after a restart")
+            new = replace(new, dns=old.dns, connection_cache=old.connection_cache)
+        self.config = replace(config, delivery=new)
+        self.router.config = new
+        self.scheduler.config = new
         self.scheduler.local = LocalDelivery(users)
         self.scheduler.max_mailbox_messages = config.mailboxes.max_messages
 

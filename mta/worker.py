@@ -239,6 +239,7 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
             log.error("delivery: reload failed, keeping the old configuration: config: %s", exc)
             return
         service.reconfigure(new, MailboxUsers(new))
+        log.info("delivery: reload: configuration re-read from %s", config_path or "built-in defaults")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

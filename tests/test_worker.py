@@ -166,6 +166,29 @@ async def test_the_child_dies_with_the_main_process(daemon):
     await until(lambda: not alive(child), timeout=5)
 
 
+@pytest.mark.parametrize("mode", ["yes", "no"])
+async def test_sighup_applies_new_routes_to_delivery(daemon, tmp_path, mode):
+    """A changed delivery.routes takes effect on reload, in the child as in one process."""
+    first_port, second_port = free_port("127.0.0.2"), free_port("127.0.0.3")
+    async with RecordingPeer("127.0.0.2", first_port) as first, RecordingPeer("127.0.0.3", second_port) as second:
+        proc, smtp_port, _ = await daemon(first_port, MTA_DELIVERY_PROCESS=mode)
+        await send(smtp_port, 1)
+        await first.wait_for_messages(1, timeout=10)
+        path = tmp_path / "mta.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["delivery"]["routes"] = {"example.test": f"127.0.0.3:{second_port}"}
+        path.write_text(yaml.safe_dump(doc))
+        proc.send_signal(signal.SIGHUP)
+        log = tmp_path / "mta.log"
+        want = "delivery: reload: configuration" if mode == "yes" else "reload: configuration re-read"
+        await until(lambda: want in log.read_text())
+        await send(smtp_port, 1, start=1)
+        await second.wait_for_messages(1, timeout=10)
+        await stop(proc)
+    assert [m.rcpts for m in first.messages] == [["r0@example.test"]]
+    assert [m.rcpts for m in second.messages] == [["r1@example.test"]]
+
+
 async def test_one_process_when_turned_off(daemon):
     peer_port = free_port("127.0.0.2")
     async with RecordingPeer("127.0.0.2", peer_port) as peer:
