@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     # Started by `mta serve` (mta/worker.py), not by hand: the delivery side in its own process.
     deliver = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
     deliver.add_argument("--channel-fd", type=int, required=True)
+    deliver.add_argument("--parent-pid", type=int, default=0)
     deliver.add_argument("--own-sockets", default="[]")
     deliver.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mta.app import SHUTDOWN_GRACE, event_loop_factory
             from mta.worker import child_main
             return child_main(config, path, args.channel_fd, args.own_sockets, SHUTDOWN_GRACE,
-                              event_loop_factory(quiet=True))
+                              event_loop_factory(quiet=True), args.parent_pid)
         if args.command == "queue":
             return asyncio.run(_queue(args, config))
         if args.command == "mailbox":

@@ -85,6 +85,7 @@ class DeliveryProcess:
         # systemd's notify socket belongs to the main process (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         args = [sys.executable, "-m", "mta", "deliver", "--channel-fd", str(theirs.fileno()),
+                "--parent-pid", str(os.getpid()),
                 "--own-sockets", json.dumps(sorted(self.own_sockets)), "--log-level", self.log_level]
         if self.config_path:
             args += ["--config", self.config_path]
@@ -208,22 +209,24 @@ class _Forwarder:
             self.writer.write(text.encode("ascii", "replace"))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """PR_SET_PDEATHSIG: the kernel sends us SIGKILL when the main process dies."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass   # not Linux: the end of the channel still stops us
-    if os.getppid() == 1:
+    # Compared with the pid we were given, not with 1: in a container the main
+    # process may itself be pid 1.
+    if parent_pid and os.getppid() != parent_pid:
         os._exit(1)   # the main process died before the line above
 
 
 async def run_child(config: Config, config_path: str | None, channel_fd: int,
-                    own_sockets: frozenset[tuple[str, int]], grace: float) -> int:
+                    own_sockets: frozenset[tuple[str, int]], grace: float, parent_pid: int = 0) -> int:
     from mta.qmgr import DeliveryService  # the child's imports only
 
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     store = QueueStore(config.queue.path)
     await store.open()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd))
@@ -271,7 +274,8 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
 
 
 def child_main(config: Config, config_path: str | None, channel_fd: int, own_sockets_json: str,
-               grace: float, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None) -> int:
+               grace: float, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+               parent_pid: int = 0) -> int:
     own = frozenset((str(h), int(p)) for h, p in json.loads(own_sockets_json))
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run_child(config, config_path, channel_fd, own, grace))
+        return runner.run(run_child(config, config_path, channel_fd, own, grace, parent_pid))

@@ -20,8 +20,8 @@ from tests.wire import Wire
 pytestmark = pytest.mark.timeout(60)
 
 
-def children(pid):
-    """Pids of ``pid``'s children running `mta deliver`."""
+def children(pid, marker=b"deliver"):
+    """Pids of ``pid``'s children whose command line has ``marker``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -33,7 +33,7 @@ def children(pid):
                 cmd = f.read().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == pid and b"deliver" in cmd:
+        if ppid == pid and marker in cmd:
             found.append(int(entry))
     return found
 
@@ -65,7 +65,7 @@ def metric(port, name):
 async def daemon(tmp_path):
     started = []
 
-    async def start(peer_port, **env):
+    async def start(peer_port, *, wrapper=(), **env):
         smtp_port, metrics_port = free_port(), free_port()
         config = {
             "hostname": "relay.lab.test",
@@ -78,7 +78,7 @@ async def daemon(tmp_path):
         path = tmp_path / "mta.yaml"
         path.write_text(yaml.safe_dump(config))
         log = open(tmp_path / "mta.log", "ab")
-        proc = await asyncio.create_subprocess_exec(*mta_command("serve", "--config", str(path)), stdout=log,
+        proc = await asyncio.create_subprocess_exec(*wrapper, *mta_command("serve", "--config", str(path)), stdout=log,
                                                     stderr=log, env=subprocess_env(**env))
         log.close()
         started.append(proc)
@@ -187,6 +187,35 @@ async def test_sighup_applies_new_routes_to_delivery(daemon, tmp_path, mode):
         await stop(proc)
     assert [m.rcpts for m in first.messages] == [["r0@example.test"]]
     assert [m.rcpts for m in second.messages] == [["r1@example.test"]]
+
+
+def _can_unshare_pid():
+    import shutil
+    import subprocess
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(["unshare", "-pf", "--mount-proc", "--kill-child", "true"], capture_output=True,
+                          check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs unshare(1) and root for a PID namespace")
+async def test_delivery_works_when_the_daemon_is_pid_1(daemon, tmp_path):
+    """In a container `mta serve` is often pid 1: the child must not take that for
+    "my parent died" (its parent IS pid 1)."""
+    peer_port = free_port("127.0.0.2")
+    async with RecordingPeer("127.0.0.2", peer_port) as peer:
+        proc, smtp_port, _ = await daemon(peer_port, wrapper=("unshare", "-pf", "--mount-proc", "--kill-child"),
+                                          MTA_DELIVERY_PROCESS="yes")
+        await send(smtp_port, 2)
+        await peer.wait_for_messages(2, timeout=10)
+        await asyncio.sleep(1.5)   # a child that took pid 1 for a dead parent would have exited by now
+        [inner] = children(proc.pid, b"serve")   # the daemon, as seen from outside its namespace
+        os.kill(inner, signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)   # unshare exits with it
+    log = (tmp_path / "mta.log").read_text()
+    assert "mta.master[1]: INFO mta ready" in log
+    assert log.count("delivery process started") == 1 and "exited with status" not in log
 
 
 async def test_one_process_when_turned_off(daemon):
