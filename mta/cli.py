@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"mta: queue: {exc}", file=sys.stderr)
         return 1
+    except _NoQueue as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # `mta queue list | head`: the reader has gone; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -202,13 +205,24 @@ def _passwd(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- mailbox
 
-async def _mailbox(args: argparse.Namespace, config: Config) -> int:
+class _NoQueue(Exception):
+    """The queue file does not exist: a one-line error and exit status 1."""
+
+
+@contextlib.asynccontextmanager
+async def _opened_queue(config: Config, command: str) -> AsyncIterator[QueueStore]:
     if not os.path.exists(config.queue.path):
-        print(f"mta: mailbox: {config.queue.path}: no queue database (has the daemon run?)", file=sys.stderr)
-        return 1
+        raise _NoQueue(f"mta: {command}: {config.queue.path}: no queue database (has the daemon run?)")
     store = QueueStore(config.queue.path)
     await store.open()
     try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _mailbox(args: argparse.Namespace, config: Config) -> int:
+    async with _opened_queue(config, "mailbox") as store:
         mailboxes = MailboxStore(store)
         if args.mailbox_command == "purge":
             removed = await mailboxes.purge(args.user)
@@ -232,8 +246,6 @@ async def _mailbox(args: argparse.Namespace, config: Config) -> int:
         else:
             print(format_mailbox(mailbox_key(args.user), messages), end="")
         return 0
-    finally:
-        await store.close()
 
 
 def format_mailboxes(summaries: Sequence[MailboxSummary]) -> str:
@@ -259,12 +271,7 @@ def format_mailbox(name: str, messages: Sequence[MessageSummary]) -> str:
 # --------------------------------------------------------------------------- queue
 
 async def _queue(args: argparse.Namespace, config: Config) -> int:
-    if not os.path.exists(config.queue.path):
-        print(f"mta: queue: {config.queue.path}: no queue database (has the daemon run?)", file=sys.stderr)
-        return 1
-    store = QueueStore(config.queue.path)
-    await store.open()
-    try:
+    async with _opened_queue(config, "queue") as store:
         command = args.queue_command
         if command == "list":
             await _list(store, args.json)
@@ -272,8 +279,6 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
         if command == "show":
             return await _show(store, args.id, args.body)
         return await _admin(store, command, args)
-    finally:
-        await store.close()
 
 
 async def _list(store: QueueStore, as_json: bool) -> None:

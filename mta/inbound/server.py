@@ -24,7 +24,22 @@ def make_tls_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
-class Listener:
+class BoundServer:
+    """What every listener (SMTP here, POP3 in mta/pop3/server.py) does with its socket."""
+
+    server: asyncio.Server | None = None
+
+    def sockets(self) -> list[tuple[str, int]]:
+        if self.server is None:
+            return []
+        return [(s.getsockname()[0], s.getsockname()[1]) for s in self.server.sockets]
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Listener(BoundServer):
     """One configured listening socket and the sessions it spawns."""
 
     def __init__(self, config: Config, listener: ListenerConfig, handler: InboundHandler):
@@ -67,15 +82,6 @@ class Listener:
             family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
         )
         log.info("listening on %s (%s, %s)", self.listener.address, self.listener.name, self.listener.mode)
-
-    def sockets(self) -> list[tuple[str, int]]:
-        if self.server is None:
-            return []
-        return [(s.getsockname()[0], s.getsockname()[1]) for s in self.server.sockets]
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
     async def drain(self, grace: float) -> None:
         """After stop_accepting: let transactions in progress finish for up to

@@ -13,7 +13,7 @@ import logging
 import socket
 
 from mta.config import Config, ListenerConfig
-from mta.inbound.server import make_tls_context
+from mta.inbound.server import BoundServer, make_tls_context
 from mta.inbound.session import ConnectionLimiter
 from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
@@ -27,7 +27,7 @@ log = logging.getLogger("mta.pop3")
 ABORT_WAIT = 2.0
 
 
-class POP3Listener:
+class POP3Listener(BoundServer):
     """One configured POP3 listening socket and the sessions it spawns."""
 
     def __init__(self, config: Config, listener: ListenerConfig, store: MailboxStore, users: MailboxUsers,
@@ -58,15 +58,6 @@ class POP3Listener:
         )
         log.info("listening on %s (%s, %s%s)", self.listener.address, self.listener.name, self.listener.mode,
                  ", implicit TLS" if self.implicit_tls else ", STLS" if self.tls_context else "")
-
-    def sockets(self) -> list[tuple[str, int]]:
-        if self.server is None:
-            return []
-        return [(s.getsockname()[0], s.getsockname()[1]) for s in self.server.sockets]
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
     async def drain(self, grace: float) -> None:
         """After stop_accepting: end every session and wait up to ``grace`` for them.
