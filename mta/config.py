@@ -7,6 +7,7 @@ e.g. ``delivery.retry.min_backoff: "5x" is not a duration``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -222,13 +223,7 @@ class Config:
     source: str = "<built-in defaults>"
 
     def in_mynetworks(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.mynetworks if net.version == addr.version)
+        return _in_networks(ip, self.mynetworks)
 
     def is_relay_domain(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")
@@ -237,6 +232,18 @@ class Config:
     def is_local_domain(self, domain: str) -> bool:
         """Mail for these domains goes into mailboxes here (Postfix: mydestination)."""
         return domain.lower().rstrip(".") in self.local_domains
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Cached: asked at every RCPT, and a lab relay sees few distinct client IPs."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks if net.version == addr.version)
 
 
 # --------------------------------------------------------------------------- loading

@@ -7,6 +7,7 @@ inbound side live in ``REPLIES`` with their enhanced status codes (RFC 3463).
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ def received_header(*, helo: str, client_ip: str, hostname: str, listener: str, 
             f"\t(listener {listener})")
     if len(recipients) == 1:
         line += f"\r\n\tfor <{recipients[0]}>"
-    line += f"; {email.utils.formatdate(now, localtime=False)}\r\n"
+    line += f"; {rfc5322_date(now)}\r\n"
     return line.encode("utf-8", "surrogateescape")
 
 
@@ -182,7 +183,18 @@ def message_id_header(queue_id: str, hostname: str, now: float) -> bytes:
 
 
 def date_header(now: float) -> bytes:
-    return f"Date: {email.utils.formatdate(now, localtime=False)}".encode()
+    return f"Date: {rfc5322_date(now)}".encode()
+
+
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    return email.utils.formatdate(second, localtime=False)
+
+
+def rfc5322_date(now: float) -> str:
+    """RFC 5322 §3.3 date-time (UTC), made once per second: every message's
+    Received: line needs one, and formatdate is slow."""
+    return _date_of_second(int(now))
 
 
 # ----------------------------------------------------------------------------- RFC 3461 DSN parameters
