@@ -69,6 +69,10 @@ class _Reader(asyncio.StreamReader):
     def pending(self) -> int:
         return len(self._buffer)  # type: ignore[attr-defined]
 
+    def has_line(self) -> bool:
+        """A whole line is buffered: readline() returns without waiting."""
+        return b"\n" in self._buffer  # type: ignore[attr-defined]
+
     def discard(self) -> int:
         n = len(self._buffer)  # type: ignore[attr-defined]
         self._buffer.clear()  # type: ignore[attr-defined]
@@ -172,6 +176,9 @@ class Session:
             raise self._lost("lost connection")
         try:
             self._writer.write(data)
+            transport = self._writer.transport
+            if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+                return   # all of it went to the kernel: nothing to wait for, no timer to set
             async with asyncio.timeout(self.timeouts.command):
                 await self._writer.drain()
         except TimeoutError:
@@ -187,23 +194,30 @@ class Session:
     async def _read_lines(self, timeout: float | None = None) -> list[str]:
         """One reply's lines, decoded. Raises ConnectionLost on EOF, timeout or garbage."""
         lines: list[str] = []
+        reader = self._reader
+        # One deadline for the whole reply; a timer only when a line has to be waited
+        # for (the replies to a pipelined group usually arrive, and wait, together).
+        deadline = asyncio.get_running_loop().time() + (self.timeouts.command if timeout is None else timeout)
         try:
-            async with asyncio.timeout(self.timeouts.command if timeout is None else timeout):
-                while True:
-                    raw = await self._reader.readline()
-                    if not raw.endswith(b"\n"):
-                        raise self._lost("lost connection")
-                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                    if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-") \
-                            or (lines and line[:3] != lines[0][:3]):
-                        self._close_now()
-                        raise ConnectionLost(Reply(451, "4.5.0", f"{self.host} sent a malformed reply "
-                                                   f"while {self._stage}: {line[:100]!r}"))
-                    lines.append(line)
-                    if line[3:4] != "-":
-                        return lines
-                    if len(lines) > _MAX_REPLY_LINES:
-                        raise self._lost("reply too long")
+            while True:
+                if reader.has_line():
+                    raw = await reader.readline()
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        raw = await reader.readline()
+                if not raw.endswith(b"\n"):
+                    raise self._lost("lost connection")
+                line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-") \
+                        or (lines and line[:3] != lines[0][:3]):
+                    self._close_now()
+                    raise ConnectionLost(Reply(451, "4.5.0", f"{self.host} sent a malformed reply "
+                                               f"while {self._stage}: {line[:100]!r}"))
+                lines.append(line)
+                if line[3:4] != "-":
+                    return lines
+                if len(lines) > _MAX_REPLY_LINES:
+                    raise self._lost("reply too long")
         except TimeoutError:
             raise self._timed_out() from None
         except (OSError, ValueError):   # ValueError: line longer than the reader's limit
