@@ -115,6 +115,7 @@ def _is_disk_full(exc: BaseException) -> bool:
 class _PendingWrite:
     op: Callable[[sqlite3.Connection], Any]
     done: asyncio.Future[Any]
+    urgent: bool = True   # False: may wait up to commit_delay for company in its commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,10 @@ class QueueStore:
         self._write_lock = asyncio.Lock()
         self._listeners: list[Callable[[Sequence[NewMessage]], None]] = []
         self.commits = 0  # write batches committed (group commit makes this < writes)
+        # Seconds a batch of only non-urgent writes (delivery outcomes) waits for other
+        # writes to share its commit; 0 commits at once. Set by the delivery process.
+        self.commit_delay = 0.0
+        self._urgent = asyncio.Event()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -316,20 +321,31 @@ class QueueStore:
 
     # ----------------------------------------------------------------- group commit
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, urgent: bool = True) -> T:
         """Run ``op`` inside a write transaction; return once it has committed.
 
         Writes that arrive while a batch is being committed wait and go into
         the next batch together: one fsync for all of them (group commit).
         """
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingWrite(op, done))
+        self._pending.append(_PendingWrite(op, done, urgent))
+        if urgent:
+            self._urgent.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
         return await done
 
     async def _write_pending(self) -> None:
         while self._pending:
+            if self.commit_delay and not any(item.urgent for item in self._pending):
+                # Only outcomes so far: give the next claim (or other outcomes) a moment
+                # to join this commit. On a serial stream that makes one commit per
+                # message in the delivery process instead of two.
+                self._urgent.clear()
+                try:
+                    await asyncio.wait_for(self._urgent.wait(), self.commit_delay)
+                except TimeoutError:
+                    pass
             batch, self._pending = self._pending, []
             try:
                 results = await self._run_batch(batch)
@@ -549,7 +565,7 @@ class QueueStore:
                     [(message_id, h.time, h.recipient, h.event, h.detail) for h in history])
             return False
 
-        finished = await self._write(record)
+        finished = await self._write(record, urgent=False)
         if new_messages:
             for callback in self._listeners:
                 callback(list(new_messages))
