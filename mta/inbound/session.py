@@ -177,6 +177,24 @@ class InboundSMTP(SMTP):
             return
         await super()._handle_client()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd calls this for every command: it cancelled its timer and made a
+        new one each time. Here the deadline moves and one timer follows it,
+        re-armed only when it fires early (the same timeout, far fewer timers)."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2.7: tell the client why before closing.
         if self.transport is not None and not self.transport.is_closing():
