@@ -89,7 +89,13 @@ async def daemon(tmp_path):
     for proc in started:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 20)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                # unshare(1) ignores SIGTERM; killing it kills the daemon (--kill-child),
+                # and the daemon's delivery child dies with it (PR_SET_PDEATHSIG).
+                proc.kill()
+                await proc.wait()
 
 
 class _Poll:
