@@ -173,8 +173,14 @@ async def test_451_twice_then_delivered_once_with_growing_gaps(relay, dns, port)
     async with RecordingPeer("127.0.0.2", port, replies=flaky) as peer, running(config, deliver=True):
         queue_id = await submit(config, ["bob@example.test"])
         await wait_until(lambda: len(attempts) >= 1)
-        await wait_until(lambda: queue_rows(config) != [] and queue_rows(config)[0][2] == "deferred")
-        [(mid, _, state, tries, last_error)] = queue_rows(config)
+        seen: list = []   # the rows as read by the check that succeeded (one read per check)
+
+        def deferred_once():
+            seen[:] = queue_rows(config)
+            return len(seen) == 1 and seen[0][2] == "deferred"
+
+        await wait_until(deferred_once)
+        [(mid, _, state, tries, last_error)] = seen
         assert (mid, state, tries, last_error) == (queue_id, "deferred", 1, "451 4.3.0 Try again later")
         await peer.wait_for_messages(1, timeout=15)
         await wait_until(lambda: queue_rows(config) == [])
