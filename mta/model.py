@@ -56,6 +56,20 @@ def default_enhanced(code: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt did for one recipient (SMTP next hop or local mailbox)."""
+
+    recipient: str
+    reply: Reply
+    relay: str   # "mx1.example.test[127.0.0.2]:2525", "local", or "none" when no session got that far
+    dsn_passed: bool = False   # the next hop took our RFC 3461 parameters (it reports success itself)
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.reply.code < 300
+
+
+@dataclass(frozen=True, slots=True)
 class Recipient:
     address: str
     state: RcptState = RcptState.QUEUED

@@ -22,7 +22,7 @@ from mta.config import DeliveryConfig
 from mta.delivery.client import ConnectFailed, ConnectionLost, Session, connect
 from mta.delivery.pool import ConnectionPool
 from mta.errors import PermanentError, TransientError
-from mta.model import Reply, domain_of
+from mta.model import Outcome, Reply, domain_of
 
 if TYPE_CHECKING:
     from mta.delivery.mx import MXHost, MXResolver
@@ -60,16 +60,6 @@ class Delivery:
         return params
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    recipient: str
-    reply: Reply
-    relay: str   # "mx1.example.test[127.0.0.2]:2525", or "none" when no session got that far
-    dsn_passed: bool = False   # the next hop took our RFC 3461 parameters (it reports success itself)
-
-    @property
-    def delivered(self) -> bool:
-        return 200 <= self.reply.code < 300
 
 
 @dataclass(frozen=True, slots=True)

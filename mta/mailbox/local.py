@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mta.mailbox.store import MailboxCopy
 from mta.mailbox.users import MailboxUsers
-from mta.model import Reply, normalize_line_ends
+from mta.model import Outcome, Reply, normalize_line_ends
 
 LOCAL_DESTINATION = "local:mailbox"   # the queue manager's grouping key for local mail
 LOCAL_RELAY = "local"                 # what the log says: relay=local, as Postfix's local(8)
@@ -26,14 +26,6 @@ DELIVERED = Reply(250, "2.0.0", "delivered to mailbox")
 UNKNOWN_USER = Reply(550, "5.1.1", "unknown user: no such mailbox")
 
 _SUBJECT = re.compile(rb"^subject:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-
-
-@dataclass(frozen=True, slots=True)
-class LocalOutcome:
-    recipient: str
-    reply: Reply
-    relay: str = LOCAL_RELAY
-    dsn_passed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +42,20 @@ class LocalDelivery:
         return self.users.is_local(address)
 
     def deliver(self, queue_id: str, sender: str, recipients: Sequence[LocalRecipient], data: bytes,
-                arrival: float) -> tuple[list[MailboxCopy], list[LocalOutcome]]:
+                arrival: float) -> tuple[list[MailboxCopy], list[Outcome]]:
         body = normalize_line_ends(data)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         subject = subject_of(body)
         copies: list[MailboxCopy] = []
-        outcomes: list[LocalOutcome] = []
+        outcomes: list[Outcome] = []
         for rcpt in recipients:
             if not self.users.exists(rcpt.address):
-                outcomes.append(LocalOutcome(rcpt.address, UNKNOWN_USER))
+                outcomes.append(Outcome(rcpt.address, UNKNOWN_USER, LOCAL_RELAY))
                 continue
             copies.append(MailboxCopy(rcpt.address, queue_id, sender, subject,
                                       delivery_headers(sender, rcpt.address, rcpt.orcpt) + body, arrival))
-            outcomes.append(LocalOutcome(rcpt.address, DELIVERED))
+            outcomes.append(Outcome(rcpt.address, DELIVERED, LOCAL_RELAY))
         return copies, outcomes
 
 

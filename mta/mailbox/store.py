@@ -58,10 +58,7 @@ class StoredMessage:
 
     @property
     def uid(self) -> str:
-        # RFC 1939 §7 UIDL: 1-70 characters in 0x21-0x7E, never reused for another
-        # message. The row id is never reused (AUTOINCREMENT); the queue id keeps it
-        # unique even if the database is ever recreated and ids start again.
-        return f"{self.queue_id}.{self.id}"
+        return uidl(self.queue_id, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +81,14 @@ class MessageSummary:
 
     @property
     def uid(self) -> str:
-        return StoredMessage(self.id, self.queue_id, self.size, self.received).uid
+        return uidl(self.queue_id, self.id)
+
+
+def uidl(queue_id: str, row_id: int) -> str:
+    """RFC 1939 §7 UIDL: 1-70 characters in 0x21-0x7E, never reused for another
+    message. The row id is never reused (AUTOINCREMENT); the queue id keeps it
+    unique even if the database is ever recreated and ids start again."""
+    return f"{queue_id}.{row_id}"
 
 
 def mailbox_key(address: str) -> str:

@@ -26,7 +26,7 @@ from mta.config import DeliveryConfig
 from mta.errors import StoreError
 from mta.mailbox.local import LOCAL_DESTINATION, LOCAL_RELAY, LocalDelivery, LocalRecipient
 from mta.mailbox.store import MailboxCopy
-from mta.model import NewMessage, RcptState, Reply
+from mta.model import NewMessage, Outcome, RcptState, Reply
 from mta.queue.backoff import expired, next_delay
 from mta.queue.reports import AttemptResult, Report, reports_for
 from mta.queue.store import DueRecipient, HistoryEntry, QueueStore, RecipientUpdate
@@ -49,17 +49,11 @@ class Delivering(Protocol):
     """What the scheduler needs of delivery.router.Router."""
 
     def destination(self, recipient: str) -> str: ...
-    async def deliver(self, delivery: "DeliveryLike") -> Sequence["OutcomeLike"]: ...
+    async def deliver(self, delivery: "DeliveryLike") -> Sequence[Outcome]: ...
 
 
 class DeliveryLike(Protocol):
     message_id: str
-
-
-class OutcomeLike(Protocol):
-    recipient: str
-    reply: Reply
-    relay: str
 
 
 @dataclass(slots=True)
@@ -309,27 +303,28 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a bug in delivery defers; it never loses mail
             log.exception("%s: delivery to %s failed unexpectedly", job.message_id, job.destination)
             reply = Reply(451, "4.3.0", f"local error in delivery: {exc.__class__.__name__}")
-            outcomes = [_Outcome(r.address, reply, "none") for r in job.recipients]
+            outcomes = [Outcome(r.address, reply, "none") for r in job.recipients]
         await self._record(job, outcomes, data)
 
-    async def _record(self, job: Job, outcomes: Sequence[OutcomeLike], data: bytes,
+    async def _record(self, job: Job, outcomes: Sequence[Outcome], data: bytes,
                       mailbox_copies: Sequence[MailboxCopy] = ()) -> None:
         now = self.clock()
-        by_address: dict[str, OutcomeLike] = {o.recipient: o for o in outcomes}
+        by_address: dict[str, Outcome] = {o.recipient: o for o in outcomes}
         updates: list[RecipientUpdate] = []
         results: list[RecipientResult] = []
+        used: list[Outcome] = []
         for rcpt in job.recipients:
-            outcome = by_address.get(rcpt.address) or _Outcome(
+            outcome = by_address.get(rcpt.address) or Outcome(
                 rcpt.address, Reply(451, "4.3.0", "no outcome from delivery"), "none")
+            used.append(outcome)
             update = self._decide(rcpt, outcome.reply, now)
             updates.append(update)
             results.append(RecipientResult(job.message_id, rcpt.address, update.state, outcome.reply,
                                            outcome.relay, now - rcpt.arrival, update.attempts))
         history = [HistoryEntry(now, r.recipient, _STATUS[r.state], f"relay={r.relay} ({r.reply})")
                    for r in results]
-        attempts = [AttemptResult(rcpt, res.state, res.reply, res.relay,
-                                  bool(getattr(by_address.get(rcpt.address), "dsn_passed", False)))
-                    for rcpt, res in zip(job.recipients, results)]
+        attempts = [AttemptResult(rcpt, res.state, res.reply, res.relay, outcome.dsn_passed)
+                    for rcpt, res, outcome in zip(job.recipients, results, used)]
         reports = reports_for(attempts, self.config.retry, now)
         report = self.make_report(job, data, reports, now) if reports else None
         # Until it is written, the outcome exists only here: keep trying (a full disk frees
@@ -361,13 +356,6 @@ class Scheduler:
             return RecipientUpdate(rcpt.rcpt_no, RcptState.BOUNCED, attempts, now, str(reply))
         delay = next_delay(attempts, self.config.retry, self.rng)
         return RecipientUpdate(rcpt.rcpt_no, RcptState.DEFERRED, attempts, now + delay, str(reply))
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    recipient: str
-    reply: Reply
-    relay: str
 
 
 _STATUS = {RcptState.DELIVERED: "sent", RcptState.DEFERRED: "deferred", RcptState.BOUNCED: "bounced"}
