@@ -13,6 +13,7 @@ text follows Postfix's wording, which operators already know how to read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import re
@@ -32,6 +33,16 @@ import dns.resolver
 from mta.config import DNSConfig
 from mta.errors import ConfigError, PermanentError, TransientError
 from mta.model import Reply
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_ip(text: str) -> str | None:
+    """``text`` as an IP address in normal form, or None for a host name. Cached:
+    routes and MX hosts repeat for every message, and a failed parse raises."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 # RFC 2308 §5: a negative answer is cached for min(SOA TTL, SOA MINIMUM). Without
 # an SOA there is no negative TTL; use a short fixed one.
@@ -135,10 +146,9 @@ class MXResolver:
         Malformed names raise PermanentError 5.1.2.
         """
         text = name.strip()
-        try:
-            return (str(ipaddress.ip_address(text)),)
-        except ValueError:
-            pass
+        literal = _plain_ip(text)
+        if literal is not None:
+            return (literal,)
         if text.startswith("["):
             return _literal(text).addresses
         return await self._host_addresses(_normalize(text))

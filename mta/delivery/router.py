@@ -12,6 +12,7 @@ to log, defer or bounce with (texts follow Postfix's wording).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -89,6 +90,7 @@ class _Stop(Exception):
         self.relay = relay
 
 
+@functools.lru_cache(maxsize=1024)  # the same few hosts for every message
 def _normal_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
