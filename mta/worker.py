@@ -232,6 +232,7 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
     _die_with_parent(parent_pid)
     store = QueueStore(config.queue.path)
     store.commit_delay = COMMIT_DELAY
+    store.inline_writes = True   # claims and outcomes commit on this loop's thread (QueueStore._run_inline)
     await store.open()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd))
     forwarder = _Forwarder(writer)

@@ -1,0 +1,114 @@
+"""How the queue commits: mail is fsynced before 250, the queue manager's own
+bookkeeping (claims, outcomes) is not, and the delivery process commits that
+bookkeeping on its event loop's thread without ever blocking on the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from contextlib import closing
+
+import pytest
+
+from mta.model import RcptState
+from mta.queue import store as store_module
+from mta.queue.store import QueueStore, RecipientUpdate
+from tests.test_store import message
+
+pytestmark = pytest.mark.timeout(60)
+
+FULL, NORMAL = 2, 1
+
+
+def synchronous_now(conn: sqlite3.Connection) -> int:
+    """Run as a queue write: the PRAGMA synchronous its commit runs with."""
+    return conn.execute("PRAGMA synchronous").fetchone()[0]
+
+
+def states(path) -> dict[str, str]:
+    with closing(sqlite3.connect(path)) as db:
+        return dict(db.execute("SELECT message_id, state FROM recipients"))
+
+
+async def test_mail_is_committed_with_fsync_and_bookkeeping_without(tmp_path):
+    store = QueueStore(tmp_path / "queue.db")
+    await store.open()
+    assert await store._write(synchronous_now) == FULL
+    assert await store._write(synchronous_now, durable=False) == NORMAL
+    # New mail sharing a commit with bookkeeping makes the whole commit durable.
+    before = store.commits
+    _, seen = await asyncio.gather(store.enqueue(message(1)), store._write(synchronous_now, durable=False))
+    assert seen == FULL and store.commits == before + 1
+    # Claims and outcomes alone are not fsynced; the next mail is again.
+    claimed = await store.claim(2e9, 10)
+    assert [d.address for d in claimed.due] == ["b@example.org"]
+    assert await store._write(synchronous_now, durable=False) == NORMAL
+    await store.enqueue(message(2))
+    assert await store._write(synchronous_now) == FULL
+    await store.close()
+
+
+async def test_inline_writes_commit_claims_and_outcomes(tmp_path):
+    path = tmp_path / "queue.db"
+    store = QueueStore(path)
+    store.inline_writes = True
+    await store.open()
+    first, second = message(1), message(2)
+    await store.enqueue(first)
+    await store.enqueue(second)
+    claimed = await store.claim(2e9, 10, prefetch_bytes=1 << 20)
+    assert sorted(d.message_id for d in claimed.due) == sorted([first.id, second.id])
+    assert claimed.bodies[first.id] == first.data
+    assert states(path) == {first.id: "active", second.id: "active"}   # seen by another connection
+    finished = await store.record_outcomes(
+        first.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9)
+    assert finished
+    await store.record_outcomes(second.id, [RecipientUpdate(0, RcptState.DEFERRED, 1, 3e9, "451 4.4.1 later")], 2e9)
+    assert states(path) == {second.id: "deferred"}
+    await store.close()
+
+
+async def test_inline_write_waits_for_another_writer_without_blocking_the_loop(tmp_path):
+    path = tmp_path / "queue.db"
+    store = QueueStore(path)
+    store.inline_writes = True
+    await store.open()
+    m = message(1)
+    await store.enqueue(m)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")    # e.g. the main process committing new mail
+    claim = asyncio.create_task(store.claim(2e9, 10))
+    ticks = 0
+    for _ in range(20):
+        await asyncio.sleep(0.01)       # the loop keeps running meanwhile
+        ticks += 1
+    assert ticks == 20 and not claim.done()
+    other.execute("COMMIT")
+    other.close()
+    assert [d.message_id for d in (await claim).due] == [m.id]
+    assert states(path) == {m.id: "active"}
+    await store.close()
+
+
+async def test_inline_writes_keep_the_wal_checkpointed(tmp_path, monkeypatch):
+    # The inline connection never checkpoints by itself; without the store's own
+    # passive checkpoints the WAL would grow by every claim and outcome.
+    monkeypatch.setattr(store_module, "INLINE_CHECKPOINT_EVERY", 10)
+    path = tmp_path / "queue.db"
+    store = QueueStore(path)
+    store.inline_writes = True
+    await store.open()
+    messages = [message(i) for i in range(300)]
+    await asyncio.gather(*(store.enqueue(m) for m in messages))
+    await store._checkpoint()               # start from an empty WAL
+    for m in messages:
+        [due] = (await store.claim(2e9, 1)).due
+        assert due.message_id == m.id
+        await store.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9)
+        await asyncio.sleep(0)              # let a checkpoint that was asked for run
+    assert states(path) == {}
+    wal = os.path.getsize(f"{path}-wal")
+    # 600 commits of a few pages each would be several MB of WAL without checkpoints.
+    assert wal < 1_000_000, wal
+    await store.close()
