@@ -188,7 +188,9 @@ async def test_4xx_at_mail_moves_on() -> None:
     assert p2.messages == [] and len(p3.messages) == 1
 
 
-async def test_5xx_greeting_stops() -> None:
+async def test_5xx_greeting_moves_on_to_the_next_mx() -> None:
+    # A 554 greeting refuses service, not the mail (RFC 5321 3.1): like Postfix
+    # (smtp_skip_5xx_greeting = yes) the next MX gets the message.
     port = free_port()
     async with RecordingPeer("127.0.0.2", port, greeting="554 5.7.1 No service") as p2, \
             RecordingPeer("127.0.0.3", port) as p3:
@@ -196,8 +198,21 @@ async def test_5xx_greeting_stops() -> None:
         outcomes = await router.deliver(delivery("u@example.test"))
         await router.close()
         await p2.wait_finished()
-    assert outcomes[0].reply == Reply(554, "5.7.1", "No service")
-    assert p2.connections[0].verbs == ["QUIT"] and p3.connections == []
+    assert outcomes[0].delivered and outcomes[0].relay.startswith(MX2)
+    assert p2.connections[0].verbs == ["QUIT"] and len(p3.messages) == 1
+
+
+async def test_5xx_greeting_from_every_mx_defers() -> None:
+    port = free_port()
+    async with RecordingPeer("127.0.0.2", port, greeting="554 5.7.1 No service") as p2, \
+            RecordingPeer("127.0.0.3", port, greeting="554 No service here either") as p3:
+        router = make_router(port, two_mx())
+        outcomes = await router.deliver(delivery("u@example.test"))
+        await router.close()
+    assert outcomes[0].reply == Reply(
+        450, "4.0.0", f"host {MX2}[127.0.0.3] refused to talk to me: 554 5.0.0 No service here either")
+    assert not outcomes[0].reply.permanent
+    assert p2.connections[0].verbs == ["QUIT"] and p3.connections[0].verbs == ["QUIT"]
 
 
 async def test_mixed_recipient_results() -> None:

@@ -256,6 +256,12 @@ class Session:
     async def _handshake(self, helo_name: str, tls: str, auth: tuple[str, str] | None) -> None:
         greeting = await self._read_reply()
         if greeting.code != 220:
+            if greeting.permanent:
+                # RFC 5321 3.1 lets a server refuse service with a 554 greeting; that says
+                # nothing about the mail. Like Postfix (smtp_skip_5xx_greeting = yes), try
+                # the next host, and defer when none is left.
+                enhanced = "4" + greeting.enhanced[1:] if greeting.enhanced else "4.0.0"
+                greeting = Reply(450, enhanced, f"host {self.host} refused to talk to me: {greeting}")
             await self._fail(greeting)
         await self._ehlo(helo_name)
         if tls != "none":

@@ -3,8 +3,9 @@
 Next hops come from the smarthost, a per-domain route, or MX records (RFC 5321
 5.1). Candidates are tried in order -- each host, each of its addresses -- and
 we move on after a connection failure, a timeout, a 421 or any other 4xx
-before the recipients were looked at (greeting, EHLO, MAIL); a 5xx there
-stops the search. RCPT and DATA replies are per-recipient outcomes.
+before the recipients were looked at (greeting, EHLO, MAIL), and after a 5xx
+greeting (it refuses service, not the mail: Postfix's smtp_skip_5xx_greeting);
+a 5xx to EHLO+HELO or MAIL stops the search. RCPT and DATA replies are per-recipient outcomes.
 
 Problems never escape ``deliver()``: they become Outcomes carrying the Reply
 to log, defer or bounce with (texts follow Postfix's wording).
@@ -244,7 +245,7 @@ class Router:
             raise _Next(exc.reply) from None
         except TransientError as exc:   # 4xx/421/timeout at greeting, EHLO, STARTTLS or AUTH
             raise _Next(exc.reply, relay) from None
-        except PermanentError as exc:   # 5xx at greeting or EHLO+HELO
+        except PermanentError as exc:   # 5xx to EHLO+HELO or AUTH
             raise _Stop(exc.reply, relay) from None
         self.pool.note_opened()
         return session
