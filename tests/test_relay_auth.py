@@ -220,6 +220,17 @@ async def test_auth_login(make_config, users_file):
             assert await w.cmd(base64.b64encode(b"s3cret pass").decode()) == "235 2.7.0 Authentication successful"
 
 
+async def test_auth_mechanism_names_ignore_case(make_config, users_file):
+    config = submission_config(make_config, users_file, allow_insecure_auth=True)
+    async with running(config):
+        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+            await w.ehlo()
+            assert await w.cmd("auth login") == "334 VXNlcm5hbWU6"
+            assert await w.cmd("*") == "501 5.7.0 Auth aborted"
+            assert await w.cmd("AUTH Plain " + plain("alice", "s3cret pass")) == \
+                "235 2.7.0 Authentication successful"
+
+
 async def test_auth_garbage(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
     async with running(config):

@@ -275,6 +275,13 @@ class InboundSMTP(SMTP):
         for line in lines:
             await SMTP.push(self, line)
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        # SASL mechanism names are upper case (RFC 4422 3.1) but clients may send
+        # "auth plain": Postfix (Cyrus SASL) matches them without regard to case.
+        mechanism, sep, rest = arg.partition(" ")
+        await super().smtp_AUTH(mechanism.upper() + sep + rest)
+
     async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
                              log_client_response: bool = False) -> Any:
         """aiosmtpd's AUTH challenge, but an overlong response is refused cleanly.
