@@ -7,6 +7,8 @@ import sqlite3
 
 import pytest
 
+from mta.inbound.policy import split_dsn_params
+from mta.model import Reply
 from tests.conftest import listener_port, running
 from tests.wire import Wire
 
@@ -346,7 +348,20 @@ async def test_bad_dsn_parameters(make_config, command, reply):
             assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=NEVER,SUCCESS") == \
                 "501 5.5.4 Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)"
             assert await w.cmd("RCPT TO:<b@example.org> ORCPT=nosemicolon") == "501 5.5.4 Bad ORCPT parameter"
+            # addr-type must be an atom (RFC 3461 4.2).
+            assert await w.cmd("RCPT TO:<b@example.org> ORCPT=rfc(822;b@example.org") == \
+                "501 5.5.4 Bad ORCPT parameter"
             assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=DELAY") == "250 2.1.5 Ok"
+
+
+def test_orcpt_addr_type_must_be_an_atom():
+    # Found by hypothesis (test_split_dsn_params_invariants): a NUL as addr-type passed.
+    # On the wire the NUL is refused earlier, with the rest of the line (553 5.1.3).
+    bad = Reply(501, "5.5.4", "Bad ORCPT parameter")
+    assert split_dsn_params(["ORCPT=\x00;"], ("NOTIFY", "ORCPT")) == bad
+    assert split_dsn_params(["ORCPT=;b@example.org"], ("NOTIFY", "ORCPT")) == bad
+    dsn, rest = split_dsn_params(["ORCPT=rfc822;b@example.org"], ("NOTIFY", "ORCPT"))
+    assert dsn.orcpt == "rfc822;b@example.org" and rest == []
 
 
 async def test_null_sender_is_accepted_and_stored_empty(make_config):

@@ -200,6 +200,8 @@ def rfc5322_date(now: float) -> str:
 # ----------------------------------------------------------------------------- RFC 3461 DSN parameters
 
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+# RFC 3461 4.2: addr-type = atom (RFC 5322 atext), e.g. "rfc822" or "utf-8".
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 
 
@@ -245,6 +247,6 @@ def split_dsn_params(params: list[str], allowed: tuple[str, ...]) -> tuple[DSNPa
     orcpt = found.get("ORCPT")
     if orcpt is not None:
         addr_type, semi, xtext = orcpt.partition(";")
-        if not semi or not addr_type or not _XTEXT.fullmatch(xtext) or len(orcpt) > 500:
+        if not semi or not _ATOM.fullmatch(addr_type) or not _XTEXT.fullmatch(xtext) or len(orcpt) > 500:
             return Reply(501, "5.5.4", "Bad ORCPT parameter")
     return DSNParams(ret=ret, envid=envid, notify=notify, orcpt=orcpt), rest
