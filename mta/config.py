@@ -183,6 +183,8 @@ class LimitsConfig:
     max_connections_per_ip: int = 20
     idle_timeout: float = 300.0
     max_hops: int = 50
+    hard_error_limit: int = 20     # Postfix: smtpd_hard_error_limit
+    junk_command_limit: int = 100  # Postfix: smtpd_junk_command_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +508,8 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
         max_connections_per_ip=lim.get("max_connections_per_ip", 20, _int(1)),
         idle_timeout=lim.get("idle_timeout", 300.0, parse_duration),
         max_hops=lim.get("max_hops", 50, _int(1)),
+        hard_error_limit=lim.get("hard_error_limit", 20, _int(1)),
+        junk_command_limit=lim.get("junk_command_limit", 100, _int(0)),
     )
     lim.done()
     bsec = top.section("bounce")

@@ -225,6 +225,7 @@ async def test_auth_mechanism_names_ignore_case(make_config, users_file):
     async with running(config):
         async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
             await w.ehlo()
+            assert await w.cmd("AUTH") == "501 5.5.4 Not enough value"
             assert await w.cmd("auth login") == "334 VXNlcm5hbWU6"
             assert await w.cmd("*") == "501 5.7.0 Auth aborted"
             assert await w.cmd("AUTH Plain " + plain("alice", "s3cret pass")) == \

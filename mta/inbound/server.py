@@ -65,6 +65,8 @@ class Listener(BoundServer):
             decode_data=False,
             tls_context=None if implicit else self.tls_context,
             timeout=self.config.limits.idle_timeout,
+            hard_error_limit=self.config.limits.hard_error_limit,
+            junk_command_limit=self.config.limits.junk_command_limit,
             auth_required=self.listener.mode == "submission",
             auth_require_tls=not self.listener.allow_insecure_auth,
             auth_exclude_mechanism=() if has_users else ("PLAIN", "LOGIN"),

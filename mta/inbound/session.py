@@ -131,8 +131,15 @@ class InboundSMTP(SMTP):
         return cls._dir_cache
 
     def __init__(self, handler: Any, *, limiter: ConnectionLimiter, implicit_tls: bool = False,
-                 **kwargs: Any):
+                 hard_error_limit: int = 20, junk_command_limit: int = 100, **kwargs: Any):
         super().__init__(handler, **kwargs)
+        # Postfix's smtpd_hard_error_limit and smtpd_junk_command_limit: a client that
+        # keeps getting errors is told 421 and dropped; NOOP, RSET and VRFY beyond the
+        # junk limit (reset by each accepted message) count as errors.
+        self._hard_error_limit = hard_error_limit
+        self._junk_command_limit = junk_command_limit
+        self._errors = 0
+        self._junk_commands = 0
         # An instance dict: aiosmtpd's class-level one grows with every EHLO of every session.
         self.command_size_limits = collections.defaultdict(lambda: COMMAND_LIMIT)
         self.command_size_limits["MAIL"] = COMMAND_LIMIT + MAIL_EXTRA
@@ -258,17 +265,56 @@ class InboundSMTP(SMTP):
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
+        if status.startswith("250"):
+            self._junk_commands = 0
         await self.push(status)
 
     # ------------------------------------------------------------ replies
     async def push(self, status: AnyStr) -> None:
         raw = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
         reply = enhance_reply(raw)
-        if reply[:1] in (b"4", b"5") and reply[3:4] != b"-" and reply[:3].isdigit():
+        error = reply[:1] in (b"4", b"5") and reply[3:4] != b"-" and reply[:3].isdigit()
+        if error:
             note = getattr(self.event_handler, "note_reply", None)
             if note is not None:
                 note(int(reply[:3]))
+            # 421 ends the session anyway; "too many recipients" is the client's cue to
+            # send the rest in another transaction, not an error (Postfix counts it only
+            # beyond smtpd_recipient_overshoot_limit).
+            if not reply.startswith((b"421", b"452 4.5.3")):
+                self._errors += 1
         await super().push(reply)
+        if error and self._errors >= self._hard_error_limit:
+            self._too_many_errors()
+
+    def _too_many_errors(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        log.warning("%s: too many errors (limits.hard_error_limit = %d); disconnecting",
+                    self.session.peer if self.session else "?", self._hard_error_limit)
+        self.close_with(f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode())
+
+    def _junk(self) -> None:
+        self._junk_commands += 1
+        if self._junk_commands > self._junk_command_limit:
+            self._errors += 1
+            if self._errors >= self._hard_error_limit:
+                self._too_many_errors()
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        await super().smtp_NOOP(arg)
+        self._junk()
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        await super().smtp_RSET(arg)
+        self._junk()
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        await super().smtp_VRFY(arg)
+        self._junk()
 
     async def push_raw(self, lines: list[str]) -> None:
         """Send lines untouched (greeting-like replies exempt from enhanced codes)."""
@@ -276,11 +322,13 @@ class InboundSMTP(SMTP):
             await SMTP.push(self, line)
 
     @syntax("AUTH <mechanism>")
-    async def smtp_AUTH(self, arg: str) -> None:
+    async def smtp_AUTH(self, arg: str | None) -> None:
         # SASL mechanism names are upper case (RFC 4422 3.1) but clients may send
         # "auth plain": Postfix (Cyrus SASL) matches them without regard to case.
-        mechanism, sep, rest = arg.partition(" ")
-        await super().smtp_AUTH(mechanism.upper() + sep + rest)
+        if arg:   # None when the command has no argument
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest
+        await super().smtp_AUTH(arg)
 
     async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
                              log_client_response: bool = False) -> Any:
