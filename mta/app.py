@@ -56,7 +56,9 @@ class App:
         self.mailbox_users = MailboxUsers(config)
         self.mailbox_locks: set[str] = set()   # mailboxes held by a POP3 session, across listeners
         self._prune_task: asyncio.Task[None] | None = None
-        self.metrics = Metrics([lc.name for lc in config.listeners], refresh=self._refresh_queue_metrics)
+        self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode != "pop3"],
+                               pop3_listeners=[lc.name for lc in config.listeners if lc.mode == "pop3"],
+                               refresh=self._refresh_queue_metrics)
         # The in-process delivery side's parts, for tests that look inside (None with a child process).
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
@@ -71,7 +73,8 @@ class App:
             if lc.mode == "pop3":
                 from mta.pop3.server import POP3Listener
                 self.listeners.append(POP3Listener(self.config, lc, self.mailboxes, self.mailbox_users,
-                                                   locks=self.mailbox_locks, throttle=throttle))
+                                                   locks=self.mailbox_locks, throttle=throttle,
+                                                   metrics=self.metrics))
                 continue
             handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle,
                                      on_received=self.metrics.message_received,

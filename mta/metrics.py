@@ -63,6 +63,7 @@ REJECTION_CODES: tuple[str, ...] = (
 )
 
 QUEUE_STATES: tuple[str, ...] = ("active", "deferred", "hold")
+POP3_LOGIN_RESULTS: tuple[str, ...] = ("ok", "failed", "in_use")
 
 # Arrival to final outcome; retries run for days, so do the buckets.
 DELIVERY_BUCKETS: tuple[float, ...] = (
@@ -166,7 +167,7 @@ class _PoolCollector:
 
 class Metrics:
     def __init__(self, listeners: Iterable[str] = (), *, version: str = mta.__version__,
-                 refresh: RefreshHook | None = None, process: bool = True):
+                 refresh: RefreshHook | None = None, process: bool = True, pop3_listeners: Iterable[str] = ()):
         self.registry = CollectorRegistry()
         self.refresh: RefreshHook | None = refresh
         self.listeners = tuple(dict.fromkeys(listeners))
@@ -182,6 +183,22 @@ class Metrics:
             self.received.labels(name)
             for code in REJECTION_CODES:
                 self.rejections.labels(name, code)
+
+        # Lab mailboxes (issue 7): POP3 activity per pop3 listener.
+        self.pop3_logins = Counter(
+            "mta_pop3_logins", "POP3 logins, by listener and result (ok, failed, in_use).",
+            ["listener", "result"], registry=reg)
+        self.pop3_retrieved = Counter(
+            "mta_pop3_messages_retrieved", "Messages sent to POP3 clients by RETR, by listener.",
+            ["listener"], registry=reg)
+        self.pop3_deleted = Counter(
+            "mta_pop3_messages_deleted", "Messages POP3 clients deleted (at QUIT), by listener.",
+            ["listener"], registry=reg)
+        for name in dict.fromkeys(pop3_listeners):
+            for result in POP3_LOGIN_RESULTS:
+                self.pop3_logins.labels(name, result)
+            self.pop3_retrieved.labels(name)
+            self.pop3_deleted.labels(name)
 
         self.delivered = Counter(
             "mta_recipients_delivered", "Recipients delivered.", registry=reg)
@@ -230,6 +247,15 @@ class Metrics:
     # -------------------------------------------------------------- recording
     def message_received(self, listener: str) -> None:
         self.received.labels(listener).inc()
+
+    def pop3_login(self, listener: str, result: str) -> None:
+        self.pop3_logins.labels(listener, result).inc()
+
+    def pop3_message_retrieved(self, listener: str) -> None:
+        self.pop3_retrieved.labels(listener).inc()
+
+    def pop3_messages_deleted(self, listener: str, count: int) -> None:
+        self.pop3_deleted.labels(listener).inc(count)
 
     def rejected(self, listener: str, code: int) -> None:
         """Count one negative reply (4xx/5xx) sent on ``listener``."""

@@ -77,7 +77,7 @@ def fetch_with_poplib(port, user, password, delete=False):
 async def test_smtp_in_poplib_out_same_bytes(lab):
     config = lab
     port = listener_port(config, "pop3")
-    async with running(config, deliver=True):
+    async with running(config, deliver=True) as app:
         stored = await deliver_all(config, BODIES)
         # Each stored copy is the submitted message with the trace fields on top.
         for body, data in zip(BODIES, stored):
@@ -93,6 +93,18 @@ async def test_smtp_in_poplib_out_same_bytes(lab):
         assert mailbox_rows(config) == []   # deleted at QUIT
         count, total, _, _ = await asyncio.to_thread(fetch_with_poplib, port, "bob@lab.test", "hunter2")
         assert (count, total) == (0, 0)
+        with pytest.raises(poplib.error_proto):
+            await asyncio.to_thread(fetch_with_poplib, port, "bob@lab.test", "wrong")
+        # What Prometheus would scrape: three logins, one failure, 2 + 2 RETRs, 2 deletions.
+        scraped = app.metrics.render().decode().splitlines()
+        assert [line for line in scraped if line.startswith("mta_pop3_") and "_created" not in line] == [
+            'mta_pop3_logins_total{listener="pop3",result="ok"} 3.0',
+            'mta_pop3_logins_total{listener="pop3",result="failed"} 1.0',
+            'mta_pop3_logins_total{listener="pop3",result="in_use"} 0.0',
+            'mta_pop3_messages_retrieved_total{listener="pop3"} 4.0',
+            'mta_pop3_messages_deleted_total{listener="pop3"} 2.0',
+        ]
+        assert 'mta_messages_received_total{listener="pop3"}' not in "\n".join(scraped)
 
 
 RUBY_FETCH = r"""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 from mta.config import Config, ListenerConfig
 from mta.inbound.server import BoundServer, make_tls_context
@@ -31,13 +32,14 @@ class POP3Listener(BoundServer):
     """One configured POP3 listening socket and the sessions it spawns."""
 
     def __init__(self, config: Config, listener: ListenerConfig, store: MailboxStore, users: MailboxUsers,
-                 *, locks: set[str] | None = None, throttle: AuthThrottle | None = None):
+                 *, locks: set[str] | None = None, throttle: AuthThrottle | None = None, metrics: Any = None):
         self.config = config        # replaced by the app on reload; each new session reads it
         self.listener = listener
         self.store = store
         self.users = users
         self.locks: set[str] = locks if locks is not None else set()
         self.throttle = throttle or AuthThrottle()
+        self.metrics = metrics
         self.tls_context = make_tls_context(listener.tls) if listener.tls else None
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.server: asyncio.Server | None = None
@@ -94,7 +96,7 @@ class POP3Listener(BoundServer):
         if self.limiter.admit(ip):
             session = POP3Session(reader, writer, SessionContext(
                 config=self.config, listener=self.listener, store=self.store, users=self.users,
-                locks=self.locks, throttle=self.throttle, tls_context=self.tls_context))
+                locks=self.locks, throttle=self.throttle, tls_context=self.tls_context, metrics=self.metrics))
             task = asyncio.create_task(self._serve(session, ip), name=f"pop3 {ip}")
             self.sessions[task] = session
         else:
