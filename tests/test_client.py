@@ -283,14 +283,17 @@ async def test_quit_gives_up_on_a_silent_peer() -> None:
         assert time.monotonic() - started < 1.0
 
 
-@pytest.mark.parametrize("greeting, error", [("421 4.3.2 Service shutting down", ConnectionLost),
-                                             ("554 5.7.1 Go away", PermanentError),
-                                             ("450 4.7.1 Busy", TransientError)])
-async def test_greeting_refusal(greeting: str, error: type) -> None:
+# A 5xx greeting refuses service, not the mail: transient, so the router tries the
+# next host and defers (Postfix's smtp_skip_5xx_greeting = yes).
+@pytest.mark.parametrize("greeting, error, reply", [
+    ("421 4.3.2 Service shutting down", ConnectionLost, "421 4.3.2 Service shutting down"),
+    ("554 5.7.1 Go away", TransientError, "450 4.7.1 host mx.test[127.0.0.2] refused to talk to me: 554 5.7.1 Go away"),
+    ("450 4.7.1 Busy", TransientError, "450 4.7.1 Busy")])
+async def test_greeting_refusal(greeting: str, error: type, reply: str) -> None:
     async with RecordingPeer(greeting=greeting) as peer:
         with pytest.raises(error) as info:
             await open_session(peer)
-        assert str(info.value.reply) == greeting
+        assert str(info.value.reply) == reply
         await peer.wait_finished()
     assert peer.connections[0].verbs == ([] if greeting.startswith("421") else ["QUIT"])
 
