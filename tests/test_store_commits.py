@@ -26,6 +26,14 @@ def synchronous_now(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA synchronous").fetchone()[0]
 
 
+async def inline_store(path) -> QueueStore:
+    """A store as the delivery process opens it (worker.run_child)."""
+    store = QueueStore(path)
+    store.inline_writes = True
+    await store.open()
+    return store
+
+
 def states(path) -> dict[str, str]:
     with closing(sqlite3.connect(path)) as db:
         return dict(db.execute("SELECT message_id, state FROM recipients"))
@@ -51,9 +59,7 @@ async def test_mail_is_committed_with_fsync_and_bookkeeping_without(tmp_path):
 
 async def test_inline_writes_commit_claims_and_outcomes(tmp_path):
     path = tmp_path / "queue.db"
-    store = QueueStore(path)
-    store.inline_writes = True
-    await store.open()
+    store = await inline_store(path)
     first, second = message(1), message(2)
     await store.enqueue(first)
     await store.enqueue(second)
@@ -71,9 +77,7 @@ async def test_inline_writes_commit_claims_and_outcomes(tmp_path):
 
 async def test_inline_write_waits_for_another_writer_without_blocking_the_loop(tmp_path):
     path = tmp_path / "queue.db"
-    store = QueueStore(path)
-    store.inline_writes = True
-    await store.open()
+    store = await inline_store(path)
     m = message(1)
     await store.enqueue(m)
     other = sqlite3.connect(path, isolation_level=None)
@@ -96,9 +100,7 @@ async def test_inline_writes_keep_the_wal_checkpointed(tmp_path, monkeypatch):
     # passive checkpoints the WAL would grow by every claim and outcome.
     monkeypatch.setattr(store_module, "INLINE_CHECKPOINT_EVERY", 10)
     path = tmp_path / "queue.db"
-    store = QueueStore(path)
-    store.inline_writes = True
-    await store.open()
+    store = await inline_store(path)
     messages = [message(i) for i in range(300)]
     await asyncio.gather(*(store.enqueue(m) for m in messages))
     await store._checkpoint()               # start from an empty WAL
