@@ -122,7 +122,7 @@ class App:
         while True:
             max_age = self.config.mailboxes.max_age
             try:
-                pruned = await self.mailboxes.prune_older_than(time.time() - max_age)
+                pruned = await self.mailboxes.prune_older_than(time.time() - max_age, skip=self.mailbox_locks)
             except StoreError as exc:
                 log.warning("mailbox: pruning old mail failed, trying again later: %s", exc)
             else:

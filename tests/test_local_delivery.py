@@ -236,6 +236,40 @@ async def test_max_age_prunes_old_mail(lab):
     assert mailbox_rows(config, "subject") == [("new",)]
 
 
+async def test_max_age_waits_for_a_pop3_session_holding_the_mailbox(lab, monkeypatch):
+    # RFC 1939 8: the session has the maildrop to itself. Mail that grows too old
+    # meanwhile stays until the session ends; the next round removes it.
+    import mta.app
+    monkeypatch.setattr(mta.app, "PRUNE_INTERVAL", 0.05)
+    pop3 = {"name": "pop3", "address": f"127.0.0.1:{free_port()}", "mode": "pop3", "allow_insecure_auth": True}
+    smtp = {"name": "mta", "address": f"127.0.0.1:{free_port()}", "mode": "relay"}
+    config = lab(listeners=[smtp, pop3], mailboxes={"max_age": "1d"})
+    store = QueueStore(config.queue.path)
+    await store.open()
+    from mta.mailbox.store import insert_copies
+    for mailbox, received in (("alice@lab.test", 86400 - 3.0), ("bob@lab.test", 86400 - 3.0)):
+        copies = [MailboxCopy(mailbox, "AAAA", "s@x.test", "ageing", b"Subject: ageing\r\n\r\nbody\r\n")]
+        await store._write(lambda conn, c=copies, r=received: insert_copies(conn, c, time.time() - r, 100))
+    await store.close()
+    async with running(config):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener_port(config, "pop3"))
+        try:
+            assert (await reader.readline()).startswith(b"+OK")
+            for line in (b"USER alice@lab.test\r\n", b"PASS pw\r\n"):
+                writer.write(line)
+                assert (await reader.readline()).startswith(b"+OK")
+            # Past max_age now: bob's copy goes, alice's stays while her session lasts.
+            await wait_until(lambda: mailbox_rows(config, "mailbox") == [("alice@lab.test",)])
+            await asyncio.sleep(0.2)
+            writer.write(b"RETR 1\r\n")
+            assert (await reader.readline()).startswith(b"+OK")
+            writer.write(b"QUIT\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+        await wait_until(lambda: mailbox_rows(config, "mailbox") == [])
+
+
 async def test_mailbox_copy_and_delivered_state_are_one_commit(tmp_path):
     """If the commit that marks a local recipient delivered fails, no copy is kept either."""
     store = QueueStore(tmp_path / "queue.db")

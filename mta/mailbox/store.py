@@ -11,7 +11,7 @@ report (RFC 1939 §5).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -163,11 +163,16 @@ class MailboxStore:
 
         return await self.queue._write(purge)
 
-    async def prune_older_than(self, cutoff: float) -> int:
-        """Remove messages received before ``cutoff`` (mailboxes.max_age)."""
+    async def prune_older_than(self, cutoff: float, *, skip: Collection[str] = ()) -> int:
+        """Remove messages received before ``cutoff`` (mailboxes.max_age), except in
+        the mailboxes in ``skip`` (held by a POP3 session: RFC 1939 8 gives the
+        session exclusive access to its maildrop; the next round takes them)."""
+        held = tuple(skip)
 
         def prune(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM mailbox_messages WHERE received < ?", (cutoff,)).rowcount
+            marks = ",".join("?" * len(held))
+            return conn.execute(f"DELETE FROM mailbox_messages WHERE received < ? AND mailbox NOT IN ({marks})",
+                                (cutoff, *held)).rowcount
 
         return await self.queue._write(prune)
 
