@@ -303,6 +303,26 @@ async def test_hold_during_delivery_keeps_a_deferred_recipient_held(daemon):
     assert out.splitlines()[1].startswith(f"{queue_id}!")
 
 
+async def test_hold_and_release_during_delivery_delivers_once(daemon):
+    # Released while its attempt is still running, the recipient is due again and
+    # claimed again; the queue manager must not start a second delivery of it.
+    d = daemon
+    d.script.rcpt["slow@remote.test"] = "hang"
+    queue_id = await d.submit("slow@remote.test")
+    await d.wait_state(queue_id, [("slow@remote.test", "active", 0)])
+    assert await d.mta("hold", queue_id) == (0, f"{queue_id}: held 1 recipient\n", "")
+    assert await d.mta("release", queue_id) == (0, f"{queue_id}: released 1 recipient\n", "")
+    await asyncio.sleep(2.2)  # two polls of the queue manager: a second claim has happened
+    assert d.peer.counts["RCPT"] == 1
+    d.script.rcpt.clear()
+    d.script.release.set()  # the attempt in progress goes on and is accepted
+    [message] = await d.peer.wait_for_messages(1, timeout=5)
+    assert message.rcpts == ["slow@remote.test"]
+    await wait_until(lambda: d.states(queue_id) == [])
+    await asyncio.sleep(1.2)
+    assert len(d.peer.messages) == 1 and d.peer.counts["RCPT"] == 1
+
+
 # --------------------------------------------------------------------------- flush
 
 async def test_flush_makes_deferred_mail_go_within_a_second(daemon):

@@ -136,6 +136,11 @@ class Scheduler:
         self._running: collections.Counter[str] = collections.Counter()
         self._workers: set[asyncio.Task[None]] = set()
         self._claimed = 0
+        # (message id, rcpt_no) of every recipient claimed and not yet finished. An
+        # operator's hold then release during a delivery makes the recipient due
+        # again while its attempt is still running; claimed a second time, it must
+        # not be delivered twice at once (the running attempt records its result).
+        self._in_flight: set[tuple[str, int]] = set()
         self._bodies = _SharedBodies(store.message_data)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -211,8 +216,7 @@ class Scheduler:
                 await self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients])
             except StoreError as exc:   # left 'active': recover_in_flight() at the next start
                 log.warning("%s: could not return claimed recipients to the queue: %s", job.message_id, exc)
-            self._claimed -= len(job.recipients)
-            self._bodies.release(job.message_id)
+            self._finished(job)
         if self._workers:
             done, pending = await asyncio.wait(self._workers, timeout=grace)
             for task in pending:
@@ -220,10 +224,20 @@ class Scheduler:
             if pending:
                 await asyncio.wait(pending)
 
+    def _finished(self, job: Job) -> None:
+        """The job's recipients are recorded or given back: no longer claimed here."""
+        self._claimed -= len(job.recipients)
+        self._in_flight.difference_update((job.message_id, r.rcpt_no) for r in job.recipients)
+        self._bodies.release(job.message_id)
+
     # ------------------------------------------------------------------ dispatch
     def _enqueue_jobs(self, due: Sequence[DueRecipient], bodies: dict[str, bytes] | None = None) -> None:
         jobs: dict[tuple[str, str], Job] = {}
         for rcpt in due:
+            if (rcpt.message_id, rcpt.rcpt_no) in self._in_flight:
+                log.debug("%s: recipient %d is already being delivered", rcpt.message_id, rcpt.rcpt_no)
+                continue
+            self._in_flight.add((rcpt.message_id, rcpt.rcpt_no))
             if self.local is not None and self.local.handles(rcpt.address):
                 destination = LOCAL_DESTINATION
             else:
@@ -274,8 +288,7 @@ class Scheduler:
                 try:
                     await self._run_job(job)
                 finally:
-                    self._claimed -= len(job.recipients)
-                    self._bodies.release(job.message_id)
+                    self._finished(job)
         finally:
             self._running[destination] -= 1
 
