@@ -12,7 +12,6 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -30,11 +29,11 @@ from mta.passwords import AuthThrottle, UsersFile
 from mta.qmgr import DeliveryService
 from mta.queue.scheduler import Scheduler
 from mta.queue.store import QueueStore
+from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
 from mta.worker import DeliveryProcess
 
 log = logging.getLogger("mta.master")
 
-SHUTDOWN_GRACE = 10.0  # seconds running SMTP transactions get to finish on SIGTERM
 PRUNE_INTERVAL = 60.0  # how often mail older than mailboxes.max_age is removed
 
 
@@ -249,20 +248,3 @@ def use_delivery_process() -> bool:
     if setting in ("yes", "1", "true", "on"):
         return True
     return len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1
-
-
-def event_loop_factory(*, quiet: bool = False) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when it is installed (the `fast` extra), else asyncio's own loop.
-
-    uvloop runs the same code with a cheaper event loop and socket layer
-    (benchmarks/README.md). MTA_EVENT_LOOP=asyncio turns it off.
-    """
-    if os.environ.get("MTA_EVENT_LOOP", "").lower() == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    if not quiet:
-        log.info("event loop: uvloop %s", uvloop.__version__)
-    return uvloop.new_event_loop

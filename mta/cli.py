@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config, path, args.log_level)
         if args.command == "deliver":
             setup_logging(args.log_level)
-            from mta.app import SHUTDOWN_GRACE, event_loop_factory
+            from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
             from mta.worker import child_main
             return child_main(config, path, args.channel_fd, args.own_sockets, SHUTDOWN_GRACE,
                               event_loop_factory(quiet=True), args.parent_pid)

@@ -33,12 +33,16 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mta.config import Config, load_config
 from mta.errors import ConfigError
 from mta.mailbox.users import MailboxUsers
 from mta.model import RcptState
 from mta.queue.store import QueueStore
+
+if TYPE_CHECKING:
+    from mta.metrics import Metrics, RecipientResultLike
 
 log = logging.getLogger("mta.master")
 
@@ -64,7 +68,7 @@ class _Result:
 class DeliveryProcess:
     """The main process's handle on the delivery child: start, wake, reload, stop."""
 
-    def __init__(self, config_path: str | None, metrics: object, own_sockets: frozenset[tuple[str, int]],
+    def __init__(self, config_path: str | None, metrics: Metrics, own_sockets: frozenset[tuple[str, int]],
                  log_level: str = "INFO"):
         self.config_path = config_path
         self.metrics = metrics
@@ -74,7 +78,7 @@ class DeliveryProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self.starts = 0
+        self._wake_due = False
 
     async def start(self) -> None:
         await self._spawn()
@@ -95,7 +99,6 @@ class DeliveryProcess:
         finally:
             theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=ours)
-        self.starts += 1
         pool = _PoolCounts()
         self.metrics.attach_pool(pool)
         self._events = asyncio.create_task(self._read_events(reader, pool), name="delivery-events")
@@ -137,6 +140,13 @@ class DeliveryProcess:
                 log.critical("cannot start the delivery process: %s", exc)
 
     def wake(self, *_: object) -> None:
+        # A group commit calls this once per message: one byte per loop turn will do.
+        if not self._wake_due:
+            self._wake_due = True
+            asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_due = False
         writer = self._writer
         if writer is not None and not writer.is_closing():
             writer.write(_WAKE)
@@ -188,9 +198,8 @@ class _Forwarder:
     def attach_pool(self, pool: object) -> None:
         self.pool = pool
 
-    def recipient_result(self, result: object) -> None:
-        state, delay = getattr(result, "state"), float(getattr(result, "delay"))
-        self._send(f"r {state} {max(0.0, delay):.6f}\n")
+    def recipient_result(self, result: RecipientResultLike) -> None:
+        self._send(f"r {result.state} {result.delay:.6f}\n")   # Metrics.recipient_result clamps it
 
     def bounce_generated(self) -> None:
         self._send("b\n")

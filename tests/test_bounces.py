@@ -225,7 +225,7 @@ async def test_failure_and_bounce_are_one_commit(tmp_path):
     await store.open()
     await store.enqueue(NewMessage(id="AAAA00000001", sender="lab@lab.test",
                                    recipients=(Recipient("a@example.test"),), data=BODY, arrival=time.time()))
-    [claimed] = await store.claim_due(time.time(), 10)
+    [claimed] = (await store.claim(time.time(), 10)).due
     bounce = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("lab@lab.test"),),
                         data=b"dsn", arrival=time.time())  # same id: the insert fails inside the commit
     failed = RecipientUpdate(claimed.rcpt_no, RcptState.BOUNCED, 1, time.time(), "550 5.1.1 nope")

@@ -363,7 +363,7 @@ async def test_crash_recovery_makes_in_flight_recipients_due(relay, dns, port):
     config = relay()
     async with running(config) as app:  # accept only
         queue_id = await submit(config, ["bob@example.test"])
-        claimed = await app.store.claim_due(time.time(), 10)
+        claimed = (await app.store.claim(time.time(), 10)).due
         assert [c.message_id for c in claimed] == [queue_id]
     assert queue_rows(config)[0][2] == "active"  # as a SIGKILL would leave it
     async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):

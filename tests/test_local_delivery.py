@@ -276,7 +276,7 @@ async def test_mailbox_copy_and_delivered_state_are_one_commit(tmp_path):
     await store.open()
     await store.enqueue(NewMessage(id="AAAA00000001", sender="s@example.test",
                                    recipients=(Recipient("alice@lab.test"),), data=BODY, arrival=time.time()))
-    [claimed] = await store.claim_due(time.time(), 10)
+    [claimed] = (await store.claim(time.time(), 10)).due
     delivered = RecipientUpdate(claimed.rcpt_no, RcptState.DELIVERED, 1, time.time(), None)
     copy = MailboxCopy("alice@lab.test", "AAAA00000001", "s@example.test", "t", BODY)
     clash = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("s@example.test"),),

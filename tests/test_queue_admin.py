@@ -289,12 +289,18 @@ async def test_hold_keeps_due_mail_and_release_delivers_it(daemon):
     assert await d.mta("release", queue_id) == (1, "", f"mta: queue: {queue_id}: no such message\n")
 
 
-async def test_hold_during_delivery_keeps_a_deferred_recipient_held(daemon):
-    d = daemon
+async def held_during_delivery(d: Daemon) -> str:
+    """A message to slow@remote.test, held while its delivery hangs at RCPT."""
     d.script.rcpt["slow@remote.test"] = "hang"
     queue_id = await d.submit("slow@remote.test")
     await d.wait_state(queue_id, [("slow@remote.test", "active", 0)])
     assert await d.mta("hold", queue_id) == (0, f"{queue_id}: held 1 recipient\n", "")
+    return queue_id
+
+
+async def test_hold_during_delivery_keeps_a_deferred_recipient_held(daemon):
+    d = daemon
+    queue_id = await held_during_delivery(d)
     d.script.rcpt["slow@remote.test"] = DEFER
     d.script.release.set()  # the attempt in progress ends with 451
     await wait_until(lambda: ("slow@remote.test", "deferred") in d.events(queue_id))
@@ -307,10 +313,7 @@ async def test_hold_and_release_during_delivery_delivers_once(daemon):
     # Released while its attempt is still running, the recipient is due again and
     # claimed again; the queue manager must not start a second delivery of it.
     d = daemon
-    d.script.rcpt["slow@remote.test"] = "hang"
-    queue_id = await d.submit("slow@remote.test")
-    await d.wait_state(queue_id, [("slow@remote.test", "active", 0)])
-    assert await d.mta("hold", queue_id) == (0, f"{queue_id}: held 1 recipient\n", "")
+    queue_id = await held_during_delivery(d)
     assert await d.mta("release", queue_id) == (0, f"{queue_id}: released 1 recipient\n", "")
     await asyncio.sleep(2.2)  # two polls of the queue manager: a second claim has happened
     assert d.peer.counts["RCPT"] == 1

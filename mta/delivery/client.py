@@ -260,8 +260,8 @@ class Session:
                 # RFC 5321 3.1 lets a server refuse service with a 554 greeting; that says
                 # nothing about the mail. Like Postfix (smtp_skip_5xx_greeting = yes), try
                 # the next host, and defer when none is left.
-                enhanced = "4" + greeting.enhanced[1:] if greeting.enhanced else "4.0.0"
-                greeting = Reply(450, enhanced, f"host {self.host} refused to talk to me: {greeting}")
+                greeting = Reply(450, "4" + greeting.enhanced[1:],   # parse() always fills enhanced
+                                 f"host {self.host} refused to talk to me: {greeting}")
             await self._fail(greeting)
         await self._ehlo(helo_name)
         if tls != "none":
@@ -559,7 +559,8 @@ async def connect(address: str, port: int, *, server_name: str, helo_name: str, 
     """Open a session to ``address``:``port``: greeting, EHLO/HELO, STARTTLS, AUTH.
 
     Raises ConnectionLost for network trouble and 421s, TransientError for other
-    4xx and PermanentError for 5xx replies during the handshake (after QUIT).
+    4xx and for a 5xx greeting (try the next host), and PermanentError for 5xx to
+    EHLO and HELO (after QUIT).
     """
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")

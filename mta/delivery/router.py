@@ -62,8 +62,6 @@ class Delivery:
         return params
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class _Hop:
     name: str
@@ -245,7 +243,7 @@ class Router:
             raise _Next(exc.reply) from None
         except TransientError as exc:   # 4xx/421/timeout at greeting, EHLO, STARTTLS or AUTH
             raise _Next(exc.reply, relay) from None
-        except PermanentError as exc:   # 5xx to EHLO+HELO or AUTH
+        except PermanentError as exc:   # 5xx to EHLO and then HELO
             raise _Stop(exc.reply, relay) from None
         self.pool.note_opened()
         return session

@@ -29,6 +29,7 @@ REPLIES = {
     "rcpt_ok": Reply(250, "2.1.5", "Ok"),
     "idle_timeout": Reply(421, "4.4.2", "Error: timeout exceeded"),
     "too_many_connections": Reply(421, "4.7.0", "Error: too many connections"),
+    "too_many_errors": Reply(421, "4.7.0", "Error: too many errors"),   # sent with our hostname
     "local_error": Reply(451, "4.3.0", "Error: local error in processing"),
 }
 
@@ -178,7 +179,7 @@ def received_header(*, helo: str, client_ip: str, hostname: str, listener: str, 
 
 
 def message_id_header(queue_id: str, hostname: str, now: float) -> bytes:
-    stamp = email.utils.formatdate(now).replace(" ", "").replace(",", "").replace(":", "")
+    stamp = rfc5322_date(now).replace(" ", "").replace(",", "").replace(":", "")
     return f"Message-ID: <{stamp}.{queue_id}@{hostname}>".encode()
 
 
@@ -200,8 +201,10 @@ def rfc5322_date(now: float) -> str:
 # ----------------------------------------------------------------------------- RFC 3461 DSN parameters
 
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
-# RFC 3461 4.2: addr-type = atom (RFC 5322 atext), e.g. "rfc822" or "utf-8".
-_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
+# RFC 5322 3.2.3 atext, one or more: an atom.
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 3461 4.2: addr-type = atom, e.g. "rfc822" or "utf-8".
+_ATOM = re.compile(ATEXT)
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 
 

@@ -23,7 +23,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from mta.inbound.policy import REPLIES, DSNParams, split_dsn_params
+from mta.inbound.policy import ATEXT, REPLIES, DSNParams, split_dsn_params
 from mta.model import Reply
 
 log = logging.getLogger("mta.smtpd")
@@ -73,9 +73,13 @@ _CR_NUL = re.compile(r"[\r\x00]")
 # after it: read without the stdlib's RFC 5322 parser, which costs ~50 µs per
 # MAIL and RCPT. Anything else (quoted local parts, literals, comments, junk)
 # goes to the full parser; tests/test_session_fastpath.py checks both agree.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)",
+_PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({ATEXT}(?:\.{ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)",
                                re.DOTALL)
+
+# Error replies that do not count towards limits.hard_error_limit: a 421 ends the
+# session anyway, and "too many recipients" is the client's cue to send the rest in
+# another transaction (Postfix counts it only beyond smtpd_recipient_overshoot_limit).
+_NOT_COUNTED = (b"421", f"{REPLIES['too_many_rcpts'].code} {REPLIES['too_many_rcpts'].enhanced}".encode())
 
 # RFC 5321 §4.5.3.1.4: 512 octets for a command line, plus what extensions add
 # to MAIL (RFC 1870 SIZE: 26, RFC 6531 SMTPUTF8: 10, RFC 6152 BODY: 14, RFC 3461: 100+).
@@ -278,28 +282,24 @@ class InboundSMTP(SMTP):
             note = getattr(self.event_handler, "note_reply", None)
             if note is not None:
                 note(int(reply[:3]))
-            # 421 ends the session anyway; "too many recipients" is the client's cue to
-            # send the rest in another transaction, not an error (Postfix counts it only
-            # beyond smtpd_recipient_overshoot_limit).
-            if not reply.startswith((b"421", b"452 4.5.3")):
-                self._errors += 1
         await super().push(reply)
-        if error and self._errors >= self._hard_error_limit:
-            self._too_many_errors()
+        if error and not reply.startswith(_NOT_COUNTED):
+            self._count_error()
 
-    def _too_many_errors(self) -> None:
-        if self.transport is None or self.transport.is_closing():
+    def _count_error(self) -> None:
+        """One more error (Postfix's error_count); at limits.hard_error_limit, 421 and close."""
+        self._errors += 1
+        if self._errors < self._hard_error_limit or self.transport is None or self.transport.is_closing():
             return
         log.warning("%s: too many errors (limits.hard_error_limit = %d); disconnecting",
                     self.session.peer if self.session else "?", self._hard_error_limit)
-        self.close_with(f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode())
+        r = REPLIES["too_many_errors"]
+        self.close_with(f"{r.code} {r.enhanced} {self.hostname} {r.text}\r\n".encode())
 
     def _junk(self) -> None:
         self._junk_commands += 1
         if self._junk_commands > self._junk_command_limit:
-            self._errors += 1
-            if self._errors >= self._hard_error_limit:
-                self._too_many_errors()
+            self._count_error()
 
     @syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str) -> None:

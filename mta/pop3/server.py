@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mta.config import Config, ListenerConfig
 from mta.inbound.server import BoundServer, make_tls_context
@@ -21,6 +21,9 @@ from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import replies as R
 from mta.pop3.session import POP3Session, SessionContext
+
+if TYPE_CHECKING:
+    from mta.metrics import Metrics
 
 log = logging.getLogger("mta.pop3")
 
@@ -32,7 +35,7 @@ class POP3Listener(BoundServer):
     """One configured POP3 listening socket and the sessions it spawns."""
 
     def __init__(self, config: Config, listener: ListenerConfig, store: MailboxStore, users: MailboxUsers,
-                 *, locks: set[str] | None = None, throttle: AuthThrottle | None = None, metrics: Any = None):
+                 *, locks: set[str] | None = None, throttle: AuthThrottle | None = None, metrics: Metrics | None = None):
         self.config = config        # replaced by the app on reload; each new session reads it
         self.listener = listener
         self.store = store

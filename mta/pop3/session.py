@@ -22,7 +22,7 @@ import time
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 from enum import StrEnum
 
 from mta.config import Config, ListenerConfig
@@ -30,6 +30,9 @@ from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import replies as R
+
+if TYPE_CHECKING:
+    from mta.metrics import Metrics
 
 log = logging.getLogger("mta.pop3")
 
@@ -68,7 +71,7 @@ class SessionContext:
     locks: set[str]                 # mailbox keys in TRANSACTION, shared by every POP3 listener
     throttle: AuthThrottle          # login failures per client IP, shared likewise
     tls_context: ssl.SSLContext | None
-    metrics: Any = None             # mta.metrics.Metrics (pop3_* counters), or None
+    metrics: Metrics | None = None  # its pop3_* counters
 
 
 class _TooLong:
@@ -475,7 +478,7 @@ class POP3Session:
         if key in self.ctx.locks:
             log.info("pop3-login: Login refused, mailbox in use: user=<%s>, method=%s, %s",
                      _printable(user), method, self._where())
-            self._count("pop3_login", "in_use")
+            self._count_login("in_use")
             return R.IN_USE
         self.ctx.locks.add(key)
         self.lock = key
@@ -490,17 +493,16 @@ class POP3Session:
         self.state = State.TRANSACTION
         count, octets = self.maildrop.totals()
         log.info("pop3-login: Login: user=<%s>, method=%s, %s", _printable(user), method, self._where())
-        self._count("pop3_login", "ok")
+        self._count_login("ok")
         return R.ok(f"{_printable(user)} has {_plural(count, 'message')} ({octets} octets)")
 
-    def _count(self, event: str, *args: Any) -> None:
-        """One event for the metrics (see mta.metrics.Metrics.pop3_*)."""
+    def _count_login(self, result: str) -> None:
         if self.ctx.metrics is not None:
-            getattr(self.ctx.metrics, event)(self.ctx.listener.name, *args)
+            self.ctx.metrics.pop3_login(self.ctx.listener.name, result)
 
     def _login_failed(self, user: str, method: str) -> bytes:
         self.ctx.throttle.failed(self.ip)
-        self._count("pop3_login", "failed")
+        self._count_login("failed")
         self.auth_failures += 1
         # The name as given, never the password (Dovecot logs the same fields).
         log.warning("pop3-login: Authentication failed: user=<%s>, method=%s, %s",
@@ -558,7 +560,8 @@ class POP3Session:
             self.end_reason = "Logout failed"
             return R.DELETE_FAILED
         self.deleted = len(marked)
-        self._count("pop3_messages_deleted", len(marked))
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.pop3_messages_deleted(self.ctx.listener.name, len(marked))
         self.end_reason = "Logged out"
         left = len(self.maildrop.messages) - len(marked)
         return R.signing_off(self.config.hostname, f"{_plural(len(marked), 'message')} deleted, {left} left")
@@ -598,7 +601,8 @@ class POP3Session:
         data = await self._fetch(number, message)
         self.retrieved[0] += 1
         self.retrieved[1] += len(data)
-        self._count("pop3_message_retrieved")
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.pop3_message_retrieved(self.ctx.listener.name)
         return R.ok(f"{len(data)} octets") + R.stuff(data)
 
     async def _top(self, arg: str) -> bytes:

@@ -231,7 +231,7 @@ class Scheduler:
         self._bodies.release(job.message_id)
 
     # ------------------------------------------------------------------ dispatch
-    def _enqueue_jobs(self, due: Sequence[DueRecipient], bodies: dict[str, bytes] | None = None) -> None:
+    def _enqueue_jobs(self, due: Sequence[DueRecipient], bodies: dict[str, bytes]) -> None:
         jobs: dict[tuple[str, str], Job] = {}
         for rcpt in due:
             if (rcpt.message_id, rcpt.rcpt_no) in self._in_flight:
@@ -256,7 +256,7 @@ class Scheduler:
                 queue.append(job)
             self._claimed += len(job.recipients)
             self._bodies.hold(job.message_id)
-        for message_id, data in (bodies or {}).items():
+        for message_id, data in bodies.items():
             self._bodies.preload(message_id, data)
         self._dispatch()
 

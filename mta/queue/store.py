@@ -432,24 +432,12 @@ class QueueStore:
         (that would fsync here): every INLINE_CHECKPOINT_EVERY commits, a
         passive checkpoint runs in the database thread instead.
         """
-        conn = self._inline
-        assert conn is not None
+        assert self._inline is not None
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            results = _run_transaction(self._inline, ops, wait=False)
         except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
+            if _is_busy(exc):   # at BEGIN, or e.g. a WAL that could not be restarted yet
                 return None
-            raise
-        try:
-            results = [op(conn) for op in ops]
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
-                return None   # e.g. the WAL could not be restarted yet: the thread path waits
             raise
         self._inline_commits += 1
         if self._inline_commits >= INLINE_CHECKPOINT_EVERY and (
@@ -566,10 +554,6 @@ class QueueStore:
 
         return await self._write(recover)
 
-    async def claim_due(self, now: float, limit: int) -> list[DueRecipient]:
-        """Mark up to ``limit`` due recipients active and return them (see :meth:`claim`)."""
-        return (await self.claim(now, limit)).due
-
     async def claim(self, now: float, limit: int, *, prefetch_bytes: int = 0) -> Claimed:
         """Mark up to ``limit`` due recipients active and return them: fresh mail
         first, then deferred mail whose time has come. Both are range scans of
@@ -611,9 +595,7 @@ class QueueStore:
                 if row is not None:
                     bodies[message_id] = bytes(row[0])
                 budget -= size
-            row = conn.execute("SELECT min(next_attempt) FROM recipients WHERE state = 'deferred'").fetchone()
-            next_due = float(row[0]) if row and row[0] is not None else None
-            return Claimed(due, bodies, next_due)
+            return Claimed(due, bodies, _next_due(conn))
 
         return await self._write(claim, durable=False)
 
@@ -676,11 +658,7 @@ class QueueStore:
 
     async def next_due_time(self) -> float | None:
         """When the earliest deferred recipient is due (one index lookup)."""
-        def read(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute("SELECT min(next_attempt) FROM recipients WHERE state = 'deferred'").fetchone()
-            return float(row[0]) if row and row[0] is not None else None
-
-        return await self._in_thread(read)
+        return await self._in_thread(_next_due)
 
     # ----------------------------------------------------------------- reading
 
@@ -905,12 +883,16 @@ def _migrate_to(target: int, conn: sqlite3.Connection) -> None:
 
 
 def _run_transaction(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]],
-                     busy_timeout: float = 10.0, synchronous: str | None = None) -> list[Any]:
+                     busy_timeout: float = 10.0, synchronous: str | None = None, *, wait: bool = True) -> list[Any]:
     """BEGIN IMMEDIATE, every op, COMMIT (one fsync unless synchronous=NORMAL);
-    ROLLBACK if anything fails. ``synchronous``: set that PRAGMA first."""
+    ROLLBACK if anything fails. ``synchronous``: set that PRAGMA first. ``wait=False``:
+    a busy write lock raises at once (the connection's busy_timeout, 0 inline)."""
     if synchronous is not None:
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-    _begin_immediate(conn, busy_timeout)
+    if wait:
+        _begin_immediate(conn, busy_timeout)
+    else:
+        conn.execute("BEGIN IMMEDIATE")
     try:
         results = [op(conn) for op in ops]
         conn.execute("COMMIT")
@@ -936,6 +918,12 @@ FREE_SPACE_TTL = 0.1
 
 # Waits between tries for the write lock while another process holds it.
 _BEGIN_WAITS = (0.0001, 0.0002, 0.0004, 0.0008, 0.0016)
+
+
+def _next_due(conn: sqlite3.Connection) -> float | None:
+    """When the earliest deferred recipient is due (one index lookup)."""
+    row = conn.execute("SELECT min(next_attempt) FROM recipients WHERE state = 'deferred'").fetchone()
+    return float(row[0]) if row and row[0] is not None else None
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
