@@ -12,10 +12,9 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import replace
 from typing import Any
 
-from mta.config import Config, load_config
+from mta.config import Config, load_config, reloaded
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
@@ -107,7 +106,8 @@ class App:
     async def _start_delivery(self) -> None:
         own = self.own_sockets()
         if self.delivery_process:
-            self.delivery = DeliveryProcess(self.config_path, self.metrics, own, log_level=self.log_level)
+            self.delivery = DeliveryProcess(self.config_path, self.metrics, own, log_level=self.log_level,
+                                            config=self.config)
             await self.delivery.start()
             self.store.add_listener(self.delivery.wake)   # new mail: wake the child at once
         else:
@@ -207,12 +207,9 @@ class App:
         except ConfigError as exc:
             log.error("reload failed, keeping the old configuration: config: %s", exc)
             return
-        needs_restart = [name for name in ("listeners", "queue", "metrics", "hostname")
-                         if getattr(new, name) != getattr(self.config, name)]
+        new, needs_restart = reloaded(self.config, new)
         if needs_restart:
             log.warning("reload: changes to %s take effect after a restart", ", ".join(needs_restart))
-            new = replace(new, listeners=self.config.listeners, queue=self.config.queue,
-                          metrics=self.config.metrics, hostname=self.config.hostname)
         self.config = new
         self.mailbox_users = MailboxUsers(new)
         for listener in self.listeners:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     deliver.add_argument("--parent-pid", type=int, default=0)
     deliver.add_argument("--own-sockets", default="[]")
     deliver.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # The main process's values of keys that need a restart (config.RESTART_ONLY).
+    deliver.add_argument("--hostname")
+    deliver.add_argument("--queue-path")
 
     queue = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue",
                            epilog=_QUEUE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(args.log_level)
             from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
             from mta.worker import child_main
+            if args.hostname:
+                config = dataclasses.replace(config, hostname=args.hostname)
+            if args.queue_path:
+                config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, path=args.queue_path))
             return child_main(config, path, args.channel_fd, args.own_sockets, SHUTDOWN_GRACE,
                               event_loop_factory(quiet=True), args.parent_pid)
         if args.command == "queue":

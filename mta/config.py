@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -547,6 +547,21 @@ def _metrics_address(value: Any, path: str) -> tuple[str, int] | None:
     if value in (None, False, "off", "none"):
         return None
     return parse_hostport(value, path)
+
+
+# Keys a SIGHUP does not change: the sockets, the queue file, the metrics server
+# and the name we greet and sign bounces with stay as started.
+RESTART_ONLY = ("listeners", "queue", "metrics", "hostname")
+
+
+def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The configuration a reload puts in force -- ``new`` with the RESTART_ONLY
+    keys kept from ``old`` -- and the names of those that changed. The daemon and
+    its delivery process both use it, so they never disagree after a SIGHUP."""
+    changed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+    if changed:
+        new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY})
+    return new, changed
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mta.config import Config, load_config
+from mta.config import Config, load_config, reloaded
 from mta.errors import ConfigError
 from mta.mailbox.users import MailboxUsers
 from mta.model import RcptState
@@ -49,6 +49,10 @@ log = logging.getLogger("mta.master")
 RESTART_DELAY = 1.0    # seconds before a delivery process that exited is started again
 STOP_MARGIN = 5.0      # beyond the grace period, before a child that will not stop is killed
 _WAKE = b"w"
+# Read the configuration again. Sent over the channel rather than as SIGHUP: a
+# signal that came before the child installed its handler would kill it, while
+# a byte waits in the socket until the child reads it.
+_RELOAD = b"h"
 
 
 @dataclass
@@ -69,8 +73,11 @@ class DeliveryProcess:
     """The main process's handle on the delivery child: start, wake, reload, stop."""
 
     def __init__(self, config_path: str | None, metrics: Metrics, own_sockets: frozenset[tuple[str, int]],
-                 log_level: str = "INFO"):
+                 log_level: str = "INFO", *, config: Config | None = None):
         self.config_path = config_path
+        # The main process's configuration as started: a child started later (after a
+        # crash) keeps its restart-only keys too, whatever the file says by then.
+        self.config = config
         self.metrics = metrics
         self.own_sockets = own_sockets
         self.log_level = log_level
@@ -93,6 +100,8 @@ class DeliveryProcess:
                 "--own-sockets", json.dumps(sorted(self.own_sockets)), "--log-level", self.log_level]
         if self.config_path:
             args += ["--config", self.config_path]
+        if self.config is not None:
+            args += ["--hostname", self.config.hostname, "--queue-path", self.config.queue.path]
         try:
             self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=[theirs.fileno()], env=env,
                                                              stdin=asyncio.subprocess.DEVNULL)
@@ -157,8 +166,9 @@ class DeliveryProcess:
 
     def reconfigure(self, config: Config, users: MailboxUsers) -> None:
         """SIGHUP: the child reads the configuration again itself."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGHUP)
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(_RELOAD)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM: the child lets deliveries finish within ``grace`` and QUITs its sessions."""
@@ -255,6 +265,7 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
         except ConfigError as exc:
             log.error("delivery: reload failed, keeping the old configuration: config: %s", exc)
             return
+        new, _ = reloaded(service.config, new)   # the main process logs what needs a restart
         service.reconfigure(new, MailboxUsers(new))
         log.info("delivery: reload: configuration re-read from %s", config_path or "built-in defaults")
 
@@ -263,7 +274,9 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
     loop.add_signal_handler(signal.SIGHUP, reload)
 
     async def wakes() -> None:
-        while await reader.read(4096):
+        while data := await reader.read(4096):
+            if _RELOAD in data:
+                reload()
             service.wake()
         stop.set()   # the main process is gone
 

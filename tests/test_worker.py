@@ -195,6 +195,35 @@ async def test_sighup_applies_new_routes_to_delivery(daemon, tmp_path, mode):
     assert [m.rcpts for m in second.messages] == [["r1@example.test"]]
 
 
+@pytest.mark.parametrize("mode", ["yes", "no"])
+async def test_sighup_keeps_the_hostname_for_bounces(daemon, tmp_path, mode):
+    """hostname needs a restart (App._reload says so); the delivery child used to take
+    the new one at once and sign its bounces with it."""
+    peer_port = free_port("127.0.0.2")
+    refuse = lambda verb, arg, conn: "550 5.1.1 No such user" if "nobody@" in arg else None  # noqa: E731
+    async with RecordingPeer("127.0.0.2", peer_port, replies=refuse) as peer:
+        proc, smtp_port, _ = await daemon(peer_port, MTA_DELIVERY_PROCESS=mode)
+        path = tmp_path / "mta.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["hostname"] = "renamed.lab.test"
+        path.write_text(yaml.safe_dump(doc))
+        proc.send_signal(signal.SIGHUP)   # at once: the child may still be starting
+        log = tmp_path / "mta.log"
+        want = "delivery: reload: configuration" if mode == "yes" else "reload: configuration re-read"
+        await until(lambda: want in log.read_text())
+        assert "reload: changes to hostname take effect after a restart" in log.read_text()
+        async with await Wire.connect("127.0.0.1", smtp_port) as w:
+            await w.ehlo()
+            assert (await w.mail("lab@example.test", ["nobody@example.test"], b"Subject: x\r\n\r\nx\r\n",
+                                 ehlo=False)).startswith("250 2.0.0")
+        [dsn] = await peer.wait_for_messages(1, timeout=10)   # the bounce, to lab@example.test
+        await stop(proc)
+    assert dsn.rcpts == ["lab@example.test"]
+    assert b"Reporting-MTA: dns; relay.lab.test\r\n" in dsn.data
+    assert b"renamed.lab.test" not in dsn.data
+    assert "exited with status" not in log.read_text()
+
+
 def _can_unshare_pid():
     import shutil
     import subprocess
