@@ -41,6 +41,27 @@ async def test_a_lower_limit_and_good_commands_in_between(make_config):
             assert await w.closed()
 
 
+async def test_an_accepted_message_forgives_earlier_errors(make_config):
+    # A relay client whose every message has one unknown recipient is not cut off
+    # (Postfix: the limit is on errors "without delivering mail").
+    config = make_config(limits={"hard_error_limit": 2})
+    async with running(config):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            await w.ehlo()
+            for _ in range(5):
+                assert await w.cmd("RCPT TO:<b@example.org>") == "503 5.5.1 Error: need MAIL command"
+                assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
+                assert await w.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Ok"
+                assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
+                await w.send(b"Subject: x\r\n\r\nbody\r\n.")
+                assert (await w.reply())[0].startswith("250 2.0.0 Ok: queued as ")
+            assert await w.cmd("RCPT TO:<b@example.org>") == "503 5.5.1 Error: need MAIL command"
+            await w.send("RCPT TO:<b@example.org>")
+            assert await w.reply() == ["503 5.5.1 Error: need MAIL command"]
+            assert await w.reply() == [TOO_MANY]
+            assert await w.closed()
+
+
 async def test_too_many_recipients_is_not_an_error(make_config):
     config = make_config(limits={"max_recipients": 2, "hard_error_limit": 3})
     async with running(config):
@@ -59,14 +80,14 @@ async def test_junk_commands_beyond_the_limit_count_as_errors(make_config):
             await w.ehlo()
             for verb in ["NOOP", "RSET", "NOOP", "RSET", "NOOP", "NOOP", "RSET"]:   # 5 free, 2 errors
                 assert (await w.cmd(verb)).startswith("250 2.0.0")
-            # An accepted message starts the junk count again (Postfix: "reset after
-            # mail is delivered"); the two errors stay.
+            # An accepted message starts both counts again (Postfix: junk "is reset
+            # after mail is delivered"; the error limit is "without delivering mail").
             assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
             assert await w.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Ok"
             assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
             await w.send(b"Subject: x\r\n\r\nbody\r\n.")
             assert (await w.reply())[0].startswith("250 2.0.0 Ok: queued as ")
-            for _ in range(5):
+            for _ in range(5 + 2):   # 5 free, 2 errors
                 assert await w.cmd("NOOP") == "250 2.0.0 OK"
             await w.send("NOOP")
             assert await w.reply() == ["250 2.0.0 OK"]

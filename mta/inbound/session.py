@@ -139,7 +139,7 @@ class InboundSMTP(SMTP):
         super().__init__(handler, **kwargs)
         # Postfix's smtpd_hard_error_limit and smtpd_junk_command_limit: a client that
         # keeps getting errors is told 421 and dropped; NOOP, RSET and VRFY beyond the
-        # junk limit (reset by each accepted message) count as errors.
+        # junk limit count as errors; each accepted message resets both counts.
         self._hard_error_limit = hard_error_limit
         self._junk_command_limit = junk_command_limit
         self._errors = 0
@@ -270,7 +270,10 @@ class InboundSMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         if status.startswith("250"):
-            self._junk_commands = 0
+            # Postfix: the hard limit is on errors "without delivering mail", and the
+            # junk count "is reset after mail is delivered": an accepted message
+            # forgives both.
+            self._errors = self._junk_commands = 0
         await self.push(status)
 
     # ------------------------------------------------------------ replies
