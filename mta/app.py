@@ -18,6 +18,7 @@ from mta.config import Config, load_config, reloaded
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
+from mta.health import Health
 from mta.inbound.handler import InboundHandler
 from mta.inbound.server import Listener
 from mta.mailbox.store import MailboxStore
@@ -48,7 +49,10 @@ class App:
         self.config_path = config_path
         # Like Postfix, keep 1.5 x message_size_limit free for the queue manager's own
         # writes: new mail is refused with 452 4.3.1 before the disk is really full.
-        self.store = QueueStore(config.queue.path, reserve=int(1.5 * config.limits.message_size))
+        # Every fault either heals by itself or shows here: /healthz, mta_health_status, the log.
+        self.health = Health()
+        self.store = QueueStore(config.queue.path, reserve=int(1.5 * config.limits.message_size),
+                                health=self.health)
         self.listeners: list[Any] = []   # SMTP Listener and POP3Listener: start/sockets/stop_accepting/drain
         self.mailboxes = MailboxStore(self.store)
         self.mailbox_users = MailboxUsers(config)
@@ -56,7 +60,7 @@ class App:
         self._prune_task: asyncio.Task[None] | None = None
         self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode != "pop3"],
                                pop3_listeners=[lc.name for lc in config.listeners if lc.mode == "pop3"],
-                               refresh=self._refresh_queue_metrics)
+                               refresh=self._refresh_queue_metrics, health=self.health)
         # The in-process delivery side's parts, for tests that look inside (None with a child process).
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None

@@ -20,8 +20,9 @@ their values come from the configuration (listener names) or from a small
 fixed set (SMTP reply codes, queue states).
 
 The HTTP side is deliberately tiny: ``GET /metrics`` for Prometheus,
-``GET /`` and ``GET /healthz`` answering "ok" for the Docker HEALTHCHECK and
-systemd, one request per connection (``Connection: close``), bounded request
+``GET /`` and ``GET /healthz`` answering "ok" (or 503 with the faults of
+mta/health.py) for the Docker HEALTHCHECK and systemd, one request per
+connection (``Connection: close``), bounded request
 size, a read timeout and a cap on concurrent connections.
 """
 
@@ -44,9 +45,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 import mta
+from mta.health import COMPONENTS, Health
 from mta.model import RcptState
 
 log = logging.getLogger("mta.metrics")
@@ -165,10 +167,34 @@ class _PoolCollector:
         yield from self._families(opened, reused)
 
 
+class _HealthCollector:
+    """mta_health_status{component}: 1 while the component works, 0 while it has a fault."""
+
+    def __init__(self, health: Health):
+        self.health = health
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def _family(self) -> Metric:
+        family = GaugeMetricFamily(
+            "mta_health_status", "1 while the component works, 0 while it has a fault (see /healthz).",
+            labels=["component"])
+        for component in COMPONENTS:
+            family.add_metric([component], 0.0 if self.health.failing(component) else 1.0)
+        return family
+
+
 class Metrics:
     def __init__(self, listeners: Iterable[str] = (), *, version: str = mta.__version__,
-                 refresh: RefreshHook | None = None, process: bool = True, pop3_listeners: Iterable[str] = ()):
+                 refresh: RefreshHook | None = None, process: bool = True, pop3_listeners: Iterable[str] = (),
+                 health: Health | None = None):
         self.registry = CollectorRegistry()
+        # The daemon's faults (mta/health.py): /healthz answers 503 with them.
+        self.health = health if health is not None else Health()
         self.refresh: RefreshHook | None = refresh
         self.listeners = tuple(dict.fromkeys(listeners))
         reg = self.registry
@@ -235,6 +261,7 @@ class Metrics:
 
         self._pool = _PoolCollector()
         reg.register(self._pool)
+        reg.register(_HealthCollector(self.health))
 
         if process:
             ProcessCollector(registry=reg)   # process_*; Linux only, empty elsewhere
@@ -395,7 +422,9 @@ class Metrics:
             body = await self.scrape()
             return 200, body, [("Content-Type", CONTENT_TYPE)], method
         if path in ("/", "/healthz"):
-            return 200, b"ok\n", [], method
+            # 503 with one line per fault: Docker's HEALTHCHECK, load balancers and people see why.
+            status = 200 if self.health.ok else 503
+            return status, self.health.report().encode("utf-8", "replace"), [], method
         return 404, b"not found\n", [], method
 
 

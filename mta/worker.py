@@ -13,7 +13,8 @@ A socket pair joins the two:
   wake-up only delays, never loses). End of file means the main process is
   gone: the child stops.
 - child → main: one line per event the metrics count ("r <state> <delay>",
-  "b", "p <opened> <reused>"); the main process serves them on /metrics.
+  "b", "p <opened> <reused>") and per fault found or cleared ("h <component>
+  [<reason>]"); the main process serves them on /metrics and /healthz.
 
 The child dies with the main process even on SIGKILL (PR_SET_PDEATHSIG), so a
 crashed daemon never leaves a queue manager behind to race the next one. A
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from mta.config import Config, load_config, reloaded
 from mta.errors import ConfigError
+from mta.health import Health
 from mta.mailbox.users import MailboxUsers
 from mta.model import RcptState
 from mta.queue.store import QueueStore
@@ -126,6 +128,12 @@ class DeliveryProcess:
                 elif kind == "p":
                     opened, reused = rest.split()
                     pool.opened, pool.reused = int(opened), int(reused)
+                elif kind == "h":   # a fault the child found, or cleared (mta/health.py)
+                    component, _, reason = rest.partition(" ")
+                    if reason:
+                        self.metrics.health.fail(component, reason)
+                    else:
+                        self.metrics.health.clear(component)
             except ValueError:
                 log.warning("delivery process sent a line not understood: %r", line[:100])
 
@@ -214,6 +222,11 @@ class _Forwarder:
     def bounce_generated(self) -> None:
         self._send("b\n")
 
+    def health_changed(self, component: str, reason: str | None) -> None:
+        """Health.on_change in the child: the main process's /healthz shows the child's faults."""
+        self._send(f"h {component} {' '.join(reason.split())}\n" if reason else f"h {component}\n")
+        self.flush()   # at once, not with the next batch of counters
+
     def _send(self, line: str) -> None:
         self._lines.append(line)
         if self._flush_at is None:
@@ -249,12 +262,14 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
     from mta.qmgr import DeliveryService  # the child's imports only
 
     _die_with_parent(parent_pid)
-    store = QueueStore(config.queue.path)
+    health = Health()
+    store = QueueStore(config.queue.path, health=health)
     store.commit_delay = COMMIT_DELAY
     store.inline_writes = True   # claims and outcomes commit on this loop's thread (QueueStore._run_inline)
     await store.open()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd))
     forwarder = _Forwarder(writer)
+    health.on_change = forwarder.health_changed
     service = DeliveryService(config, store, forwarder, own_sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -183,7 +183,7 @@ def test_no_addresses_or_ids_in_labels(metrics: Metrics) -> None:
     metrics.recipient_result(result(RcptState.BOUNCED, 3.0))
     label_names = {name for (metric, labels) in parse(metrics.render()) for name, _ in labels
                    if metric.startswith("mta_")}
-    assert label_names <= {"listener", "code", "state", "le", "version"}
+    assert label_names <= {"listener", "code", "state", "le", "version", "component"}
     assert "3F2A9C1B7D01" not in metrics.render().decode()
     assert "user@example.test" not in metrics.render().decode()
 
@@ -390,6 +390,23 @@ async def test_health(port: int, path: str) -> None:
     response = await request(port, path)
     assert response.status == 200
     assert response.body == b"ok\n"
+
+
+async def test_health_is_503_with_one_line_per_fault(metrics: Metrics, port: int) -> None:
+    metrics.health.fail("queue_database", "/q/queue.db is damaged:\n database disk image is malformed")
+    metrics.health.fail("delivery_process", "exited with status 1")
+    response = await request(port, "/healthz")
+    assert response.status == 503
+    assert response.body == (b"delivery_process: exited with status 1\n"
+                             b"queue_database: /q/queue.db is damaged: database disk image is malformed\n")
+    samples = parse((await request(port, "/metrics")).body)
+    assert value(samples, "mta_health_status", component="queue_database") == 0
+    assert value(samples, "mta_health_status", component="delivery_process") == 0
+    assert value(samples, "mta_health_status", component="auth_users_file") == 1
+    metrics.health.clear("queue_database")
+    metrics.health.clear("delivery_process")
+    response = await request(port, "/healthz")
+    assert (response.status, response.body) == (200, b"ok\n")
 
 
 async def test_health_does_not_run_the_refresh_hook(metrics: Metrics, port: int) -> None:
@@ -750,6 +767,19 @@ tests:
         alertname: MTAAuthFailures
         exp_alerts:
           - exp_labels: {severity: warning, job: mta, instance: "relay:9101", listener: submission}
+
+  - interval: 1m
+    input_series:
+      - series: 'mta_health_status{job="mta", instance="relay:9101", component="queue_database"}'
+        values: '1x5 0x10'
+      - series: 'mta_health_status{job="mta", instance="relay:9101", component="delivery_process"}'
+        values: '1x15'
+    alert_rule_test:
+      - {eval_time: 6m, alertname: MTAUnhealthy, exp_alerts: []}
+      - eval_time: 10m
+        alertname: MTAUnhealthy
+        exp_alerts:
+          - exp_labels: {severity: critical, job: mta, instance: "relay:9101", component: queue_database}
 
   - interval: 1m
     input_series:

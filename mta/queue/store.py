@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from mta.errors import StoreError
+from mta.health import Health
 from mta.mailbox.store import MIGRATION as MAILBOX_MIGRATION, MailboxCopy, insert_copies
 from mta.model import NewMessage, QueuedMessage, RcptState, Recipient
 
@@ -243,8 +244,11 @@ JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 class QueueStore:
     """Async access to the queue database. Build one per process in app.py."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, reserve: int = 0):
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0, reserve: int = 0,
+                 health: Health | None = None):
         self.path = Path(path)
+        # Faults the store finds (a damaged file, writes that keep failing) are reported here.
+        self.health = health if health is not None else Health()
         self._directory = str(self.path.parent)   # statvfs'd after every commit: no Path work each time
         self.busy_timeout = busy_timeout
         # Disk space kept free for the queue manager's own writes (outcomes, deletions,
