@@ -318,6 +318,21 @@ async def test_routes_send_a_domain_elsewhere(relay, dns, port):
     assert mx_peer.messages[0].rcpts == ["b@example.test"]
 
 
+async def test_routes_win_over_the_smarthost(make_config, dns, port):
+    """Postfix: transport_maps before relayhost. The routed domain goes to its route,
+    everything else to the smarthost; DNS is asked nothing."""
+    config = make_config(delivery={"smarthost": f"127.0.0.4:{port}", "routes": {"routed.test": f"127.0.0.3:{port}"},
+                                   "dns": {"nameservers": ["127.0.0.1"], "port": dns.port}})
+    async with RecordingPeer("127.0.0.4", port) as smarthost, RecordingPeer("127.0.0.3", port) as routed, \
+            running(config, deliver=True):
+        await submit(config, ["a@routed.test", "b@elsewhere.test"])
+        await routed.wait_for_messages(1)
+        await smarthost.wait_for_messages(1)
+    assert [m.rcpts for m in routed.messages] == [["a@routed.test"]]
+    assert [m.rcpts for m in smarthost.messages] == [["b@elsewhere.test"]]
+    assert sum(dns.queries.values()) == 0
+
+
 async def test_route_to_our_own_listener_is_a_loop(make_config, caplog):
     from tests.conftest import free_port as free
     own = free()

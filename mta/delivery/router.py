@@ -68,6 +68,7 @@ class _Hop:
     preference: int
     addresses: tuple[str, ...]
     port: int
+    smarthost: bool = False   # the relayhost: its credentials apply (never to a route or an MX)
 
 
 class _Next(Exception):
@@ -129,29 +130,32 @@ class Router:
     # ------------------------------------------------------------------ routing
 
     def destination(self, recipient: str) -> str:
-        """The grouping key: recipients with the same key share one delivery."""
-        smarthost = self.config.smarthost
-        if smarthost is not None:
-            return f"smarthost:{smarthost.host}:{smarthost.port}"
+        """The grouping key: recipients with the same key share one delivery.
+
+        A route for the recipient's domain wins over the smarthost, as Postfix's
+        transport_maps win over relayhost."""
         domain = domain_of(recipient)
         route = self.config.route_for(domain)
         if route is not None:
             return f"route:{route[0]}:{route[1]}"
+        smarthost = self.config.smarthost
+        if smarthost is not None:
+            return f"smarthost:{smarthost.host}:{smarthost.port}"
         return domain
 
     async def _hops(self, domain: str) -> list[_Hop]:
-        smarthost = self.config.smarthost
-        if smarthost is not None:
-            target: tuple[str, int] | None = (smarthost.host, smarthost.port)
-        else:
-            target = self.config.route_for(domain)
+        target = self.config.route_for(domain)   # transport_maps before relayhost
+        via_smarthost = target is None and self.config.smarthost is not None
+        if via_smarthost:
+            assert self.config.smarthost is not None
+            target = (self.config.smarthost.host, self.config.smarthost.port)
         if target is not None:
             host, port = target
             addresses = await self.resolver.resolve_host(host)
             if not addresses:
                 raise TransientError(Reply(451, "4.4.4", f"Host or domain name not found. "
                                            f"Name service error for name={host} type=A: Host not found"))
-            return [_Hop(host, 0, tuple(addresses), port)]
+            return [_Hop(host, 0, tuple(addresses), port, smarthost=via_smarthost)]
         hosts: list[MXHost] = await self.resolver.resolve(domain)
         # An address literal's host is shown as Postfix does: "192.0.2.1[192.0.2.1]:25".
         return [_Hop(h.addresses[0] if h.name.startswith("[") and h.addresses else h.name,
@@ -233,7 +237,7 @@ class Router:
     async def _connect(self, hop: _Hop, address: str) -> Session:
         smarthost = self.config.smarthost
         auth = None
-        if smarthost is not None and smarthost.username is not None:
+        if hop.smarthost and smarthost is not None and smarthost.username is not None:
             auth = (smarthost.username, smarthost.password or "")
         relay = f"{hop.name}[{address}]:{hop.port}"
         try:
