@@ -515,7 +515,10 @@ def test_split_address_invariants(address):
 @given(addresses, st.booleans())
 def test_check_sender_invariants(address, smtputf8):
     reply = policy.check_sender(address, smtputf8=smtputf8)
-    assert reply is None or reply == policy.REPLIES["bad_sender"]
+    assert reply in (None, policy.REPLIES["bad_sender"], policy.REPLIES["needs_smtputf8"])
+    if reply == policy.REPLIES["needs_smtputf8"]:   # 5.6.7 only for a UTF-8 address without SMTPUTF8
+        assert not smtputf8 and not address.isascii()
+        assert policy.check_sender(address, smtputf8=True) is None
     if reply is None and address:
         assert not any(c in address for c in "\r\n\x00")
         assert smtputf8 or address.isascii()
@@ -527,7 +530,11 @@ def test_check_sender_invariants(address, smtputf8):
 @given(addresses, st.booleans(), st.booleans())
 def test_check_recipient_invariants(address, trusted, smtputf8):
     reply = policy.check_recipient(address, trusted=trusted, relay_domains=RELAY_DOMAINS, smtputf8=smtputf8)
-    assert reply in (None, policy.REPLIES["relay_denied"], policy.REPLIES["bad_rcpt"])
+    assert reply in (None, policy.REPLIES["relay_denied"], policy.REPLIES["bad_rcpt"],
+                     policy.REPLIES["needs_smtputf8"])
+    if reply == policy.REPLIES["needs_smtputf8"]:
+        assert not smtputf8 and not address.isascii()
+        assert policy.check_recipient(address, trusted=trusted, relay_domains=RELAY_DOMAINS, smtputf8=True) is None
     if trusted:
         assert reply != policy.REPLIES["relay_denied"]
     elif reply is None:

@@ -371,3 +371,21 @@ async def test_null_sender_is_accepted_and_stored_empty(make_config):
             reply = await w.mail("", ["postmaster@example.org"], BODY)
     assert reply.startswith("250 2.0.0 Ok: queued as")
     assert rows(config, "SELECT sender FROM messages") == [("",)]
+
+
+async def test_unicode_address_without_smtputf8_gets_5_6_7(make_config):
+    """RFC 6531 §3.4: a UTF-8 address needs SMTPUTF8 on MAIL; Postfix answers 553 5.6.7."""
+    config = make_config()
+    async with running(config):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            await w.ehlo()
+            assert await w.cmd("MAIL FROM:<jürgen@lab.test>") == \
+                "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+            assert await w.cmd("MAIL FROM:<ci@lab.test>") == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<用户@example.org>") == \
+                "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+            assert await w.cmd("RCPT TO:<bob@bücher.example>") == \
+                "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+            assert await w.cmd("RSET") == "250 2.0.0 OK"
+            assert await w.cmd("MAIL FROM:<jürgen@lab.test> SMTPUTF8") == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<用户@example.org>") == "250 2.1.5 Ok"

@@ -18,6 +18,8 @@ REPLIES = {
     "relay_denied": Reply(554, "5.7.1", "Relay access denied"),
     "bad_rcpt": Reply(553, "5.1.3", "Bad recipient address syntax"),
     "bad_sender": Reply(553, "5.1.7", "Bad sender address syntax"),
+    # RFC 6531 §3.4 / RFC 3463 5.6.7: a UTF-8 address needs SMTPUTF8 on MAIL (Postfix's wording).
+    "needs_smtputf8": Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address"),
     "too_many_rcpts": Reply(452, "4.5.3", "Too many recipients"),
     "too_big": Reply(552, "5.3.4", "Message too big"),
     "too_many_hops": Reply(554, "5.4.6", "Too many hops (mail loop?)"),
@@ -79,11 +81,14 @@ def check_sender(address: str, smtputf8: bool = False) -> Reply | None:
         # A sender without a domain (<root>, <host!user>) is accepted as Postfix does
         # (no reject_non_fqdn_sender by default); the handler qualifies it with our
         # hostname (append_at_myorigin). RCPT still decides who may relay.
-        bad = _FORBIDDEN.search(address) or len(address) > 64 or (not smtputf8 and not address.isascii())
-        return REPLIES["bad_sender"] if bad else None
+        if _FORBIDDEN.search(address) or len(address) > 64:
+            return REPLIES["bad_sender"]
+        return None if smtputf8 or address.isascii() else REPLIES["needs_smtputf8"]
     parts = split_address(address)
-    if parts is None or not valid_domain(parts[1], smtputf8) or (not smtputf8 and not address.isascii()):
+    if parts is None or not valid_domain(parts[1], smtputf8 or not parts[1].isascii()):
         return REPLIES["bad_sender"]
+    if not smtputf8 and not address.isascii():
+        return REPLIES["needs_smtputf8"]
     return None
 
 
@@ -111,8 +116,10 @@ def check_recipient(address: str, *, trusted: bool, relay_domains: tuple[str, ..
     if parts is None:
         return REPLIES["bad_rcpt"]
     local, domain = parts
-    if not valid_domain(domain, smtputf8) or (not smtputf8 and not address.isascii()):
+    if not valid_domain(domain, smtputf8 or not domain.isascii()):
         return REPLIES["bad_rcpt"]
+    if not smtputf8 and not address.isascii():
+        return REPLIES["needs_smtputf8"]
     return None
 
 
