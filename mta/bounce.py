@@ -7,7 +7,9 @@ longer than 998 octets (RFC 5322 §2.1.1), long header fields folded. It is a
 
 1. ``text/plain``: Postfix's human-readable explanation;
 2. ``message/delivery-status``: the machine-readable per-message and
-   per-recipient fields, plus ``X-Postfix-Queue-ID`` / ``X-Postfix-Sender``;
+   per-recipient fields, plus the extension fields ``X-Mta-Queue-ID`` /
+   ``X-Mta-Sender`` (RFC 3464 §2.1: extension fields start with "X-"; no
+   ``X-Postfix-*`` names, which would claim Postfix wrote them);
 3. ``text/rfc822-headers`` with the original's header section, or
    ``message/rfc822`` with the whole original (RET=FULL).
 
@@ -156,7 +158,7 @@ class _Report:
     address: str
     action: str
     status: str
-    diagnostic: str       # "smtp; 550 5.1.1 ..." or "X-Postfix; ..." (ASCII)
+    diagnostic: str       # "smtp; 550 5.1.1 ..." or "X-mta; ..." (ASCII)
     summary: str          # the reply as the text part shows it
     remote_mta: str | None
     orcpt: str | None
@@ -179,8 +181,9 @@ class _Report:
             diagnostic = f"smtp; {_ascii(whole)}"
             summary = f"delivery via {remote}: {whole}" if action in ("relayed", "delivered") \
                 else f"host {remote} said: {whole}"
-        else:   # no server said this: we did (Postfix's X-Postfix diagnostic type)
-            diagnostic = f"X-Postfix; {_ascii(text or whole)}"
+        else:   # no server said this: we did (an RFC 3464 §2.3.6 "X-" diagnostic type of our own,
+                # where Postfix writes "X-Postfix": we are not Postfix, and say so)
+            diagnostic = f"X-mta; {_ascii(text or whole)}"
             summary = text or whole
         return cls(
             address=_one_line(r.address),
@@ -281,12 +284,12 @@ def _status_part(hostname: str, queue_id: str, sender: str, arrival: float, envi
                  reports: list[_Report]) -> str:
     fields = [
         _fold("Reporting-MTA", f"dns; {hostname}"),
-        _fold("X-Postfix-Queue-ID", _ascii(_one_line(queue_id)) or "unknown"),
+        _fold("X-Mta-Queue-ID", _ascii(_one_line(queue_id)) or "unknown"),
     ]
     if envid:
         fields.append(_fold("Original-Envelope-Id", _ascii(_one_line(_xtext_decode(envid)))))
     fields += [
-        _fold("X-Postfix-Sender", _typed_address(_one_line(sender))),
+        _fold("X-Mta-Sender", _typed_address(_one_line(sender))),
         _fold("Arrival-Date", _date(arrival)),
     ]
     blocks = ["".join(f + "\r\n" for f in fields)]

@@ -342,8 +342,14 @@ def _optional_path(value: Any, path: str) -> str:
 
 
 def default_hostname() -> str:
-    name = socket.getfqdn()
-    return name if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", name) else "localhost"
+    """The FQDN, else the kernel's host name (Postfix's myhostname default); never
+    "localhost", which getfqdn() answers when /etc/hosts maps the name to 127.0.0.1
+    as "localhost" first: our Received: lines and greeting would all say localhost."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", name) and \
+                not name.lower().startswith("localhost"):
+            return name
+    return "localhost"
 
 
 def default_queue_path() -> str:

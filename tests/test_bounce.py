@@ -141,8 +141,8 @@ def test_delivery_status_fields():
     _, (_, status, _) = parse(dsn(envid="QQ314159"))
     per_message, per_rcpt = status_blocks(status)
     assert per_message["Reporting-MTA"] == "dns; relay.example.test"
-    assert per_message["X-Postfix-Queue-ID"] == "ABC123"
-    assert per_message["X-Postfix-Sender"] == "rfc822; alice@example.com"
+    assert per_message["X-Mta-Queue-ID"] == "ABC123"
+    assert per_message["X-Mta-Sender"] == "rfc822; alice@example.com"
     assert per_message["Original-Envelope-Id"] == "QQ314159"
     assert date_of(per_message["Arrival-Date"]) == at(ARRIVAL)
     [block] = per_rcpt
@@ -203,7 +203,7 @@ def test_delayed_notification():
     assert block["Status"] == "4.4.1"
     assert date_of(block["Will-Retry-Until"]) == at(until)
     assert "Remote-MTA" not in block   # nobody answered
-    assert unfold(block["Diagnostic-Code"]) == f"X-Postfix; {reply.text}"
+    assert unfold(block["Diagnostic-Code"]) == f"X-mta; {reply.text}"
 
 
 @pytest.mark.parametrize("action", ["relayed", "delivered"])
@@ -340,7 +340,7 @@ def test_non_ascii_recipient_uses_utf8_address_type():
     assert "<jürgen@bücher.example>" in text.get_content()
     per_message, [block] = status_blocks(status)
     assert block["Final-Recipient"] == r"utf-8; j\x{FC}rgen@b\x{FC}cher.example"
-    assert per_message["X-Postfix-Sender"] == r"utf-8; zo\x{EB}@example.com"
+    assert per_message["X-Mta-Sender"] == r"utf-8; zo\x{EB}@example.com"
 
 
 def test_invalid_status_and_action_fall_back():
@@ -349,7 +349,7 @@ def test_invalid_status_and_action_fall_back():
     _, blocks = status_blocks(status)
     assert [b["Action"] for b in blocks] == ["failed", "delayed"]
     assert [b["Status"] for b in blocks] == ["5.0.0", "4.0.0"]
-    assert unfold(blocks[1]["Diagnostic-Code"]) == "X-Postfix; odd"
+    assert unfold(blocks[1]["Diagnostic-Code"]) == "X-mta; odd"
 
 
 def test_sender_needing_quotes_and_null_sender():
@@ -383,7 +383,7 @@ def test_odd_hostname_and_queue_id():
     msg, (_, status, _) = parse(dsn(hostname="bad host\r\nX: y", original_queue_id="Q\r\nX-Evil: 1"))
     per_message, _ = status_blocks(status)
     assert "X" not in msg and "X-Evil" not in per_message
-    assert per_message["X-Postfix-Queue-ID"] == "Q X-Evil: 1"
+    assert per_message["X-Mta-Queue-ID"] == "Q X-Evil: 1"
 
 
 # ----------------------------------------------------------------------------- property

@@ -60,7 +60,7 @@ async def test_failed_recipients_get_one_dsn(relay, dns, port):
     blocks = status.get_payload()
     per_message, *per_rcpt = blocks
     assert per_message["Reporting-MTA"] == "dns; relay.lab.test"
-    assert per_message["X-Postfix-Queue-ID"] == queue_id
+    assert per_message["X-Mta-Queue-ID"] == queue_id
     email.utils.parsedate_to_datetime(per_message["Arrival-Date"])
     assert [b["Final-Recipient"] for b in per_rcpt] == [
         "rfc822; a@example.test", "rfc822; b@example.test", "rfc822; c@example.test"]

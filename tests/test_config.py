@@ -179,6 +179,7 @@ def test_queue_path_follows_state_directory(monkeypatch):
 
 def test_hostname_default_falls_back_to_localhost(monkeypatch):
     monkeypatch.setattr("mta.config.socket.getfqdn", lambda: "not a host name")
+    monkeypatch.setattr("mta.config.socket.gethostname", lambda: "nor this")
     assert build_config({}).hostname == "localhost"
     assert build_config({"hostname": "relay.lab.test"}).hostname == "relay.lab.test"
 
@@ -521,3 +522,19 @@ def test_routes_ignore_a_trailing_dot():
     from mta.config import build_config
     config = build_config({"delivery": {"routes": {"example.test": "127.0.0.5:2526"}}})
     assert config.delivery.route_for("Example.Test.") == ("127.0.0.5", 2526)
+
+
+@pytest.mark.parametrize("fqdn, kernel, expected", [
+    ("relay.lab.example", "relay", "relay.lab.example"),
+    ("localhost", "relay", "relay"),                       # /etc/hosts: 127.0.0.1 localhost relay
+    ("localhost.localdomain", "relay", "relay"),
+    ("localhost", "localhost", "localhost"),               # nothing better to be had
+    ("not a host name", "relay", "relay"),
+])
+def test_default_hostname_is_never_localhost_because_getfqdn_said_so(monkeypatch, fqdn, kernel, expected):
+    import socket
+
+    from mta.config import default_hostname
+    monkeypatch.setattr(socket, "getfqdn", lambda: fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: kernel)
+    assert default_hostname() == expected
