@@ -144,7 +144,27 @@ class RawPeer:
                 await writer.wait_closed()
 
 
-SMUGGLING = [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n..\n", b"\r\n.\x00\r\n"]
+SMUGGLING = [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n..\n"]
+
+
+async def test_nul_in_data_is_refused_and_never_relayed(make_config):
+    """<CRLF>.<NUL><CRLF> (or <CRLF><NUL>.<CRLF>) is the end of data to a next hop that drops
+    NULs: such a message is refused whole with 554 5.6.0 (RFC 5322 §2.3: NUL is not text),
+    nothing is queued or relayed, and the session goes on."""
+    async with RawPeer() as peer:
+        config = make_config(delivery={"routes": {"example.org": f"127.0.0.2:{peer.port}"}})
+        async with running(config, deliver=True):
+            async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+                for n, body in enumerate([b"Subject: a\r\n\r\nbody\r\n.\x00\r\nMAIL FROM:<evil@evil.test>\r\n",
+                                          b"Subject: b\r\n\r\nbody\r\n\x00.\r\nRCPT TO:<victim@example.org>\r\n",
+                                          b"Subject: c\x00\r\n\r\nbody\r\n"]):
+                    reply = await w.mail("a@lab.test", ["b@example.org"], body, ehlo=n == 0)
+                    assert reply == "554 5.6.0 Message content rejected: NUL character in message"
+                reply = await w.mail("a@lab.test", ["b@example.org"], b"Subject: clean\r\n\r\nok\r\n", ehlo=False)
+                assert reply.startswith("250 2.0.0 Ok: queued as")
+            assert await wait_until(lambda: len(peer.messages) == 1, 15)
+    assert b"\x00" not in bytes(peer.raw)
+    assert b"Subject: clean" in peer.messages[0]
 
 
 async def test_relayed_mail_has_only_crlf_on_the_wire(make_config):

@@ -114,6 +114,8 @@ class InboundHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         now = time.time()
         data = policy.normalize_line_ends(envelope.original_content or b"")
+        if b"\x00" in data:
+            return self._refuse(REPLIES["nul_in_data"])
         facts = policy.inspect_headers(data)
         if facts.received_count > self.config.limits.max_hops:
             return self._refuse(REPLIES["too_many_hops"])

@@ -23,6 +23,10 @@ REPLIES = {
     "too_many_rcpts": Reply(452, "4.5.3", "Too many recipients"),
     "too_big": Reply(552, "5.3.4", "Message too big"),
     "too_many_hops": Reply(554, "5.4.6", "Too many hops (mail loop?)"),
+    # RFC 5322 §2.3 / RFC 5321 §2.3.8: NUL is not text. A next hop that drops NULs
+    # would read <CRLF><NUL>.<CRLF> as the end of data (SMTP smuggling), and removing
+    # them would change a message we then pass on as the sender's: refuse it whole.
+    "nul_in_data": Reply(554, "5.6.0", "Message content rejected: NUL character in message"),
     "store_failed": Reply(451, "4.3.0", "Error: queue file write error"),
     "disk_full": Reply(452, "4.3.1", "Insufficient system storage"),
     # Postfix's wording for an address at a local domain with no mailbox (local_recipient_maps).
