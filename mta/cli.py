@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
 
+    # Parsed by mta/sendmail.py with sendmail(1)'s own option syntax (main() hands it over first).
+    sub.add_parser("sendmail", add_help=False,
+                   help="submit a message as sendmail(1) does: mta sendmail [-t] [-i] [-f sender] rcpt... "
+                        "(also -bs, -bp, -q)")
+
     # Started by `mta serve` (mta/worker.py), not by hand: the delivery side in its own process.
     deliver = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
     deliver.add_argument("--channel-fd", type=int, required=True)
@@ -145,6 +150,10 @@ def _load(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sendmail"]:   # sendmail(1)'s own option syntax, not argparse's
+        from mta.sendmail import main as sendmail_main
+        return sendmail_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "queue" and args.queue_command == "delete" and bool(args.ids) == bool(args.all):
