@@ -81,6 +81,10 @@ _PLAIN_ANGLE_ADDR = re.compile(rf"[ \t]*<({ATEXT}(?:\.{ATEXT})*@[A-Za-z0-9-]+(?:
 # another transaction (Postfix counts it only beyond smtpd_recipient_overshoot_limit).
 _NOT_COUNTED = (b"421", f"{REPLIES['too_many_rcpts'].code} {REPLIES['too_many_rcpts'].enhanced}".encode())
 
+# Replies that are written at once, never held for the rest of a pipelined group.
+_FLUSH_NOW = frozenset((b"220", b"221", b"421"))
+_MAX_HELD_REPLIES = 65536   # bytes of replies held back at most for a client that pipelines a lot
+
 # RFC 5321 §4.5.3.1.4: 512 octets for a command line, plus what extensions add
 # to MAIL (RFC 1870 SIZE: 26, RFC 6531 SMTPUTF8: 10, RFC 6152 BODY: 14, RFC 3461: 100+).
 COMMAND_LIMIT = 512
@@ -154,6 +158,8 @@ class InboundSMTP(SMTP):
         self.refused = False
         self._in_data = False
         self.pending_dsn = DSNParams()  # RFC 3461 parameters of the MAIL/RCPT being handled
+        self._replies: list[bytes] = []   # replies not yet written (see _send_reply)
+        self._replies_size = 0
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -210,7 +216,7 @@ class InboundSMTP(SMTP):
         # RFC 5321 §4.5.3.2.7: tell the client why before closing.
         if self.transport is not None and not self.transport.is_closing():
             try:
-                self._writer.write(str(REPLIES["idle_timeout"]).encode() + b"\r\n")
+                self._writer.write(self._take_replies() + str(REPLIES["idle_timeout"]).encode() + b"\r\n")
             except Exception:  # noqa: BLE001 - the socket may already be gone
                 pass
         super()._timeout_cb()
@@ -232,7 +238,7 @@ class InboundSMTP(SMTP):
     def close_with(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             try:
-                self._writer.write(reply)
+                self._writer.write(self._take_replies() + reply)
             except Exception:  # noqa: BLE001 - the socket may already be gone
                 pass
             self.transport.close()
@@ -285,9 +291,45 @@ class InboundSMTP(SMTP):
             note = getattr(self.event_handler, "note_reply", None)
             if note is not None:
                 note(int(reply[:3]))
-        await super().push(reply)
+        await self._send_reply([reply])
         if error and not reply.startswith(_NOT_COUNTED):
             self._count_error()
+
+    async def _send_reply(self, lines: list[bytes]) -> None:
+        """Queue a reply; write what is queued in one write unless the client has
+        more commands waiting in our buffer (RFC 2920 §3.1: the replies to a pipelined
+        group may be sent together). Postfix writes that way: a multi-line EHLO reply
+        or a group of replies is one TCP segment, one TLS record. A client that reads
+        one segment per reply (nmap's smtp-open-relay) fell out of step when EHLO went
+        out as 7 writes; fewer writes also cost less CPU."""
+        for line in lines:
+            self._replies.append(line + b"\r\n")
+            self._replies_size += len(line) + 2
+        code = lines[-1][:3]
+        # A 3xx waits for the client's answer, 220 (STARTTLS) and 221/421 precede a
+        # transport change or a close: those always go out at once.
+        if (code[:1] != b"3" and code not in _FLUSH_NOW and self._replies_size < _MAX_HELD_REPLIES
+                and not self._in_data and b"\n" in self._reader._buffer):   # type: ignore[attr-defined]
+            return
+        await self._flush_replies()
+
+    async def _flush_replies(self) -> None:
+        if not self._replies or self.transport is None:
+            return
+        data = b"".join(self._replies)
+        self._replies.clear()
+        self._replies_size = 0
+        self._writer.write(data)
+        if self.session is not None:
+            log.debug("%r << %r", self.session.peer, data)
+        await self._writer.drain()
+
+    def _take_replies(self) -> bytes:
+        """Replies still queued, for a write that closes the connection right after."""
+        data = b"".join(self._replies)
+        self._replies.clear()
+        self._replies_size = 0
+        return data
 
     def _count_error(self) -> None:
         """One more error (Postfix's error_count); at limits.hard_error_limit, 421 and close."""
@@ -320,9 +362,8 @@ class InboundSMTP(SMTP):
         self._junk()
 
     async def push_raw(self, lines: list[str]) -> None:
-        """Send lines untouched (greeting-like replies exempt from enhanced codes)."""
-        for line in lines:
-            await SMTP.push(self, line)
+        """Send lines untouched (greeting-like replies exempt from enhanced codes), in one write."""
+        await self._send_reply([line.encode("utf-8", "surrogateescape") for line in lines])
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str | None) -> None:
