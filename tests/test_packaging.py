@@ -290,7 +290,9 @@ def test_healthcheck_exit_codes():
 def container_like(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, int, Path]]:
     """config/docker.yaml on free ports, and the image's environment pointing into tmp_path."""
     data = yaml.safe_load(DOCKER_CONFIG.read_text())
-    smtp, metrics = free_port(), free_port()
+    # The listeners bind 0.0.0.0: probe the port there, as the daemon will bind it (a port free
+    # on 127.0.0.1 can be taken on another address, and the daemon then failed to start).
+    smtp, metrics = free_port("0.0.0.0"), free_port()
     for listener in data["listeners"]:
         listener["address"] = f"0.0.0.0:{smtp}"
     data["metrics"]["address"] = f"127.0.0.1:{metrics}"
