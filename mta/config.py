@@ -203,6 +203,17 @@ class MailboxesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DSNConfig:
+    """RFC 3461 delivery status notifications offered to SMTP clients."""
+
+    # Offer and honour NOTIFY/RET/ENVID/ORCPT for clients neither in mynetworks nor
+    # authenticated (Postfix's default). False is Postfix's smtpd_discard_ehlo_keywords =
+    # dsn for them: NOTIFY=SUCCESS with RET=FULL lets anyone have a full copy of a
+    # message sent to an address of their choice from this relay.
+    offer_to_untrusted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     host: str | None = "127.0.0.1"
     port: int = 9101
@@ -222,6 +233,7 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     local_domains: tuple[str, ...] = ()
     mailboxes: MailboxesConfig = field(default_factory=MailboxesConfig)
+    dsn: DSNConfig = field(default_factory=DSNConfig)
     source: str = "<built-in defaults>"
 
     def in_mynetworks(self, ip: str) -> bool:
@@ -521,6 +533,9 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     bsec = top.section("bounce")
     bounce = BounceConfig(double_bounce_to=bsec.get("double_bounce_to", None, _mailbox))
     bsec.done()
+    dsec = top.section("dsn")
+    dsn = DSNConfig(offer_to_untrusted=dsec.get("offer_to_untrusted", True, _bool))
+    dsec.done()
     met = top.section("metrics")
     address = met.get("address", ("127.0.0.1", 9101), _metrics_address)
     metrics = MetricsConfig(host=address[0] if address else None, port=address[1] if address else 0)
@@ -529,7 +544,7 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
                   relay_domains=relay_domains, auth=auth_cfg, queue=queue_cfg,
                   delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
-                  local_domains=local_domains, mailboxes=mailboxes, source=source)
+                  local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, source=source)
 
 
 def _mailboxes(sec: _Section) -> MailboxesConfig:

@@ -313,3 +313,30 @@ async def test_relay_listener_without_users_offers_no_auth(make_config):
         async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
             lines = await w.ehlo()
             assert not any("AUTH" in line for line in lines)
+
+
+@pytest.mark.parametrize("offer", [True, False])
+async def test_dsn_for_untrusted_clients_follows_the_key(make_config, offer):
+    """dsn.offer_to_untrusted: false is Postfix's smtpd_discard_ehlo_keywords = dsn for clients
+    neither in mynetworks nor authenticated; a trusted client keeps DSN either way."""
+    untrusted = make_config(mynetworks=["10.0.0.0/8"], relay_domains=["lab.example"],
+                            dsn={"offer_to_untrusted": offer})
+    async with running(untrusted):
+        async with await Wire.connect("127.0.0.1", listener_port(untrusted)) as w:
+            assert ("DSN" in keywords(await w.ehlo())) is offer
+            mail = await w.cmd("MAIL FROM:<a@outside.test> RET=FULL ENVID=x1")
+            if offer:
+                assert mail == "250 2.1.0 Ok"
+                assert await w.cmd("RCPT TO:<b@lab.example> NOTIFY=SUCCESS") == "250 2.1.5 Ok"
+            else:
+                assert mail == "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
+                assert await w.cmd("MAIL FROM:<a@outside.test>") == "250 2.1.0 Ok"
+                assert await w.cmd("RCPT TO:<b@lab.example> NOTIFY=SUCCESS") == \
+                    "555 5.5.4 RCPT TO parameters not recognized or not implemented"
+                assert await w.cmd("RCPT TO:<b@lab.example>") == "250 2.1.5 Ok"
+    trusted = make_config(dsn={"offer_to_untrusted": offer})   # 127.0.0.0/8 is in the default mynetworks
+    async with running(trusted):
+        async with await Wire.connect("127.0.0.1", listener_port(trusted)) as w:
+            assert "DSN" in keywords(await w.ehlo())
+            assert await w.cmd("MAIL FROM:<a@lab.test> RET=FULL") == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=SUCCESS") == "250 2.1.5 Ok"

@@ -57,6 +57,16 @@ class InboundHandler:
     def _trusted(self, session: Session) -> bool:
         return bool(session.authenticated) or self.config.in_mynetworks(self._client_ip(session))
 
+    def offers_dsn(self, session: Session) -> bool:
+        """DSN in the EHLO reply (dsn.offer_to_untrusted): to trusted clients always, and on a
+        listener with AUTH too, where the client may still authenticate before MAIL."""
+        return self.config.dsn.offer_to_untrusted or self._trusted(session) or self.users is not None
+
+    def honours_dsn(self, session: Session) -> bool:
+        """RFC 3461 parameters on MAIL/RCPT: refused (555, as an unknown parameter)
+        for an untrusted client when dsn.offer_to_untrusted is false."""
+        return self.config.dsn.offer_to_untrusted or self._trusted(session)
+
     def _refuse(self, reply: Any) -> str:
         return str(reply)
 

@@ -488,6 +488,9 @@ class InboundSMTP(SMTP):
         self.pending_dsn = DSNParams()
         if not arg or self.session is None or not self.session.extended_smtp:
             return arg
+        honours = getattr(self.event_handler, "honours_dsn", None)
+        if honours is not None and not honours(self.session):
+            return arg   # left for aiosmtpd, which refuses unknown parameters with 555
         after = self._strip_command_keyword(keyword, arg)
         if after is None:
             return arg
@@ -526,7 +529,11 @@ class InboundSMTP(SMTP):
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
-        lines += ["8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        offers_dsn = getattr(self.event_handler, "offers_dsn", None)
+        lines += ["8BITMIME", "SMTPUTF8"]
+        if offers_dsn is None or offers_dsn(self.session):
+            lines.append("DSN")
+        lines.append("ENHANCEDSTATUSCODES")
         lines += getattr(self.event_handler, "extra_ehlo_keywords", [])
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
