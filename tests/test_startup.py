@@ -269,7 +269,7 @@ CASES = list(cases({k: Path("/x") for k in ("cert", "key", "other_key", "junk")}
 
 def check_refused(config_path: Path, expected: str) -> None:
     """`mta check-config` and `mta serve` both: the one line, status 2, nothing left running."""
-    for command in ("check-config", "serve"):
+    for command in ("serve", "check-config"):
         result = run(command, "--config", str(config_path))
         assert (result.returncode, result.stderr, result.stdout) == (2, expected + "\n", ""), command
         assert processes_with(str(config_path)) == [], command
