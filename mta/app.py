@@ -14,6 +14,7 @@ import time
 import warnings
 from typing import Any
 
+from mta import preflight
 from mta.config import Config, load_config, reloaded
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Router
@@ -27,6 +28,7 @@ from mta.metrics import Metrics
 from mta.notify import Notifier
 from mta.passwords import AuthThrottle, UsersFile
 from mta.qmgr import DeliveryService
+from mta.queue.lock import QueueLock, acquire as acquire_queue_lock
 from mta.queue.scheduler import Scheduler
 from mta.queue.store import QueueStore
 from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
@@ -39,8 +41,11 @@ PRUNE_INTERVAL = 60.0  # how often mail older than mailboxes.max_age is removed
 
 class App:
     def __init__(self, config: Config, config_path: str | None = None, *, deliver: bool = True,
-                 delivery_process: bool = False, log_level: str = "INFO"):
+                 delivery_process: bool = False, log_level: str = "INFO",
+                 queue_lock: QueueLock | None = None):
         self.config = config
+        # One daemon per queue (mta/queue/lock.py): serve() takes it in its preflight, else start().
+        self.queue_lock = queue_lock
         self.deliver = deliver  # False: accept and queue only (inbound tests)
         # True: the queue manager runs in a child process (mta/worker.py), on the second core.
         self.delivery_process = delivery_process
@@ -84,16 +89,23 @@ class App:
             self.listeners.append(Listener(self.config, lc, handler))
 
     async def start(self) -> None:
-        await self.store.open()
-        self._build_listeners()
+        if self.queue_lock is None:   # before anything touches the queue
+            preflight.queue_directory(self.config.queue.path, create=True)
+            self.queue_lock = acquire_queue_lock(self.config.queue.path)
         try:
+            await self.store.open()
+            self._build_listeners()
             for listener in self.listeners:
-                await listener.start()
-        except OSError as exc:
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    raise preflight.cannot_listen(listener.listener, exc) from None
+        except BaseException:
             for listener in self.listeners:
                 listener.stop_accepting()
             await self.store.close()
-            raise ConfigError("listeners", f"cannot listen: {exc.strerror or exc}") from None
+            self.queue_lock.release()
+            raise
         if self.deliver:
             await self._start_delivery()
         if self.config.local_domains or any(lc.mode == "pop3" for lc in self.config.listeners):
@@ -103,15 +115,18 @@ class App:
                 await self.metrics.start_server(self.config.metrics.host, self.config.metrics.port)
             except OSError as exc:
                 await self.shutdown()
-                raise ConfigError("metrics.address", f"cannot listen: {exc.strerror or exc}") from None
+                raise preflight.metrics_cannot_listen(self.config, exc) from None
         log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
                  self.config.queue.path, len(self.listeners))
 
     async def _start_delivery(self) -> None:
         own = self.own_sockets()
         if self.delivery_process:
+            # The child inherits the queue lock: the queue stays locked until it has gone too.
+            lock_fd = self.queue_lock.fd if self.queue_lock is not None else None
             self.delivery = DeliveryProcess(self.config_path, self.metrics, own, log_level=self.log_level,
-                                            config=self.config)
+                                            config=self.config,
+                                            inherit_fds=() if lock_fd is None else (lock_fd,))
             await self.delivery.start()
             self.store.add_listener(self.delivery.wake)   # new mail: wake the child at once
         else:
@@ -195,6 +210,8 @@ class App:
                     log.error("shutdown: %r", result)
         finally:
             await self.store.close()
+            if self.queue_lock is not None:
+                self.queue_lock.release()
             log.info("stopped")
 
     def reload(self) -> None:
@@ -230,10 +247,12 @@ class App:
 
 def serve(config: Config, config_path: str | None, log_level: str = "INFO") -> int:
     warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+    # Before the first log line: a daemon that cannot start says why in one line.
+    lock = preflight.startup(config)
 
     async def main() -> None:
         await App(config, config_path, delivery_process=use_delivery_process(),
-                  log_level=log_level).run()
+                  log_level=log_level, queue_lock=lock).run()
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(main())

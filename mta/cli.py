@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 from mta.config import Config, load_config
-from mta.errors import ConfigError, StoreError
+from mta.errors import ConfigError, StartupError, StoreError
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
 from mta.passwords import set_password
@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passwd(args)
         config, path = _load(args)
         if args.command == "check-config":
+            from mta.preflight import check
+            check(config)   # what would keep `mta serve` from starting, not only the syntax
             print(f"config: {config.source}: ok")
             return 0
         if args.command == "serve":
@@ -185,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_mailbox(args, config))
     except ConfigError as exc:
         print(f"config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as exc:   # the config is valid; the system around it is not ready
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:
         print(f"mta: queue: {exc}", file=sys.stderr)

@@ -496,6 +496,8 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise ConfigError(f"listeners[{i}].name", f'"{name}" is used twice')
+    for i, item in enumerate(listeners):
+        _check_address_free(f"listeners[{i}].address", (item.host, item.port), listeners[:i])
     mynetworks = top.get("mynetworks", None, _list(_network))
     if mynetworks is None:
         mynetworks = tuple(ipaddress.ip_network(n) for n in DEFAULT_MYNETWORKS)
@@ -539,12 +541,40 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     met = top.section("metrics")
     address = met.get("address", ("127.0.0.1", 9101), _metrics_address)
     metrics = MetricsConfig(host=address[0] if address else None, port=address[1] if address else 0)
+    if address:
+        _check_address_free(met.key("address"), address, listeners)
     met.done()
     top.done()
     return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
                   relay_domains=relay_domains, auth=auth_cfg, queue=queue_cfg,
                   delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
                   local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, source=source)
+
+
+def _check_address_free(path: str, address: tuple[str, int], taken: tuple[ListenerConfig, ...]) -> None:
+    """Two sockets of ours on one address: the second bind would fail at start-up
+    with a bare "Address already in use", as if some other program had the port."""
+    host, port = address
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    mine = _host_key(host)
+    for j, other in enumerate(taken):
+        if other.port != port:
+            continue
+        theirs = _host_key(other.host)
+        if mine == theirs:
+            raise ConfigError(path, f'"{shown}" is already the address of listeners[{j}] ({other.name})')
+        # 0.0.0.0 takes in every IPv4 address, :: every IPv6 one (asyncio binds
+        # IPv6 sockets with IPV6_V6ONLY, so :: leaves IPv4 alone).
+        if not isinstance(mine, str) and not isinstance(theirs, str) and mine.version == theirs.version \
+                and (mine.is_unspecified or theirs.is_unspecified):
+            raise ConfigError(path, f'"{shown}" overlaps listeners[{j}] ({other.name}) on {other.address}')
+
+
+def _host_key(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".")
 
 
 def _mailboxes(sec: _Section) -> MailboxesConfig:

@@ -14,6 +14,13 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+class StartupError(Exception):
+    """Something outside the config's syntax keeps the daemon from starting: a
+    missing certificate, a queue directory that cannot be written, a port in use,
+    the queue locked by another daemon. str() is the one line `mta serve` and
+    `mta check-config` print (exit status 2), naming the key or resource."""
+
+
 class DeliveryError(Exception):
     """A failed delivery step carrying the reply that explains it (slimta's RelayError)."""
 

@@ -75,8 +75,10 @@ class DeliveryProcess:
     """The main process's handle on the delivery child: start, wake, reload, stop."""
 
     def __init__(self, config_path: str | None, metrics: Metrics, own_sockets: frozenset[tuple[str, int]],
-                 log_level: str = "INFO", *, config: Config | None = None):
+                 log_level: str = "INFO", *, config: Config | None = None, inherit_fds: tuple[int, ...] = ()):
         self.config_path = config_path
+        # Descriptors the child keeps open for its whole life: the queue lock (mta/queue/lock.py).
+        self.inherit_fds = inherit_fds
         # The main process's configuration as started: a child started later (after a
         # crash) keeps its restart-only keys too, whatever the file says by then.
         self.config = config
@@ -105,7 +107,8 @@ class DeliveryProcess:
         if self.config is not None:
             args += ["--hostname", self.config.hostname, "--queue-path", self.config.queue.path]
         try:
-            self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=[theirs.fileno()], env=env,
+            self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=[theirs.fileno(), *self.inherit_fds],
+                                                             env=env,
                                                              stdin=asyncio.subprocess.DEVNULL)
         finally:
             theirs.close()
