@@ -19,7 +19,12 @@ SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down\r\n"
 
 
 def make_tls_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The server side of STARTTLS and implicit TLS (SMTP and POP3): TLS 1.2 or later
+    with AEAD suites only unless the listener's tls.min_version / tls.ciphers say otherwise."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(tls.ciphers)
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     context.load_cert_chain(tls.cert, tls.key)
     return context
 
