@@ -24,11 +24,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
+import mta
 from mta.config import Config, load_config
 from mta.errors import ConfigError, StartupError, StoreError
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
-from mta.passwords import set_password
+from mta.passwords import delete_user, set_password
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
@@ -49,14 +50,19 @@ actions:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS on both levels: `mta --config F queue list` and `mta queue list --config F` both work.
-    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+    # -c as Postfix's commands take it (postqueue -c, postfix -c).
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="YAML config file (default: $MTA_CONFIG, else built-in defaults)")
     parser = argparse.ArgumentParser(prog="mta", parents=[common],
-                                     description="A store-and-forward mail transfer agent.")
+                                     description="A store-and-forward mail transfer agent.",
+                                     epilog="`mta COMMAND --help` describes each command; man mta(8).")
+    parser.add_argument("--version", action="version", version=f"mta {mta.__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the daemon")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="log lines of this level and above, on stderr (default: INFO)")
 
     sub.add_parser("check-config", parents=[common], help="validate the config file and exit")
 
@@ -66,14 +72,19 @@ def _parser() -> argparse.ArgumentParser:
                         "(also -bs, -bp, -q)")
 
     # Started by `mta serve` (mta/worker.py), not by hand: the delivery side in its own process.
-    deliver = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
-    deliver.add_argument("--channel-fd", type=int, required=True)
-    deliver.add_argument("--parent-pid", type=int, default=0)
-    deliver.add_argument("--own-sockets", default="[]")
-    deliver.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    deliver = sub.add_parser("deliver", parents=[common],
+                             help="the delivery process that `mta serve` starts itself (not run by hand)")
+    deliver.add_argument("--channel-fd", type=int, required=True, metavar="FD",
+                         help="the socket shared with `mta serve`: wake-ups in, metrics and faults out")
+    deliver.add_argument("--parent-pid", type=int, default=0, metavar="PID",
+                         help="the pid of `mta serve`: the delivery process stops when it is gone")
+    deliver.add_argument("--own-sockets", default="[]", metavar="JSON",
+                         help="the listeners' [host, port] pairs: a next hop among them is a mail loop")
+    deliver.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                         help="log lines of this level and above (default: INFO)")
     # The main process's values of keys that need a restart (config.RESTART_ONLY).
-    deliver.add_argument("--hostname")
-    deliver.add_argument("--queue-path")
+    deliver.add_argument("--hostname", help="the hostname `mta serve` started with (kept until a restart)")
+    deliver.add_argument("--queue-path", metavar="PATH", help="the queue file `mta serve` started with")
 
     queue = sub.add_parser("queue", parents=[common], help="inspect and manage the mail queue",
                            epilog=_QUEUE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,36 +102,36 @@ def _parser() -> argparse.ArgumentParser:
                        help="one JSON object per message and line, like postqueue -j")
 
     show = action("show", "show one message: envelope, recipients, history, headers")
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", help="a queue id, as `mta queue list` shows it")
     show.add_argument("--body", action="store_true",
                       help="print the whole message, not only its header section")
 
     flush = action("flush", "make deferred recipients due now",
                    "Make the deferred recipients of the given messages (default: of all messages)\n"
                    "due now; the daemon tries them within a second. Held recipients stay held.")
-    flush.add_argument("ids", nargs="*", metavar="ID")
+    flush.add_argument("ids", nargs="*", metavar="ID", help="queue ids (default: every message)")
 
     hold = action("hold", "put messages on hold",
                   "Put the pending recipients of the given messages on hold: they are not\n"
                   "delivered, retried or expired until released. A recipient being delivered\n"
                   "right now keeps the result of that attempt if it succeeds or fails for good.")
-    hold.add_argument("ids", nargs="+", metavar="ID")
+    hold.add_argument("ids", nargs="+", metavar="ID", help="queue ids, as `mta queue list` shows them")
 
     release = action("release", "take messages off hold",
                      "Release the held recipients of the given messages: they are due now.")
-    release.add_argument("ids", nargs="+", metavar="ID")
+    release.add_argument("ids", nargs="+", metavar="ID", help="queue ids, as `mta queue list` shows them")
 
     requeue = action("requeue", "make messages due now as fresh work",
                      "Make the queued, deferred and held recipients of the given messages due now\n"
                      "as fresh work; the next hop is looked up again. Attempt counts are kept.\n"
                      "Recipients being delivered right now are left to that delivery.")
-    requeue.add_argument("ids", nargs="+", metavar="ID")
+    requeue.add_argument("ids", nargs="+", metavar="ID", help="queue ids, as `mta queue list` shows them")
 
     delete = action("delete", "remove messages from the queue",
                     "Remove the given messages (or --all) with their recipients and history.\n"
                     "A message being delivered right now may still be delivered once by the\n"
                     "attempt in progress; it is not tried again.")
-    delete.add_argument("ids", nargs="*", metavar="ID")
+    delete.add_argument("ids", nargs="*", metavar="ID", help="queue ids (default: every message)")
     delete.add_argument("--all", action="store_true", help="delete every message in the queue")
 
     mailbox = sub.add_parser("mailbox", parents=[common], help="inspect and empty local mailboxes")
@@ -131,16 +142,29 @@ def _parser() -> argparse.ArgumentParser:
                                         "messages, oldest first, as POP3 numbers them, with UIDL, size,\n"
                                         "arrival, sender and subject.",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    mlist.add_argument("user", nargs="?", metavar="USER")
+    mlist.add_argument("user", nargs="?", metavar="USER", help="a mailbox address, e.g. alice@lab.test")
     mlist.add_argument("--json", action="store_true", help="one JSON object per line")
     purge = msub.add_parser("purge", parents=[common], help="remove every message of a mailbox",
                             description="Remove every message of USER's mailbox (the users file is not\n"
                                         "changed). A POP3 session open on it sees the messages as gone.")
-    purge.add_argument("user", metavar="USER")
+    purge.add_argument("user", metavar="USER", help="the mailbox address; exit 1 if there is no such mailbox")
+    mshow = msub.add_parser("show", parents=[common], help="print one stored message, as postcat does",
+                            description="Print message N of USER's mailbox (its number in `mta mailbox list\n"
+                                        "USER`, as POP3 numbers it) or the message with that UIDL, as stored:\n"
+                                        "the added Return-Path:, X-Original-To: and Delivered-To: first.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    mshow.add_argument("user", metavar="USER", help="the mailbox address, e.g. alice@lab.test")
+    mshow.add_argument("message", metavar="N|UIDL", help="a message number (1 = oldest) or a UIDL")
 
-    passwd = sub.add_parser("passwd", parents=[common], help="add or change a user in a users file")
-    passwd.add_argument("--users-file", required=True, metavar="FILE")
-    passwd.add_argument("user")
+    passwd = sub.add_parser("passwd", parents=[common], help="add, change or delete a user in a users file",
+                            description="Set USER's password in FILE (read from stdin, or prompted for on a\n"
+                                        "terminal), stored as an scrypt hash; the file is written with mode\n"
+                                        "0600. The daemon reads the file again when it changes.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    passwd.add_argument("--users-file", required=True, metavar="FILE",
+                        help="auth.users_file or mailboxes.users_file; its directory must exist")
+    passwd.add_argument("--delete", action="store_true", help="remove USER from the file instead")
+    passwd.add_argument("user", metavar="USER", help="a user name (for mailboxes, the full address)")
     return parser
 
 
@@ -207,6 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
+    if args.delete:
+        try:
+            found = delete_user(args.users_file, args.user)
+        except (ValueError, OSError) as exc:
+            print(f"mta passwd: {exc}", file=sys.stderr)
+            return 1
+        if not found:
+            print(f"mta passwd: {args.users_file}: no user {args.user}", file=sys.stderr)
+            return 1
+        return 0
     if sys.stdin.isatty():
         password = getpass.getpass(f"Password for {args.user}: ")
         if getpass.getpass("Again: ") != password:
@@ -246,6 +280,8 @@ async def _opened_queue(config: Config, command: str) -> AsyncIterator[QueueStor
 async def _mailbox(args: argparse.Namespace, config: Config) -> int:
     async with _opened_queue(config, "mailbox") as store:
         mailboxes = MailboxStore(store)
+        if args.mailbox_command == "show":
+            return await _mailbox_show(mailboxes, args.user, args.message)
         if args.mailbox_command == "purge":
             removed = await mailboxes.purge(args.user)
             print(f"{mailbox_key(args.user)}: {removed} message{'s' if removed != 1 else ''} removed")
@@ -268,6 +304,24 @@ async def _mailbox(args: argparse.Namespace, config: Config) -> int:
         else:
             print(format_mailbox(mailbox_key(args.user), messages), end="")
         return 0
+
+
+async def _mailbox_show(mailboxes: MailboxStore, user: str, wanted: str) -> int:
+    """Postfix's postcat for a mailbox message: the stored bytes, with LF line ends."""
+    messages = await mailboxes.messages(mailbox_key(user))
+    if wanted.isdigit():
+        number = int(wanted)
+        chosen = messages[number - 1] if 1 <= number <= len(messages) else None
+    else:
+        chosen = next((m for m in messages if m.uid == wanted), None)
+    data = None if chosen is None else await mailboxes.read(mailbox_key(user), chosen.id)
+    if data is None:
+        print(f"mta mailbox show: {mailbox_key(user)}: no message {wanted} "
+              f"({len(messages)} message{'s' if len(messages) != 1 else ''})", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(data.replace(b"\r\n", b"\n"))
+    sys.stdout.flush()
+    return 0
 
 
 def format_mailboxes(summaries: Sequence[MailboxSummary]) -> str:

@@ -60,17 +60,38 @@ def set_password(path: str | os.PathLike[str], user: str, password: str) -> None
     if not user or ":" in user or any(c in user for c in "\r\n\x00") or user != user.strip():
         raise ValueError(f"user name {user!r} may not be empty or contain ':', spaces at the ends or control characters")
     target = Path(path)
-    lines = target.read_text(encoding="utf-8").splitlines() if target.exists() else []
+    lines = _existing_lines(target)
     entry = f"{user}:{hash_password(password)}"
     kept = [line for line in lines if line.partition(":")[0].strip() != user]
     kept.append(entry)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _rewrite(target, kept)
+
+
+def delete_user(path: str | os.PathLike[str], user: str) -> bool:
+    """Remove ``user``'s line (`mta passwd --delete`); False if there was none."""
+    target = Path(path)
+    lines = _existing_lines(target)
+    kept = [line for line in lines if line.partition(":")[0].strip() != user]
+    if len(kept) == len(lines):
+        return False
+    _rewrite(target, kept)
+    return True
+
+
+def _existing_lines(target: Path) -> list[str]:
+    if not target.parent.is_dir():
+        # A typo in the path would otherwise make a tree of directories nobody reads.
+        raise OSError(f"{target.parent}: no such directory (create it first)")
+    return target.read_text(encoding="utf-8").splitlines() if target.exists() else []
+
+
+def _rewrite(target: Path, lines: list[str]) -> None:
     # Write a new file beside the old and rename it over, so a reader never sees half a file.
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(kept) + "\n")
+            handle.write("".join(line + "\n" for line in lines))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -143,6 +143,7 @@ def test_no_command_is_a_usage_error():
 
 def test_passwd_creates_users_file(tmp_path):
     users = tmp_path / "etc" / "users"
+    users.parent.mkdir()
     password = "correct horse battery staple"
     result = mta("passwd", "--users-file", str(users), "alice", input=password + "\n")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
@@ -159,6 +160,60 @@ def test_passwd_creates_users_file(tmp_path):
     assert not verify_password("wrong", hashed)
     assert read_users(users) == {"alice": hashed}
     assert [p.name for p in users.parent.iterdir()] == ["users"]  # no temporary file left behind
+
+
+def test_passwd_refuses_to_create_a_missing_directory(tmp_path):
+    users = tmp_path / "etc" / "mta" / "users"    # a typo'd path must not become a new tree
+    result = mta("passwd", "--users-file", str(users), "alice", input="pw\n")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"mta passwd: {users.parent}: no such directory (create it first)\n"
+    assert not (tmp_path / "etc").exists()
+
+
+def test_passwd_delete(tmp_path):
+    users = tmp_path / "users"
+    for user in ("alice", "bob"):
+        assert mta("passwd", "--users-file", str(users), user, input=f"{user}-pw\n").returncode == 0
+    result = mta("passwd", "--users-file", str(users), "--delete", "alice")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert list(read_users(users)) == ["bob"]
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    again = mta("passwd", "--users-file", str(users), "--delete", "alice")
+    assert (again.returncode, again.stderr) == (1, f"mta passwd: {users}: no user alice\n")
+    assert list(read_users(users)) == ["bob"]
+
+
+def test_version_and_short_config_option(tmp_path):
+    import mta as package
+    result = mta("--version")
+    assert (result.returncode, result.stdout) == (0, f"mta {package.__version__}\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("hostname: relay.lab.test\nmetrics: {address: null}\n"
+                      f"queue: {{path: {tmp_path / 'q.db'}}}\n")
+    result = mta("check-config", "-c", str(config))
+    assert result.returncode == 0 and result.stdout == f"config: {config}: ok\n", result.stderr
+
+
+def _all_parsers(parser):
+    import argparse
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_help_describes_every_command_option_and_argument():
+    from mta.cli import _parser
+    top = mta("--help")
+    assert top.returncode == 0 and "SUPPRESS" not in top.stdout
+    for parser in _all_parsers(_parser()):
+        for action in parser._actions:
+            if action.dest in ("help",) or action.help is None and action.option_strings == [] and \
+                    action.__class__.__name__ == "_SubParsersAction":
+                continue
+            assert action.help and "SUPPRESS" not in str(action.help), (parser.prog, action.dest)
+        assert "SUPPRESS" not in parser.format_help(), parser.prog
 
 
 def test_passwd_replaces_one_user_and_keeps_the_rest(tmp_path):

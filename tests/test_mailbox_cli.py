@@ -123,3 +123,24 @@ def test_mailbox_commands_without_a_queue_file(tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"mta: mailbox: {tmp_path / 'none.db'}: no queue database (has the daemon run?)\n"
     assert mta("mailbox", "purge", "--config", str(path)).returncode == 2   # USER is required
+
+
+def test_mailbox_show_prints_one_message_by_number_or_uidl(daemon):
+    config, port, users, db_path = daemon
+    assert asyncio.run(send(port, "alice@lab.test", "first")).startswith("250")
+    assert asyncio.run(send(port, "alice@lab.test", "second")).startswith("250")
+    wait_rows(db_path, 2)
+    with sqlite3.connect(db_path) as db:
+        stored = db.execute("SELECT data FROM mailbox_messages ORDER BY received, id").fetchall()
+    listing = [json.loads(line) for line in mta("mailbox", "list", "alice@lab.test", "--json",
+                                                "--config", str(config)).stdout.splitlines()]
+    by_number = mta("mailbox", "show", "alice@lab.test", "2", "--config", str(config))
+    assert (by_number.returncode, by_number.stderr) == (0, "")
+    assert by_number.stdout == stored[1][0].decode().replace("\r\n", "\n")
+    assert by_number.stdout.startswith("Return-Path: <tester@example.test>\n")
+    assert "Subject: second\n" in by_number.stdout
+    by_uidl = mta("mailbox", "show", "ALICE@lab.test", listing[0]["uidl"], "--config", str(config))
+    assert by_uidl.returncode == 0 and "Subject: first\n" in by_uidl.stdout
+    missing = mta("mailbox", "show", "alice@lab.test", "3", "--config", str(config))
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == "mta mailbox show: alice@lab.test: no message 3 (2 messages)\n"
