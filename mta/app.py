@@ -84,7 +84,10 @@ class App:
             self.listeners.append(Listener(self.config, lc, handler))
 
     async def start(self) -> None:
-        await self.store.open()
+        await self.store.open()   # a file that cannot be opened at all: QueueDamagedError, exit 2
+        # Damage inside a file that opens: start anyway, refuse new mail with 451 and say so
+        # (mta/queue/damage.py); what is queued stays where `mta queue check` and a repair can reach it.
+        await self.store.check_at_start()
         self._build_listeners()
         try:
             for listener in self.listeners:

@@ -19,16 +19,20 @@ import contextlib
 import dataclasses
 import getpass
 import json
+import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 from mta.config import Config, load_config
-from mta.errors import ConfigError, StoreError
+from mta.errors import ConfigError, QueueDamagedError, StoreError
+from mta.health import Health
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
 from mta.passwords import set_password
+from mta.queue.damage import RECOVERY_HINT, damage_reason, is_corruption
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
@@ -43,6 +47,7 @@ actions:
   release   take recipients off hold; they are due now
   requeue   make queued, deferred and held recipients due now as fresh work
   delete    remove messages from the queue (recipients and history with them)
+  check     look for damage in the queue file (PRAGMA integrity_check); exit 0 if sound, else 2
 """
 
 
@@ -118,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("ids", nargs="*", metavar="ID")
     delete.add_argument("--all", action="store_true", help="delete every message in the queue")
 
+    action("check", "check the queue file for damage",
+           "Read every page of the queue file (SQLite's PRAGMA integrity_check) and print what\n"
+           "is wrong; exit 0 if the file is sound, else 2. It runs beside the daemon, on the live\n"
+           "file. README \"Recovering a damaged queue\" says what to do with a damaged one.")
+
     mailbox = sub.add_parser("mailbox", parents=[common], help="inspect and empty local mailboxes")
     msub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
     mlist = msub.add_parser("list", parents=[common], help="list mailboxes, or one mailbox's messages",
@@ -149,10 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "queue" and args.queue_command == "delete" and bool(args.ids) == bool(args.all):
         parser.error("queue delete: give message ids or --all (not both)")
+    queue_path = "queue"
     try:
         if args.command == "passwd":
             return _passwd(args)
         config, path = _load(args)
+        queue_path = str(config.queue.path)
         if args.command == "check-config":
             print(f"config: {config.source}: ok")
             return 0
@@ -177,9 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except QueueDamagedError as exc:
+        # A file that cannot be opened at all (serve, queue …, mailbox …): one line, no traceback.
+        print(f"queue: {exc}; {RECOVERY_HINT}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreError as exc:
         print(f"mta: queue: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        # A damaged page met while reading (queue list, show, mailbox …).
+        print(f"queue: {damage_reason(queue_path, exc)}; {RECOVERY_HINT}", file=sys.stderr)
+        return EXIT_USAGE
     except _NoQueue as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -221,12 +243,19 @@ class _NoQueue(Exception):
 async def _opened_queue(config: Config, command: str) -> AsyncIterator[QueueStore]:
     if not os.path.exists(config.queue.path):
         raise _NoQueue(f"mta: {command}: {config.queue.path}: no queue database (has the daemon run?)")
-    store = QueueStore(config.queue.path)
-    await store.open()
+    store = QueueStore(config.queue.path, health=Health())
+    # A command says what is wrong in its own one line (main()); Health's log line would repeat it.
+    quiet = logging.getLogger("mta.health")
+    hush = logging.Filter("nothing")   # passes only records of a logger named "nothing"
+    quiet.addFilter(hush)
     try:
-        yield store
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
     finally:
-        await store.close()
+        quiet.removeFilter(hush)
 
 
 async def _mailbox(args: argparse.Namespace, config: Config) -> int:
@@ -286,6 +315,8 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
             return 0
         if command == "show":
             return await _show(store, args.id, args.body)
+        if command == "check":
+            return await _check(store, config.queue.path)
         return await _admin(store, command, args)
 
 
@@ -402,6 +433,23 @@ def format_show(d: MessageDetail) -> str:
         lines.append(f"  {_when(h.time)} {f'<{h.recipient}>' if h.recipient else '-'} {h.event}{detail}")
     lines.append("message:" if d.data else "message: (empty)")
     return "\n".join(lines) + "\n"
+
+
+async def _check(store: QueueStore, path: str) -> int:
+    """`mta queue check`: SQLite's findings on stdout, the verdict in one line."""
+    try:
+        problems = await store.integrity_problems()
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        problems = [str(exc)]   # some damage stops the check itself
+    if not problems:
+        print(f"queue: {path}: ok")
+        return 0
+    for problem in problems:
+        print(problem)
+    print(f"queue: {damage_reason(path, problems[0])}; {RECOVERY_HINT}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _operator() -> str:
