@@ -25,6 +25,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
 
 from mta.config import Config, load_config
 from mta.errors import ConfigError, QueueDamagedError, StoreError
@@ -48,6 +49,7 @@ actions:
   requeue   make queued, deferred and held recipients due now as fresh work
   delete    remove messages from the queue (recipients and history with them)
   check     look for damage in the queue file (PRAGMA integrity_check); exit 0 if sound, else 2
+  repair    copy what can be read of a damaged queue file into a new file (stop mta first)
 """
 
 
@@ -127,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
            "Read every page of the queue file (SQLite's PRAGMA integrity_check) and print what\n"
            "is wrong; exit 0 if the file is sound, else 2. It runs beside the daemon, on the live\n"
            "file. README \"Recovering a damaged queue\" says what to do with a damaged one.")
+    repair = action("repair", "copy what can be read of a damaged queue into a new file",
+                    "Copy every message whose envelope, body and recipients can still be read, with its\n"
+                    "history, and the lab mailboxes, from the damaged queue file into a new file\n"
+                    "(default: the queue's path + .repaired); list the messages lost. The damaged file\n"
+                    "is only read. Then stop mta, move the damaged file and its -wal and -shm aside and\n"
+                    "put the new file in its place (README \"Recovering a damaged queue\").")
+    repair.add_argument("--output", metavar="FILE", help="the new file (must not exist)")
 
     mailbox = sub.add_parser("mailbox", parents=[common], help="inspect and empty local mailboxes")
     msub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
@@ -182,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, path=args.queue_path))
             return child_main(config, path, args.channel_fd, args.own_sockets, SHUTDOWN_GRACE,
                               event_loop_factory(quiet=True), args.parent_pid)
+        if args.command == "queue" and args.queue_command == "repair":
+            return _repair(str(config.queue.path), args.output)
         if args.command == "queue":
             return asyncio.run(_queue(args, config))
         if args.command == "mailbox":
@@ -450,6 +461,46 @@ async def _check(store: QueueStore, path: str) -> int:
         print(problem)
     print(f"queue: {damage_reason(path, problems[0])}; {RECOVERY_HINT}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _repair(path: str, output: str | None) -> int:
+    """`mta queue repair`: mta/queue/repair.py does the copying."""
+    from mta.queue.repair import RepairError, repair
+    from mta.queue.store import SCHEMA_VERSION, create_schema
+
+    target = output or f"{path}.repaired"
+    if not os.path.exists(path):
+        raise _NoQueue(f"mta: queue: {path}: no queue database")
+    if os.path.exists(target):
+        print(f"queue: {target} exists already; remove it or give --output", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.DatabaseError:
+        version = SCHEMA_VERSION   # the header is unreadable: repair() says so
+    if version != SCHEMA_VERSION:
+        print(f"queue: {path} has schema version {version}, this mta has {SCHEMA_VERSION}: repair it with"
+              " the mta that wrote it", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = repair(Path(path), Path(target), create_schema)
+    except RepairError as exc:
+        print(f"queue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"queue: copied {report.messages} message{_s(report.messages)} ({report.recipients}"
+          f" recipient{_s(report.recipients)}, {report.history} history row{_s(report.history)}) and"
+          f" {report.mailbox_messages} mailbox message{_s(report.mailbox_messages)} from {path} to {target}")
+    if report.lost:
+        print(f"queue: lost {len(report.lost)} message{_s(len(report.lost))} (tell their senders):")
+        for line in report.lost:
+            print(f"  {line}")
+    if report.skipped_ranges:
+        print(f"queue: stepped over {report.skipped_ranges} unreadable part{_s(report.skipped_ranges)}"
+              " of the file: rows there are lost")
+    print(f"queue: to use it: stop mta; move {path}, {path}-wal and {path}-shm aside;"
+          f" rename {target} to {path}; start mta")
+    return 0
 
 
 def _operator() -> str:

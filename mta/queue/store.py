@@ -938,6 +938,13 @@ class QueueStore:
         return AdminResult(tuple(found), changed)
 
 
+def create_schema(conn: sqlite3.Connection) -> None:
+    """The current schema in an empty database, inside the caller's transaction
+    (`mta queue repair` builds its new file with it)."""
+    for target in range(1, SCHEMA_VERSION + 1):
+        _migrate_to(target, conn)
+
+
 def _migrate_to(target: int, conn: sqlite3.Connection) -> None:
     for statement in _statements(MIGRATIONS[target - 1]):
         conn.execute(statement)
