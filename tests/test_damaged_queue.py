@@ -15,7 +15,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -157,7 +156,7 @@ class Daemon:
             except OSError:
                 await asyncio.sleep(0.05)
                 continue
-            if status and f"mta ready" in self.log():
+            if status and "mta ready" in self.log():
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"daemon did not start:\n{self.log()}")

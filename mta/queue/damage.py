@@ -77,7 +77,7 @@ def quick_check(conn: sqlite3.Connection, seconds: float = QUICK_CHECK_SECONDS) 
         if "interrupt" not in str(exc):
             raise
         size = _file_size(conn)
-        log.warning("queue check: PRAGMA quick_check stopped after %.0fs (%d MB queue): not all of it was "
+        log.warning("queue check: PRAGMA quick_check stopped after %gs (%d MB queue): not all of it was "
                     "checked; damage elsewhere is reported when it is read", seconds, size // 1_000_000)
         return None
     except sqlite3.DatabaseError as exc:
