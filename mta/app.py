@@ -93,7 +93,10 @@ class App:
             preflight.queue_directory(self.config.queue.path, create=True)
             self.queue_lock = acquire_queue_lock(self.config.queue.path)
         try:
-            await self.store.open()
+            await self.store.open()   # a file that cannot be opened at all: QueueDamagedError, exit 2
+            # Damage inside a file that opens: start anyway, refuse new mail with 451 and say so
+            # (mta/queue/damage.py); what is queued stays where `mta queue check` and a repair can reach it.
+            await self.store.check_at_start()
             self._build_listeners()
             for listener in self.listeners:
                 try:

@@ -19,17 +19,22 @@ import contextlib
 import dataclasses
 import getpass
 import json
+import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
 
 import mta
 from mta.config import Config, load_config
-from mta.errors import ConfigError, StartupError, StoreError
+from mta.errors import ConfigError, QueueDamagedError, StartupError, StoreError
+from mta.health import Health
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
 from mta.passwords import delete_user, set_password
+from mta.queue.damage import RECOVERY_HINT, damage_reason, is_corruption
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
@@ -44,6 +49,8 @@ actions:
   release   take recipients off hold; they are due now
   requeue   make queued, deferred and held recipients due now as fresh work
   delete    remove messages from the queue (recipients and history with them)
+  check     look for damage in the queue file (PRAGMA integrity_check); exit 0 if sound, else 2
+  repair    copy what can be read of a damaged queue file into a new file (stop mta first)
 """
 
 
@@ -134,6 +141,18 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("ids", nargs="*", metavar="ID", help="queue ids (default: every message)")
     delete.add_argument("--all", action="store_true", help="delete every message in the queue")
 
+    action("check", "check the queue file for damage",
+           "Read every page of the queue file (SQLite's PRAGMA integrity_check) and print what\n"
+           "is wrong; exit 0 if the file is sound, else 2. It runs beside the daemon, on the live\n"
+           "file. README \"Recovering a damaged queue\" says what to do with a damaged one.")
+    repair = action("repair", "copy what can be read of a damaged queue into a new file",
+                    "Copy every message whose envelope, body and recipients can still be read, with its\n"
+                    "history, and the lab mailboxes, from the damaged queue file into a new file\n"
+                    "(default: the queue's path + .repaired); list the messages lost. The damaged file\n"
+                    "is only read. Then stop mta, move the damaged file and its -wal and -shm aside and\n"
+                    "put the new file in its place (README \"Recovering a damaged queue\").")
+    repair.add_argument("--output", metavar="FILE", help="the new file (must not exist)")
+
     mailbox = sub.add_parser("mailbox", parents=[common], help="inspect and empty local mailboxes")
     msub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
     mlist = msub.add_parser("list", parents=[common], help="list mailboxes, or one mailbox's messages",
@@ -182,10 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "queue" and args.queue_command == "delete" and bool(args.ids) == bool(args.all):
         parser.error("queue delete: give message ids or --all (not both)")
+    queue_path = "queue"
     try:
         if args.command == "passwd":
             return _passwd(args)
         config, path = _load(args)
+        queue_path = str(config.queue.path)
         if args.command == "check-config":
             from mta.preflight import check
             check(config)   # what would keep `mta serve` from starting, not only the syntax
@@ -205,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, path=args.queue_path))
             return child_main(config, path, args.channel_fd, args.own_sockets, SHUTDOWN_GRACE,
                               event_loop_factory(quiet=True), args.parent_pid)
+        if args.command == "queue" and args.queue_command == "repair":
+            return _repair(str(config.queue.path), args.output)
         if args.command == "queue":
             return asyncio.run(_queue(args, config))
         if args.command == "mailbox":
@@ -215,9 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:   # the config is valid; the system around it is not ready
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    except QueueDamagedError as exc:
+        # A file that cannot be opened at all (serve, queue …, mailbox …): one line, no traceback.
+        print(f"queue: {exc}; {RECOVERY_HINT}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreError as exc:
         print(f"mta: queue: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        # A damaged page met while reading (queue list, show, mailbox …).
+        print(f"queue: {damage_reason(queue_path, exc)}; {RECOVERY_HINT}", file=sys.stderr)
+        return EXIT_USAGE
     except _NoQueue as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -269,12 +302,19 @@ class _NoQueue(Exception):
 async def _opened_queue(config: Config, command: str) -> AsyncIterator[QueueStore]:
     if not os.path.exists(config.queue.path):
         raise _NoQueue(f"mta: {command}: {config.queue.path}: no queue database (has the daemon run?)")
-    store = QueueStore(config.queue.path)
-    await store.open()
+    store = QueueStore(config.queue.path, health=Health())
+    # A command says what is wrong in its own one line (main()); Health's log line would repeat it.
+    quiet = logging.getLogger("mta.health")
+    hush = logging.Filter("nothing")   # passes only records of a logger named "nothing"
+    quiet.addFilter(hush)
     try:
-        yield store
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
     finally:
-        await store.close()
+        quiet.removeFilter(hush)
 
 
 async def _mailbox(args: argparse.Namespace, config: Config) -> int:
@@ -354,6 +394,8 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
             return 0
         if command == "show":
             return await _show(store, args.id, args.body)
+        if command == "check":
+            return await _check(store, config.queue.path)
         return await _admin(store, command, args)
 
 
@@ -470,6 +512,63 @@ def format_show(d: MessageDetail) -> str:
         lines.append(f"  {_when(h.time)} {f'<{h.recipient}>' if h.recipient else '-'} {h.event}{detail}")
     lines.append("message:" if d.data else "message: (empty)")
     return "\n".join(lines) + "\n"
+
+
+async def _check(store: QueueStore, path: str) -> int:
+    """`mta queue check`: SQLite's findings on stdout, the verdict in one line."""
+    try:
+        problems = await store.integrity_problems()
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        problems = [str(exc)]   # some damage stops the check itself
+    if not problems:
+        print(f"queue: {path}: ok")
+        return 0
+    for problem in problems:
+        print(problem)
+    print(f"queue: {damage_reason(path, problems[0])}; {RECOVERY_HINT}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _repair(path: str, output: str | None) -> int:
+    """`mta queue repair`: mta/queue/repair.py does the copying."""
+    from mta.queue.repair import RepairError, repair
+    from mta.queue.store import SCHEMA_VERSION, create_schema
+
+    target = output or f"{path}.repaired"
+    if not os.path.exists(path):
+        raise _NoQueue(f"mta: queue: {path}: no queue database")
+    if os.path.exists(target):
+        print(f"queue: {target} exists already; remove it or give --output", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.DatabaseError:
+        version = SCHEMA_VERSION   # the header is unreadable: repair() says so
+    if version != SCHEMA_VERSION:
+        print(f"queue: {path} has schema version {version}, this mta has {SCHEMA_VERSION}: repair it with"
+              " the mta that wrote it", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = repair(Path(path), Path(target), create_schema)
+    except RepairError as exc:
+        print(f"queue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"queue: copied {report.messages} message{_s(report.messages)} ({report.recipients}"
+          f" recipient{_s(report.recipients)}, {report.history} history row{_s(report.history)}) and"
+          f" {report.mailbox_messages} mailbox message{_s(report.mailbox_messages)} from {path} to {target}")
+    if report.lost:
+        print(f"queue: lost {len(report.lost)} message{_s(len(report.lost))} (tell their senders):")
+        for line in report.lost:
+            print(f"  {line}")
+    if report.skipped_ranges:
+        print(f"queue: stepped over {report.skipped_ranges} unreadable part{_s(report.skipped_ranges)}"
+              " of the file: rows there are lost")
+    print(f"queue: to use it: stop mta; move {path}, {path}-wal and {path}-shm aside;"
+          f" rename {target} to {path}; start mta")
+    return 0
 
 
 def _operator() -> str:

@@ -47,3 +47,8 @@ class StoreError(Exception):
     def __init__(self, message: str, disk_full: bool = False):
         super().__init__(message)
         self.disk_full = disk_full
+
+
+class QueueDamagedError(StoreError):
+    """The queue file is damaged (SQLite reports corruption); str() is one line naming the
+    file: "/var/lib/mta/queue.db is damaged: file is not a database"."""

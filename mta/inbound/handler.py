@@ -77,6 +77,13 @@ class InboundHandler:
     # ------------------------------------------------------------------ hooks
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if (damaged := self.store.damaged) is not None:
+            # The queue file is known to be damaged: this transaction cannot end in a 250, so
+            # say so before the client sends the message. Postfix's smtpd likewise asks for a
+            # queue file at MAIL FROM and answers 451 4.3.0 when it cannot have one.
+            log.warning("reject: MAIL from %s[%s]: %s; from=<%s>: %s", session.host_name,
+                        self._client_ip(session), REPLIES["store_failed"], address, damaged)
+            return self._refuse(REPLIES["store_failed"])
         # aiosmtpd hands the null reverse-path over as "<>" and keeps it so
         # (an empty mail_from would read as "no MAIL yet"); it is "" in the queue.
         refusal = policy.check_sender("" if address == "<>" else address, smtputf8=envelope.smtp_utf8)

@@ -29,10 +29,11 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from mta.errors import StoreError
+from mta.errors import QueueDamagedError, StoreError
 from mta.health import Health
 from mta.mailbox.store import MIGRATION as MAILBOX_MIGRATION, MailboxCopy, insert_copies
 from mta.model import NewMessage, QueuedMessage, RcptState, Recipient
+from mta.queue.damage import damage_reason, is_corruption, quick_check
 
 log = logging.getLogger("mta.queue")
 
@@ -288,6 +289,20 @@ class QueueStore:
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
         self._db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        try:
+            await self._set_up()
+        except BaseException as exc:
+            # Close before raising: aiosqlite's thread is not a daemon thread, and left
+            # running it kept the process alive after the traceback (`mta serve` and
+            # `mta queue list` hung on a damaged file).
+            db, self._db = self._db, None
+            await db.close()
+            if is_corruption(exc):
+                raise QueueDamagedError(damage_reason(self.path, exc)) from None
+            raise
+
+    async def _set_up(self) -> None:
+        assert self._db is not None
         await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         await self._db.execute("PRAGMA journal_mode = WAL")
         # FULL: the WAL is fsynced at every commit, so "250" really means durable.
@@ -318,6 +333,29 @@ class QueueStore:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+    async def check_at_start(self) -> None:
+        """``PRAGMA quick_check``, bounded in time (mta/queue/damage.py); damage found is
+        reported as at run time: queue_database fails and new mail is refused."""
+        try:
+            problem = await self._in_thread(quick_check)
+        except sqlite3.Error as exc:   # not damage (that is the answer): e.g. an I/O error
+            log.warning("queue check: PRAGMA quick_check of %s failed: %s", self.path, exc)
+            return
+        if problem is not None:
+            self._report_damage(problem)
+
+    @property
+    def damaged(self) -> str | None:
+        """Why the queue file is known to be damaged (one line), or None."""
+        if not self.health.failing("queue_database"):   # every MAIL asks: the cheap test first
+            return None
+        return self.health.faults().get("queue_database")
+
+    def _report_damage(self, what: object) -> None:
+        """The first corruption seen is the reason kept: /healthz and the log say it once."""
+        if not self.health.failing("queue_database"):
+            self.health.fail("queue_database", damage_reason(self.path, what))
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -439,9 +477,11 @@ class QueueStore:
         assert self._inline is not None
         try:
             results = _run_transaction(self._inline, ops, wait=False)
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):   # at BEGIN, or e.g. a WAL that could not be restarted yet
-                return None
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                return None   # at BEGIN, or e.g. a WAL that could not be restarted yet
+            if is_corruption(exc):
+                self._report_damage(exc)
             raise
         self._inline_commits += 1
         if self._inline_commits >= INLINE_CHECKPOINT_EVERY and (
@@ -461,7 +501,14 @@ class QueueStore:
         every queue test guard them.
         """
         db = self.db
-        return await db._execute(fn, db._conn, *args)
+        try:
+            return await db._execute(fn, db._conn, *args)
+        except sqlite3.DatabaseError as exc:
+            # Every read and (threaded) write passes here, in both processes: a damaged
+            # page found by a claim, an outcome, a POP3 read or the metrics is reported.
+            if is_corruption(exc):
+                self._report_damage(exc)
+            raise
 
     async def _run_alone(self, item: _PendingWrite) -> None:
         try:
@@ -534,7 +581,11 @@ class QueueStore:
     async def enqueue(self, message: NewMessage) -> None:
         """Store a message and its recipients; return once committed.
 
-        Refused (StoreError, disk full) when it would eat into the reserve."""
+        Refused (StoreError, disk full) when it would eat into the reserve, and at once
+        (QueueDamagedError) while the queue file is known to be damaged: no more mail is
+        written into a file that SQLite may not be able to read back."""
+        if (damaged := self.damaged) is not None:
+            raise QueueDamagedError(damaged)
         size = len(message.data)
         await self._check_room(size)
         self._enqueuing += size
@@ -699,6 +750,13 @@ class QueueStore:
             row = await cur.fetchone()
         return str(row[0]) if row else "no answer"
 
+    async def integrity_problems(self, limit: int = 100) -> list[str]:
+        """``PRAGMA integrity_check``, every page: [] when the file is sound, else up to
+        ``limit`` problems. SQLite reports some damage by failing instead (raised)."""
+        rows = await self._in_thread(lambda conn: conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall())
+        problems = [str(row[0]) for row in rows]
+        return [] if problems == ["ok"] else problems
+
     # ----------------------------------------------------------------- administration
     # `mta queue …` runs these in its own process on the daemon's live file. Each write
     # is a short BEGIN IMMEDIATE transaction over at most ADMIN_CHUNK messages; the
@@ -718,10 +776,10 @@ class QueueStore:
                  f" WHERE r.state IN {_PENDING_SQL} GROUP BY r.message_id) GROUP BY cls")
         counts = dict.fromkeys(QUEUE_NAMES, 0)
         oldest: float | None = None
-        async with self.db.execute(query) as cur:
-            for cls, n, arrival in await cur.fetchall():
-                counts[str(cls)] = int(n)
-                oldest = float(arrival) if arrival is not None else None
+        # In the database thread through _in_thread, so that a damaged page found here is reported.
+        for cls, n, arrival in await self._in_thread(lambda conn: conn.execute(query).fetchall()):
+            counts[str(cls)] = int(n)
+            oldest = float(arrival) if arrival is not None else None
         return QueueSummary(counts["active"], counts["deferred"], counts["hold"], oldest)
 
     async def iter_queue(self, *, batch: int = 2000) -> AsyncIterator[list[QueueEntry]]:
@@ -878,6 +936,13 @@ class QueueStore:
                     found.append(message_id)
                     changed[message_id] = counts.get(message_id, 0)
         return AdminResult(tuple(found), changed)
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """The current schema in an empty database, inside the caller's transaction
+    (`mta queue repair` builds its new file with it)."""
+    for target in range(1, SCHEMA_VERSION + 1):
+        _migrate_to(target, conn)
 
 
 def _migrate_to(target: int, conn: sqlite3.Connection) -> None:

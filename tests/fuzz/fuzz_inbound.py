@@ -78,6 +78,8 @@ class _Users:
 class _Store:
     """Stands in for the queue: takes any message, keeps nothing."""
 
+    damaged = None   # QueueStore.damaged: never
+
     async def enqueue(self, message: Any) -> None:
         return None
 
