@@ -39,21 +39,24 @@ class Health:
         # forwards its faults to the main process this way.
         self.on_change: Callable[[str, str | None], None] | None = None
 
-    def fail(self, component: str, reason: str) -> None:
-        """``component`` cannot do its job because of ``reason`` (one line)."""
+    def fail(self, component: str, reason: str, *, logged: bool = False) -> None:
+        """``component`` cannot do its job because of ``reason`` (one line). ``logged``:
+        the line is in the log already (the delivery child wrote it), say nothing more."""
         reason = " ".join(reason.split())
         if self._faults.get(component) == reason:
             return
         self._faults[component] = reason
-        log.error("health: %s: %s", component, reason)
+        if not logged:
+            log.error("health: %s: %s", component, reason)
         if self.on_change is not None:
             self.on_change(component, reason)
 
-    def clear(self, component: str) -> None:
+    def clear(self, component: str, *, logged: bool = False) -> None:
         """``component`` works again."""
         if self._faults.pop(component, None) is None:
             return
-        log.warning("health: %s: recovered", component)
+        if not logged:
+            log.warning("health: %s: recovered", component)
         if self.on_change is not None:
             self.on_change(component, None)
 

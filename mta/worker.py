@@ -133,10 +133,10 @@ class DeliveryProcess:
                     pool.opened, pool.reused = int(opened), int(reused)
                 elif kind == "h":   # a fault the child found, or cleared (mta/health.py)
                     component, _, reason = rest.partition(" ")
-                    if reason:
-                        self.metrics.health.fail(component, reason)
+                    if reason:   # the child logged it already: one line per fault in the journal
+                        self.metrics.health.fail(component, reason, logged=True)
                     else:
-                        self.metrics.health.clear(component)
+                        self.metrics.health.clear(component, logged=True)
             except ValueError:
                 log.warning("delivery process sent a line not understood: %r", line[:100])
 
