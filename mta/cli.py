@@ -28,7 +28,7 @@ from mta.config import Config, load_config
 from mta.errors import ConfigError, StoreError
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
-from mta.passwords import set_password
+from mta.passwords import check_users_file, set_password
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
 EXIT_USAGE = 2
@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passwd(args)
         config, path = _load(args)
         if args.command == "check-config":
+            # The users files too: one bad byte there made every mailbox unknown (issue 12).
+            for key, users_file in (("mailboxes.users_file", config.mailboxes.users_file),
+                                    ("auth.users_file", config.auth.users_file)):
+                check_users_file(key, users_file, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
             print(f"config: {config.source}: ok")
             return 0
         if args.command == "serve":

@@ -28,7 +28,7 @@ from enum import StrEnum
 from mta.config import Config, ListenerConfig
 from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
 from mta.mailbox.users import MailboxUsers
-from mta.passwords import AuthThrottle
+from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
 
 if TYPE_CHECKING:
@@ -468,8 +468,17 @@ class POP3Session:
         if delay:
             with self._interruptible():
                 await asyncio.sleep(delay)
-        # scrypt is deliberately slow: keep it off the event loop.
-        if not await asyncio.to_thread(self.ctx.users.check_password, user, password):
+        try:
+            self.ctx.users.refresh()   # on the loop: it may report to Health
+            # scrypt is deliberately slow: keep it off the event loop.
+            ok = await asyncio.to_thread(self.ctx.users.check_password, user, password)
+        except UsersFileUnavailable as exc:
+            # RFC 3206 [SYS/TEMP]: the passwords cannot be checked now. Not a failed
+            # login: the client must not take a right password for a wrong one.
+            log.warning("pop3-login: Temporary authentication failure: user=<%s>, method=%s, %s (%s)",
+                        _printable(user), method, self._where(), exc)
+            return R.TEMP_AUTH_FAILURE
+        if not ok:
             return self._login_failed(user, method)
         self.ctx.throttle.succeeded(self.ip)
         key = mailbox_key(user)
