@@ -8,10 +8,12 @@ import socket
 import ssl
 import time
 import weakref
+from typing import Any
 
 from mta.config import Config, ListenerConfig, TLSConfig
 from mta.inbound.handler import InboundHandler
 from mta.inbound.session import ConnectionLimiter, InboundSMTP
+from mta.tls import ImplicitTLS
 
 log = logging.getLogger("mta.smtpd")
 
@@ -50,6 +52,7 @@ class Listener(BoundServer):
         self.tls_context = make_tls_context(listener.tls) if listener.tls else None
         self.server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
+        self.handshakes: set[asyncio.Task[None]] = set()   # implicit TLS handshakes in progress
 
     def _protocol(self) -> InboundSMTP:
         implicit = bool(self.listener.tls and self.listener.tls.implicit)
@@ -78,9 +81,16 @@ class Listener(BoundServer):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         implicit = bool(self.listener.tls and self.listener.tls.implicit)
+        factory: Any = self._protocol
+        if implicit:
+            assert self.tls_context is not None
+            context, what = self.tls_context, f"listener {self.listener.name}"
+            # The handshake is ours, not create_server(ssl=...)'s: a failed one is then
+            # one log line naming the client instead of nothing (see mta/tls.py).
+            factory = lambda: ImplicitTLS(self._protocol, context, self.config.limits.idle_timeout,  # noqa: E731
+                                          log, what, self.handshakes)
         self.server = await loop.create_server(
-            self._protocol, host=self.listener.host, port=self.listener.port,
-            ssl=self.tls_context if implicit else None, reuse_address=True, backlog=1024,
+            factory, host=self.listener.host, port=self.listener.port, reuse_address=True, backlog=1024,
             family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
         )
         log.info("listening on %s (%s, %s)", self.listener.address, self.listener.name, self.listener.mode)
@@ -88,6 +98,8 @@ class Listener(BoundServer):
     async def drain(self, grace: float) -> None:
         """After stop_accepting: let transactions in progress finish for up to
         ``grace`` seconds; idle sessions (and, at the end, all) get 421 and close."""
+        for handshake in list(self.handshakes):
+            handshake.cancel()
         deadline = time.monotonic() + grace
         while True:
             late = time.monotonic() >= deadline

@@ -21,6 +21,7 @@ from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import replies as R
 from mta.pop3.session import POP3Session, SessionContext
+from mta.tls import HANDSHAKE_ERRORS
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics
@@ -53,11 +54,11 @@ class POP3Listener(BoundServer):
         return bool(self.listener.tls and self.listener.tls.implicit)
 
     async def start(self) -> None:
+        # Port-995 style, TLS from the first byte (RFC 8314 §3.3), is the session's own
+        # first step rather than start_server(ssl=...)'s: asyncio and uvloop drop a
+        # failed handshake there without a word (see mta/tls.py).
         self.server = await asyncio.start_server(
             self._accept, host=self.listener.host, port=self.listener.port,
-            # Port-995 style: TLS from the first byte (RFC 8314 §3.3).
-            ssl=self.tls_context if self.implicit_tls else None,
-            ssl_handshake_timeout=self.config.limits.idle_timeout if self.implicit_tls else None,
             reuse_address=True, backlog=1024,
             family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
         )
@@ -97,13 +98,19 @@ class POP3Listener(BoundServer):
         # Reloaded limits apply to new connections.
         self.limiter.max_total, self.limiter.max_per_ip = limits.max_connections, limits.max_connections_per_ip
         if self.limiter.admit(ip):
+            if self.implicit_tls:
+                # The ClientHello must stay in the socket for the TLS layer, not reach the reader.
+                writer.transport.pause_reading()
             session = POP3Session(reader, writer, SessionContext(
                 config=self.config, listener=self.listener, store=self.store, users=self.users,
-                locks=self.locks, throttle=self.throttle, tls_context=self.tls_context, metrics=self.metrics))
+                locks=self.locks, throttle=self.throttle, tls_context=self.tls_context, metrics=self.metrics,
+                implicit_tls=self.implicit_tls))
             task = asyncio.create_task(self._serve(session, ip), name=f"pop3 {ip}")
             self.sessions[task] = session
         else:
             log.warning("pop3-login: connection from %s refused: too many connections", ip)
+            if self.implicit_tls:
+                writer.transport.pause_reading()
             task = asyncio.create_task(self._refuse(writer), name=f"pop3 refuse {ip}")
             self.sessions[task] = None
         task.add_done_callback(self._forget)
@@ -122,6 +129,13 @@ class POP3Listener(BoundServer):
 
     async def _refuse(self, writer: asyncio.StreamWriter) -> None:
         """RFC 2449 §8 [SYS/TEMP]: a transient condition; the client may try again later."""
+        if self.implicit_tls:
+            assert self.tls_context is not None
+            try:   # the refusal is sent over TLS, as any reply on this port
+                await writer.start_tls(self.tls_context, ssl_handshake_timeout=5.0)
+            except HANDSHAKE_ERRORS:
+                writer.transport.abort()
+                return
         writer.write(R.TOO_MANY_CONNECTIONS)
         writer.close()
         try:

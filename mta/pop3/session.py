@@ -30,6 +30,7 @@ from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
+from mta.tls import HANDSHAKE_ERRORS, handshake_error
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics
@@ -72,6 +73,7 @@ class SessionContext:
     throttle: AuthThrottle          # login failures per client IP, shared likewise
     tls_context: ssl.SSLContext | None
     metrics: Metrics | None = None  # its pop3_* counters
+    implicit_tls: bool = False      # port-995 style: the session's first step is the TLS handshake
 
 
 class _TooLong:
@@ -213,6 +215,7 @@ class POP3Session:
         self.stopping = False
         self._waiting = False   # blocked on the client or the throttle: safe to interrupt
         self.end_reason = "Connection closed"
+        self.tls_failure: str | None = None   # why a TLS handshake failed, for the disconnect line
         self.started = time.monotonic()
         self.retrieved = [0, 0]   # RETR count, octets
         self.topped = [0, 0]      # TOP count, octets
@@ -235,14 +238,19 @@ class POP3Session:
         """Serve the connection until QUIT, EOF, timeout, error or shutdown."""
         self.task = asyncio.current_task()
         try:
+            if self.ctx.implicit_tls:
+                await self._start_tls()
             await self._send(R.greeting(self.config.hostname))
             while not self.closing:
                 reply = await self._next_reply()
                 if reply is None:
                     break
                 await self._send(reply)
-        except (_Disconnected, ConnectionError, ssl.SSLError):
-            self.end_reason = "Connection closed"
+        except (_Disconnected, ConnectionError, ssl.SSLError) as exc:
+            # A client that goes away with replies pending is an everyday event: the
+            # disconnect line below says so, without a traceback (issue 12).
+            self.end_reason = "Connection reset by peer" if isinstance(exc, ConnectionResetError) \
+                else "Connection closed"
         except _SlowClient:
             self.end_reason = "Client stopped reading"
             self.writer.transport.abort()
@@ -310,6 +318,10 @@ class POP3Session:
 
     # ------------------------------------------------------------------ I/O
     async def _send(self, data: bytes) -> None:
+        if self.writer.transport.is_closing():
+            # The client is gone (a reset with pipelined commands still buffered): uvloop's
+            # write() would raise "RuntimeError: ... the handler is closed".
+            raise _Disconnected
         self.writer.write(data)
         try:
             async with asyncio.timeout(self.idle_timeout):
@@ -530,13 +542,20 @@ class POP3Session:
         await self._send(R.BEGIN_TLS)
         # Nothing the client sent before the handshake may count as a command.
         self.lines.discard_buffered()
+        await self._start_tls()
+        return b""   # the +OK above was this command's reply
+
+    async def _start_tls(self) -> None:
+        """The TLS handshake (STLS, or the start of an implicit-TLS session). A client
+        that abandons it gets no reply and one log line: the disconnect line, which
+        says why, as Dovecot's does ("TLS handshaking: ...")."""
+        assert self.ctx.tls_context is not None
         try:
             await self.writer.start_tls(self.ctx.tls_context, ssl_handshake_timeout=self.idle_timeout)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("pop3-login: TLS handshake failed (%s): %s", exc, self._where())
+        except HANDSHAKE_ERRORS as exc:
+            self.tls_failure = handshake_error(exc)
             raise _Disconnected from None
         self.tls_active = True
-        return b""   # the +OK above was this command's reply
 
     # ------------------------------------------------------------------ any state
     async def _capa(self, arg: str) -> bytes:
@@ -664,7 +683,8 @@ class POP3Session:
         if self.user is None or self.maildrop is None:
             attempts = (f"auth failed, {_plural(self.auth_failures, 'attempt')}" if self.auth_failures
                         else "no auth attempts")
-            log.info("pop3-login: Disconnected (%s in %d secs): %s", attempts, secs, self._where())
+            tls = f", TLS handshaking: {self.tls_failure}" if self.tls_failure else ""
+            log.info("pop3-login: Disconnected (%s in %d secs): %s%s", attempts, secs, self._where(), tls)
             return
         # Dovecot's pop3_logout_format spelled out: top=count/octets, retrieved=count/octets,
         # deleted=count/messages at login, size=octets at login.
