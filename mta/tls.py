@@ -12,8 +12,10 @@ socket (they log it only in debug mode).
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
 import ssl
+import weakref
+from asyncio import sslproto
 from collections.abc import Callable
 
 # What a client can make a handshake fail with: its own doing, not a fault of ours.
@@ -33,55 +35,72 @@ def handshake_error(exc: BaseException | None) -> str:
     return text or "lost connection"
 
 
-class ImplicitTLS(asyncio.Protocol):
-    """Port-465 style TLS (RFC 8314 §3.3) for a protocol that expects a ready TLS
-    transport in connection_made: the handshake runs here, through loop.start_tls,
-    so that its failure can be logged as one line."""
+class _ServerTLS(sslproto.SSLProtocol):
+    """asyncio's own TLS layer (what create_server(ssl=...) uses, and aiosmtpd's
+    STARTTLS), remembering who the client is for the log line."""
 
-    def __init__(self, app_factory: Callable[[], asyncio.Protocol], context: ssl.SSLContext, timeout: float,
-                 log: logging.Logger, what: str, tasks: set[asyncio.Task[None]]):
+    peer: tuple[str, int] | None = None
+    sockname: tuple[str, int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        super().connection_made(transport)
+
+
+FailureHook = Callable[[tuple[str, int] | None, tuple[str, int] | None, BaseException | None], None]
+
+
+class ImplicitTLS:
+    """A protocol factory for create_server: port-465/995 style TLS (RFC 8314 §3.3)
+    whose handshake outcome we see. On success the protocol from ``app_factory``
+    gets the TLS transport, as with create_server(ssl=...); on failure
+    ``on_failure(peer, sockname, exc)`` is called to log it.
+
+    The TLS layer is the protocol from the first byte: with loop.start_tls after
+    accept, uvloop starts reading as soon as connection_made returns, and the
+    ClientHello went to the wrong protocol."""
+
+    def __init__(self, app_factory: Callable[[], asyncio.BaseProtocol], context: ssl.SSLContext, timeout: float,
+                 on_failure: FailureHook):
         self.app_factory = app_factory
         self.context = context
         self.timeout = timeout
-        self.log = log
-        self.what = what           # "listener smtps", for the log line
-        self.tasks = tasks         # the listener cancels handshakes still running at shutdown
+        self.on_failure = on_failure
+        self.in_handshake: weakref.WeakSet[_ServerTLS] = weakref.WeakSet()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The ClientHello stays in the socket until the TLS layer reads it.
-        transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._handshake(transport),  # type: ignore[arg-type]
-                                                      name=f"tls {self.what}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass   # before start_tls took the transport over: _handshake sees it closing
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername")
-        ip = peer[0] if peer else "unknown"
+    def __call__(self) -> asyncio.BaseProtocol:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         # Until the handshake is done the TLS layer talks to a stand-in: asyncio tells its
-        # protocol about a failed handshake (connection_lost), which an SMTP session not
-        # yet started cannot take.
+        # protocol about a failed handshake (connection_lost), which a session not yet
+        # started cannot take.
         pending = _Pending()
-        try:
-            if transport.is_closing():
-                raise ConnectionResetError()
-            tls = await asyncio.get_running_loop().start_tls(
-                transport, pending, self.context, server_side=True, ssl_handshake_timeout=self.timeout)
-        except HANDSHAKE_ERRORS as exc:
-            self.log.info("SSL_accept error from unknown[%s]: %s (%s)", ip, handshake_error(exc), self.what)
-            transport.abort()
+        tls = _ServerTLS(loop, pending, self.context, waiter, server_side=True, call_connection_made=False,
+                         ssl_handshake_timeout=self.timeout)
+        self.in_handshake.add(tls)
+        waiter.add_done_callback(functools.partial(self._done, tls, pending))
+        return tls
+
+    def _done(self, tls: _ServerTLS, pending: _Pending, waiter: asyncio.Future[None]) -> None:
+        self.in_handshake.discard(tls)
+        if waiter.cancelled():
             return
-        if tls is None:   # start_tls returns None when the connection is already gone
-            self.log.info("SSL_accept error from unknown[%s]: lost connection (%s)", ip, self.what)
-            transport.abort()
+        exc = waiter.exception()
+        transport = tls._app_transport
+        if exc is not None or transport is None or tls._transport is None:
+            self.on_failure(tls.peer, tls.sockname, exc)
             return
         app = self.app_factory()
-        tls.set_protocol(app)
-        app.connection_made(tls)
+        transport.set_protocol(app)
+        app.connection_made(transport)
         pending.hand_over(app)
+
+    def abort_handshakes(self) -> None:
+        """Shutdown: connections still in their handshake are dropped."""
+        for tls in list(self.in_handshake):
+            if tls._transport is not None:
+                tls._transport.abort()
 
 
 class _Pending(asyncio.Protocol):
@@ -102,7 +121,8 @@ class _Pending(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = (exc,)
 
-    def hand_over(self, app: asyncio.Protocol) -> None:
+    def hand_over(self, app: asyncio.BaseProtocol) -> None:
+        assert isinstance(app, asyncio.Protocol)
         for chunk in self.data:
             app.data_received(chunk)
         if self.eof:

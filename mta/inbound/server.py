@@ -13,7 +13,7 @@ from typing import Any
 from mta.config import Config, ListenerConfig, TLSConfig
 from mta.inbound.handler import InboundHandler
 from mta.inbound.session import ConnectionLimiter, InboundSMTP
-from mta.tls import ImplicitTLS
+from mta.tls import ImplicitTLS, handshake_error
 
 log = logging.getLogger("mta.smtpd")
 
@@ -52,7 +52,7 @@ class Listener(BoundServer):
         self.tls_context = make_tls_context(listener.tls) if listener.tls else None
         self.server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
-        self.handshakes: set[asyncio.Task[None]] = set()   # implicit TLS handshakes in progress
+        self.implicit: ImplicitTLS | None = None
 
     def _protocol(self) -> InboundSMTP:
         implicit = bool(self.listener.tls and self.listener.tls.implicit)
@@ -84,22 +84,25 @@ class Listener(BoundServer):
         factory: Any = self._protocol
         if implicit:
             assert self.tls_context is not None
-            context, what = self.tls_context, f"listener {self.listener.name}"
-            # The handshake is ours, not create_server(ssl=...)'s: a failed one is then
-            # one log line naming the client instead of nothing (see mta/tls.py).
-            factory = lambda: ImplicitTLS(self._protocol, context, self.config.limits.idle_timeout,  # noqa: E731
-                                          log, what, self.handshakes)
+            # Not create_server(ssl=...): a failed handshake is then one log line naming
+            # the client instead of nothing at all (see mta/tls.py).
+            self.implicit = factory = ImplicitTLS(self._protocol, self.tls_context,
+                                                  self.config.limits.idle_timeout, self._handshake_failed)
         self.server = await loop.create_server(
             factory, host=self.listener.host, port=self.listener.port, reuse_address=True, backlog=1024,
             family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
         )
         log.info("listening on %s (%s, %s)", self.listener.address, self.listener.name, self.listener.mode)
 
+    def _handshake_failed(self, peer: tuple[str, int] | None, sockname: object, exc: BaseException | None) -> None:
+        log.info("SSL_accept error from unknown[%s]: %s (listener %s)", peer[0] if peer else "unknown",
+                 handshake_error(exc), self.listener.name)
+
     async def drain(self, grace: float) -> None:
         """After stop_accepting: let transactions in progress finish for up to
         ``grace`` seconds; idle sessions (and, at the end, all) get 421 and close."""
-        for handshake in list(self.handshakes):
-            handshake.cancel()
+        if self.implicit is not None:
+            self.implicit.abort_handshakes()
         deadline = time.monotonic() + grace
         while True:
             late = time.monotonic() >= deadline

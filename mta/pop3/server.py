@@ -21,7 +21,7 @@ from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import replies as R
 from mta.pop3.session import POP3Session, SessionContext
-from mta.tls import HANDSHAKE_ERRORS
+from mta.tls import ImplicitTLS, handshake_error
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics
@@ -48,22 +48,38 @@ class POP3Listener(BoundServer):
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.server: asyncio.Server | None = None
         self.sessions: dict[asyncio.Task[None], POP3Session | None] = {}
+        self.implicit: ImplicitTLS | None = None
 
     @property
     def implicit_tls(self) -> bool:
         return bool(self.listener.tls and self.listener.tls.implicit)
 
     async def start(self) -> None:
-        # Port-995 style, TLS from the first byte (RFC 8314 §3.3), is the session's own
-        # first step rather than start_server(ssl=...)'s: asyncio and uvloop drop a
-        # failed handshake there without a word (see mta/tls.py).
-        self.server = await asyncio.start_server(
-            self._accept, host=self.listener.host, port=self.listener.port,
-            reuse_address=True, backlog=1024,
-            family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
-        )
+        family = socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC
+        if self.implicit_tls:
+            # Port-995 style, TLS from the first byte (RFC 8314 §3.3). Not start_server(ssl=...):
+            # a failed handshake is then one log line instead of nothing (see mta/tls.py).
+            assert self.tls_context is not None
+            loop = asyncio.get_running_loop()
+
+            def stream_protocol() -> asyncio.StreamReaderProtocol:   # what start_server builds
+                return asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), self._accept, loop=loop)
+
+            self.implicit = ImplicitTLS(stream_protocol, self.tls_context, self.config.limits.idle_timeout,
+                                        self._handshake_failed)
+            self.server = await loop.create_server(self.implicit, host=self.listener.host, port=self.listener.port,
+                                                   reuse_address=True, backlog=1024, family=family)
+        else:
+            self.server = await asyncio.start_server(self._accept, host=self.listener.host, port=self.listener.port,
+                                                     reuse_address=True, backlog=1024, family=family)
         log.info("listening on %s (%s, %s%s)", self.listener.address, self.listener.name, self.listener.mode,
                  ", implicit TLS" if self.implicit_tls else ", STLS" if self.tls_context else "")
+
+    def _handshake_failed(self, peer: tuple[str, int] | None, sockname: tuple[str, int] | None,
+                          exc: BaseException | None) -> None:
+        # Dovecot's line for the same event.
+        log.info("pop3-login: Disconnected (no auth attempts in 0 secs): rip=%s, lip=%s, TLS handshaking: %s",
+                 peer[0] if peer else "unknown", sockname[0] if sockname else "unknown", handshake_error(exc))
 
     async def drain(self, grace: float) -> None:
         """After stop_accepting: end every session and wait up to ``grace`` for them.
@@ -72,6 +88,8 @@ class POP3Listener(BoundServer):
         being committed) finishes it first; one waiting for the client is told
         "-ERR [SYS/TEMP] server shutting down" at once. Sessions in TRANSACTION
         delete nothing: the client never said QUIT (RFC 1939 §6)."""
+        if self.implicit is not None:
+            self.implicit.abort_handshakes()
         for session in list(self.sessions.values()):
             if session is not None:
                 session.stop()
@@ -98,19 +116,13 @@ class POP3Listener(BoundServer):
         # Reloaded limits apply to new connections.
         self.limiter.max_total, self.limiter.max_per_ip = limits.max_connections, limits.max_connections_per_ip
         if self.limiter.admit(ip):
-            if self.implicit_tls:
-                # The ClientHello must stay in the socket for the TLS layer, not reach the reader.
-                writer.transport.pause_reading()
             session = POP3Session(reader, writer, SessionContext(
                 config=self.config, listener=self.listener, store=self.store, users=self.users,
-                locks=self.locks, throttle=self.throttle, tls_context=self.tls_context, metrics=self.metrics,
-                implicit_tls=self.implicit_tls))
+                locks=self.locks, throttle=self.throttle, tls_context=self.tls_context, metrics=self.metrics))
             task = asyncio.create_task(self._serve(session, ip), name=f"pop3 {ip}")
             self.sessions[task] = session
         else:
             log.warning("pop3-login: connection from %s refused: too many connections", ip)
-            if self.implicit_tls:
-                writer.transport.pause_reading()
             task = asyncio.create_task(self._refuse(writer), name=f"pop3 refuse {ip}")
             self.sessions[task] = None
         task.add_done_callback(self._forget)
@@ -129,13 +141,6 @@ class POP3Listener(BoundServer):
 
     async def _refuse(self, writer: asyncio.StreamWriter) -> None:
         """RFC 2449 §8 [SYS/TEMP]: a transient condition; the client may try again later."""
-        if self.implicit_tls:
-            assert self.tls_context is not None
-            try:   # the refusal is sent over TLS, as any reply on this port
-                await writer.start_tls(self.tls_context, ssl_handshake_timeout=5.0)
-            except HANDSHAKE_ERRORS:
-                writer.transport.abort()
-                return
         writer.write(R.TOO_MANY_CONNECTIONS)
         writer.close()
         try:

@@ -73,7 +73,6 @@ class SessionContext:
     throttle: AuthThrottle          # login failures per client IP, shared likewise
     tls_context: ssl.SSLContext | None
     metrics: Metrics | None = None  # its pop3_* counters
-    implicit_tls: bool = False      # port-995 style: the session's first step is the TLS handshake
 
 
 class _TooLong:
@@ -238,8 +237,6 @@ class POP3Session:
         """Serve the connection until QUIT, EOF, timeout, error or shutdown."""
         self.task = asyncio.current_task()
         try:
-            if self.ctx.implicit_tls:
-                await self._start_tls()
             await self._send(R.greeting(self.config.hostname))
             while not self.closing:
                 reply = await self._next_reply()
@@ -546,9 +543,8 @@ class POP3Session:
         return b""   # the +OK above was this command's reply
 
     async def _start_tls(self) -> None:
-        """The TLS handshake (STLS, or the start of an implicit-TLS session). A client
-        that abandons it gets no reply and one log line: the disconnect line, which
-        says why, as Dovecot's does ("TLS handshaking: ...")."""
+        """The STLS handshake. A client that abandons it gets no reply and one log
+        line: the disconnect line, which says why, as Dovecot's does ("TLS handshaking: ...")."""
         assert self.ctx.tls_context is not None
         try:
             await self.writer.start_tls(self.ctx.tls_context, ssl_handshake_timeout=self.idle_timeout)
