@@ -37,6 +37,7 @@ from mta.worker import DeliveryProcess
 log = logging.getLogger("mta.master")
 
 PRUNE_INTERVAL = 60.0  # how often mail older than mailboxes.max_age is removed
+TABLE_CHECK_INTERVAL = 2.0  # how often the users files are looked at (one stat() each)
 
 
 class App:
@@ -60,7 +61,9 @@ class App:
                                 health=self.health)
         self.listeners: list[Any] = []   # SMTP Listener and POP3Listener: start/sockets/stop_accepting/drain
         self.mailboxes = MailboxStore(self.store)
-        self.mailbox_users = MailboxUsers(config)
+        self.mailbox_users = MailboxUsers(config, health=self.health)
+        self.auth_users: UsersFile | None = None
+        self._tables_task: asyncio.Task[None] | None = None
         self.mailbox_locks: set[str] = set()   # mailboxes held by a POP3 session, across listeners
         self._prune_task: asyncio.Task[None] | None = None
         self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode != "pop3"],
@@ -74,7 +77,8 @@ class App:
         self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
 
     def _build_listeners(self) -> None:
-        users = UsersFile(self.config.auth.users_file) if self.config.auth.users_file else None
+        users = UsersFile(self.config.auth.users_file, health=self.health) if self.config.auth.users_file else None
+        self.auth_users = users
         throttle = AuthThrottle()
         for lc in self.config.listeners:
             if lc.mode == "pop3":
@@ -113,6 +117,8 @@ class App:
             await self._start_delivery()
         if self.config.local_domains or any(lc.mode == "pop3" for lc in self.config.listeners):
             self._prune_task = asyncio.create_task(self._prune_mailboxes(), name="mailbox-prune")
+        if self.auth_users is not None or self.mailbox_users.users is not None:
+            self._tables_task = asyncio.create_task(self._watch_tables(), name="users-files")
         if self.config.metrics.host is not None:
             try:
                 await self.metrics.start_server(self.config.metrics.host, self.config.metrics.port)
@@ -150,6 +156,15 @@ class App:
                 if pruned:
                     log.info("mailbox: removed %d message(s) older than %gs (mailboxes.max_age)", pruned, max_age)
             await asyncio.sleep(PRUNE_INTERVAL)
+
+    async def _watch_tables(self) -> None:
+        """Look at the users files every few seconds, so that a broken one shows in the
+        log and /healthz at once, not only at the next RCPT or login (issue 12)."""
+        while True:
+            await asyncio.sleep(TABLE_CHECK_INTERVAL)
+            self.mailbox_users.refresh()
+            if self.auth_users is not None:
+                self.auth_users.refresh()
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -199,9 +214,10 @@ class App:
         the queue. Each step runs even if an earlier one failed."""
         try:
             await self.metrics.stop_server()
-            if self._prune_task is not None:
-                self._prune_task.cancel()
-                await asyncio.gather(self._prune_task, return_exceptions=True)
+            for task in (self._prune_task, self._tables_task):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             for listener in self.listeners:
                 listener.stop_accepting()
             steps = [listener.drain(SHUTDOWN_GRACE) for listener in self.listeners]
@@ -235,7 +251,7 @@ class App:
         if needs_restart:
             log.warning("reload: changes to %s take effect after a restart", ", ".join(needs_restart))
         self.config = new
-        self.mailbox_users = MailboxUsers(new)
+        self.mailbox_users = MailboxUsers(new, health=self.health, previous=self.mailbox_users)
         for listener in self.listeners:
             listener.config = new
             if isinstance(listener, Listener):

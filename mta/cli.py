@@ -33,7 +33,7 @@ from mta.errors import ConfigError, QueueDamagedError, StartupError, StoreError
 from mta.health import Health
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
-from mta.passwords import delete_user, set_password
+from mta.passwords import check_users_file, delete_user, set_password
 from mta.queue.damage import RECOVERY_HINT, damage_reason, is_corruption
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
 
@@ -210,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             from mta.preflight import check
             check(config)   # what would keep `mta serve` from starting, not only the syntax
+            # The users files' content too: one bad byte there made every mailbox unknown (issue 12).
+            for key, users_file in (("mailboxes.users_file", config.mailboxes.users_file),
+                                    ("auth.users_file", config.auth.users_file)):
+                check_users_file(key, users_file, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
             print(f"config: {config.source}: ok")
             return 0
         if args.command == "serve":

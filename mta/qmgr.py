@@ -55,7 +55,7 @@ class DeliveryService:
         metrics.attach_pool(self.pool)
         self.scheduler = Scheduler(store, self.router, delivery, make_delivery,
                                    make_report=self.make_report, on_result=metrics.recipient_result,
-                                   local=LocalDelivery(MailboxUsers(config)),
+                                   local=LocalDelivery(MailboxUsers(config, health=store.health)),
                                    max_mailbox_messages=config.mailboxes.max_messages)
         store.add_listener(self.scheduler.wake)   # our own bounces wake us too
         self.task: asyncio.Task[None] | None = None

@@ -284,7 +284,8 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
             log.error("delivery: reload failed, keeping the old configuration: config: %s", exc)
             return
         new, _ = reloaded(service.config, new)   # the main process logs what needs a restart
-        service.reconfigure(new, MailboxUsers(new))
+        local = service.scheduler.local
+        service.reconfigure(new, MailboxUsers(new, health=health, previous=local.users if local else None))
         log.info("delivery: reload: configuration re-read from %s", config_path or "built-in defaults")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -21,7 +21,7 @@ from mta.inbound import policy
 from mta.inbound.policy import REPLIES
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient
-from mta.passwords import AuthThrottle, UsersFile
+from mta.passwords import AuthThrottle, UsersFile, UsersFileUnavailable
 from mta.queue.store import QueueStore, new_queue_id
 
 log = logging.getLogger("mta.smtpd")
@@ -111,7 +111,17 @@ class InboundHandler:
         refusal = policy.check_recipient(address, trusted=self._trusted(session),
                                          relay_domains=self.config.relay_domains + self.config.local_domains,
                                          smtputf8=envelope.smtp_utf8)
-        if refusal is None and users is not None and users.is_local(address) and not users.exists(address):
+        try:
+            unknown_local = refusal is None and users is not None and users.is_local(address) \
+                and not users.exists(address)
+        except UsersFileUnavailable as exc:
+            # Postfix's answer when local_recipient_maps cannot be read: the client keeps
+            # the message and tries again; a 550 would bounce it for good.
+            reply = f"451 4.3.0 <{address}>: Temporary lookup failure"
+            log.warning("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s> (%s)", session.host_name,
+                        self._client_ip(session), reply, envelope.mail_from, address, exc)
+            return reply
+        if unknown_local:
             unknown = REPLIES["unknown_user"]
             reply = f"{unknown.code} {unknown.enhanced} <{address}>: {unknown.text}"
             log.info("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s>", session.host_name,
@@ -232,8 +242,16 @@ class InboundHandler:
         # No NUL in a password either (RFC 4616 §2): HMAC pads short keys with zero
         # bytes, so scrypt would take "secret\0" for "secret".
         if self.users is not None and not any(c in user for c in "\r\n\x00") and "\x00" not in password:
-            # scrypt is deliberately slow: keep it off the event loop.
-            ok = await asyncio.to_thread(self.users.check, user, password)
+            try:
+                self.users.refresh()   # on the loop: it may report to Health
+                # scrypt is deliberately slow: keep it off the event loop.
+                ok = await asyncio.to_thread(self.users.check, user, password)
+            except UsersFileUnavailable as exc:
+                # RFC 4954 §6: 454 4.7.0 when the server cannot check the credentials
+                # now; 535 would tell a right password that it is wrong.
+                log.warning("%s[%s]: SASL authentication unavailable for user %r: %s", session.host_name, ip,
+                            user, exc)
+                return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
         if ok:
             self.throttle.succeeded(ip)
             log.info("client=%s[%s], sasl_method=AUTH, sasl_username=%s", session.host_name, ip, user)

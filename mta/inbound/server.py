@@ -8,10 +8,12 @@ import socket
 import ssl
 import time
 import weakref
+from typing import Any
 
 from mta.config import Config, ListenerConfig, TLSConfig
 from mta.inbound.handler import InboundHandler
 from mta.inbound.session import ConnectionLimiter, InboundSMTP
+from mta.tls import ImplicitTLS, handshake_error
 
 log = logging.getLogger("mta.smtpd")
 
@@ -55,6 +57,7 @@ class Listener(BoundServer):
         self.tls_context = make_tls_context(listener.tls) if listener.tls else None
         self.server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
+        self.implicit: ImplicitTLS | None = None
 
     def _protocol(self) -> InboundSMTP:
         implicit = bool(self.listener.tls and self.listener.tls.implicit)
@@ -83,16 +86,28 @@ class Listener(BoundServer):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         implicit = bool(self.listener.tls and self.listener.tls.implicit)
+        factory: Any = self._protocol
+        if implicit:
+            assert self.tls_context is not None
+            # Not create_server(ssl=...): a failed handshake is then one log line naming
+            # the client instead of nothing at all (see mta/tls.py).
+            self.implicit = factory = ImplicitTLS(self._protocol, self.tls_context,
+                                                  self.config.limits.idle_timeout, self._handshake_failed)
         self.server = await loop.create_server(
-            self._protocol, host=self.listener.host, port=self.listener.port,
-            ssl=self.tls_context if implicit else None, reuse_address=True, backlog=1024,
+            factory, host=self.listener.host, port=self.listener.port, reuse_address=True, backlog=1024,
             family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
         )
         log.info("listening on %s (%s, %s)", self.listener.address, self.listener.name, self.listener.mode)
 
+    def _handshake_failed(self, peer: tuple[str, int] | None, sockname: object, exc: BaseException | None) -> None:
+        log.info("SSL_accept error from unknown[%s]: %s (listener %s)", peer[0] if peer else "unknown",
+                 handshake_error(exc), self.listener.name)
+
     async def drain(self, grace: float) -> None:
         """After stop_accepting: let transactions in progress finish for up to
         ``grace`` seconds; idle sessions (and, at the end, all) get 421 and close."""
+        if self.implicit is not None:
+            self.implicit.abort_handshakes()
         deadline = time.monotonic() + grace
         while True:
             late = time.monotonic() >= deadline

@@ -21,10 +21,11 @@ from email._header_value_parser import get_addr_spec, get_angle_addr  # what aio
 from email.errors import HeaderParseError
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
 from mta.inbound.policy import ATEXT, REPLIES, DSNParams, split_dsn_params
 from mta.model import Reply
+from mta.tls import handshake_error
 
 log = logging.getLogger("mta.smtpd")
 
@@ -193,6 +194,19 @@ class InboundSMTP(SMTP):
                 self.transport.close()
             return
         await super()._handle_client()
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that gives up its STARTTLS handshake (scanners do, all day): one
+            # line naming it, not an ERROR with a traceback (issue 12). aiosmtpd closes
+            # the connection itself after this and sends nothing.
+            ip = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else "unknown"
+            host = (self.session.host_name if self.session else None) or "unknown"
+            listener = getattr(getattr(self.event_handler, "listener", None), "name", "?")
+            log.info("SSL_accept error from %s[%s]: %s (STARTTLS, listener %s)", host, ip,
+                     handshake_error(error.__cause__), listener)
+            return ""
+        return await super().handle_exception(error)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd calls this for every command: it cancelled its timer and made a

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from mta.mailbox.store import MailboxCopy
 from mta.mailbox.users import MailboxUsers
 from mta.model import Outcome, Reply, normalize_line_ends
+from mta.passwords import UsersFileUnavailable
 
 LOCAL_DESTINATION = "local:mailbox"   # the queue manager's grouping key for local mail
 LOCAL_RELAY = "local"                 # what the log says: relay=local, as Postfix's local(8)
@@ -50,7 +51,16 @@ class LocalDelivery:
         copies: list[MailboxCopy] = []
         outcomes: list[Outcome] = []
         for rcpt in recipients:
-            if not self.users.exists(rcpt.address):
+            try:
+                known = self.users.exists(rcpt.address)
+            except UsersFileUnavailable as exc:
+                # The users file cannot be read: whether the mailbox exists is unknown,
+                # so the mail waits for the file (Postfix defers on a table lookup
+                # error); a bounce here lost mail for every lab mailbox.
+                outcomes.append(Outcome(rcpt.address, Reply(451, "4.3.0", f"temporary lookup failure: {exc}"),
+                                        LOCAL_RELAY))
+                continue
+            if not known:
                 outcomes.append(Outcome(rcpt.address, UNKNOWN_USER, LOCAL_RELAY))
                 continue
             copies.append(MailboxCopy(rcpt.address, queue_id, sender, subject,

@@ -1,23 +1,44 @@
 """Who has a mailbox: the mailboxes users file, or anyone at a local domain
-with ``mailboxes.catch_all``. Postfix's local_recipient_maps, in one object."""
+with ``mailboxes.catch_all``. Postfix's local_recipient_maps, in one object.
+
+While the users file cannot be read (and no good copy of it is held),
+exists() and check_password() raise mta.passwords.UsersFileUnavailable: the
+answer is unknown, so RCPT gets 451, local delivery is deferred and POP3 login
+gets [SYS/TEMP] -- never "no such user", which would bounce mail (issue 12).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mta.config import Config
+from mta.health import Health
 from mta.model import domain_of
 from mta.passwords import UsersFile
 
 
 class MailboxUsers:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, health: Health | None = None,
+                 previous: MailboxUsers | None = None):
         self.local_domains = config.local_domains
         self.catch_all = config.mailboxes.catch_all
         path = config.mailboxes.users_file
-        # The same hashed format as submission AUTH, keyed by full address (USER alice@lab.test).
-        self.users = UsersFile(path, fold_case=True) if path else None
+        self.users: UsersFile | None = None
+        if path and previous is not None and previous.users is not None and previous.users.path == Path(path):
+            # A reload (SIGHUP) keeps the file's last good copy: the file itself has not moved.
+            self.users = previous.users
+        elif path:
+            # The same hashed format as submission AUTH, keyed by full address (USER alice@lab.test).
+            self.users = UsersFile(path, fold_case=True, label="mailboxes.users_file", health=health,
+                                   component="mailboxes_users_file")
 
     def is_local(self, address: str) -> bool:
         return "@" in address and domain_of(address).rstrip(".") in self.local_domains
+
+    def refresh(self) -> None:
+        """Read the users file again if it changed (on the event loop; see UsersFile)."""
+        if self.users is not None:
+            self.users.refresh()
 
     def exists(self, address: str) -> bool:
         """Whether mail for ``address`` (at a local domain) has a mailbox to go to."""
@@ -28,7 +49,7 @@ class MailboxUsers:
         return self.users is not None and self.users.lookup(address) is not None
 
     def check_password(self, address: str, password: str) -> bool:
-        """POP3 login; scrypt is slow, so callers run this in a thread."""
+        """POP3 login; scrypt is slow, so callers run this in a thread after refresh()."""
         if self.users is None or any(c in address for c in "\r\n\x00") or "\x00" in password:
             return False
         return self.users.check(address, password)

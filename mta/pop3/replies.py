@@ -83,6 +83,7 @@ PLAINTEXT_NEEDS_STLS = err("[AUTH] plaintext authentication disallowed without T
 PLAINTEXT_NEEDS_TLS = err("[AUTH] plaintext authentication disallowed without TLS")
 APOP_UNSUPPORTED = err("APOP is not supported (passwords are stored hashed); use USER/PASS or AUTH PLAIN")
 IN_USE = err("[IN-USE] mailbox is locked by another POP3 session")
+TEMP_AUTH_FAILURE = err("[SYS/TEMP] temporary authentication failure; try again later")
 MAILDROP_UNAVAILABLE = err("[SYS/TEMP] cannot open the mailbox now; try again later")
 
 # STLS (RFC 2595 §4).

@@ -21,6 +21,7 @@ from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import replies as R
 from mta.pop3.session import POP3Session, SessionContext
+from mta.tls import ImplicitTLS, handshake_error
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics
@@ -47,22 +48,38 @@ class POP3Listener(BoundServer):
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.server: asyncio.Server | None = None
         self.sessions: dict[asyncio.Task[None], POP3Session | None] = {}
+        self.implicit: ImplicitTLS | None = None
 
     @property
     def implicit_tls(self) -> bool:
         return bool(self.listener.tls and self.listener.tls.implicit)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(
-            self._accept, host=self.listener.host, port=self.listener.port,
-            # Port-995 style: TLS from the first byte (RFC 8314 §3.3).
-            ssl=self.tls_context if self.implicit_tls else None,
-            ssl_handshake_timeout=self.config.limits.idle_timeout if self.implicit_tls else None,
-            reuse_address=True, backlog=1024,
-            family=socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC,
-        )
+        family = socket.AF_INET6 if ":" in self.listener.host else socket.AF_UNSPEC
+        if self.implicit_tls:
+            # Port-995 style, TLS from the first byte (RFC 8314 §3.3). Not start_server(ssl=...):
+            # a failed handshake is then one log line instead of nothing (see mta/tls.py).
+            assert self.tls_context is not None
+            loop = asyncio.get_running_loop()
+
+            def stream_protocol() -> asyncio.StreamReaderProtocol:   # what start_server builds
+                return asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), self._accept, loop=loop)
+
+            self.implicit = ImplicitTLS(stream_protocol, self.tls_context, self.config.limits.idle_timeout,
+                                        self._handshake_failed)
+            self.server = await loop.create_server(self.implicit, host=self.listener.host, port=self.listener.port,
+                                                   reuse_address=True, backlog=1024, family=family)
+        else:
+            self.server = await asyncio.start_server(self._accept, host=self.listener.host, port=self.listener.port,
+                                                     reuse_address=True, backlog=1024, family=family)
         log.info("listening on %s (%s, %s%s)", self.listener.address, self.listener.name, self.listener.mode,
                  ", implicit TLS" if self.implicit_tls else ", STLS" if self.tls_context else "")
+
+    def _handshake_failed(self, peer: tuple[str, int] | None, sockname: tuple[str, int] | None,
+                          exc: BaseException | None) -> None:
+        # Dovecot's line for the same event.
+        log.info("pop3-login: Disconnected (no auth attempts in 0 secs): rip=%s, lip=%s, TLS handshaking: %s",
+                 peer[0] if peer else "unknown", sockname[0] if sockname else "unknown", handshake_error(exc))
 
     async def drain(self, grace: float) -> None:
         """After stop_accepting: end every session and wait up to ``grace`` for them.
@@ -71,6 +88,8 @@ class POP3Listener(BoundServer):
         being committed) finishes it first; one waiting for the client is told
         "-ERR [SYS/TEMP] server shutting down" at once. Sessions in TRANSACTION
         delete nothing: the client never said QUIT (RFC 1939 §6)."""
+        if self.implicit is not None:
+            self.implicit.abort_handshakes()
         for session in list(self.sessions.values()):
             if session is not None:
                 session.stop()

@@ -28,8 +28,9 @@ from enum import StrEnum
 from mta.config import Config, ListenerConfig
 from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
 from mta.mailbox.users import MailboxUsers
-from mta.passwords import AuthThrottle
+from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
+from mta.tls import HANDSHAKE_ERRORS, handshake_error
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics
@@ -213,6 +214,7 @@ class POP3Session:
         self.stopping = False
         self._waiting = False   # blocked on the client or the throttle: safe to interrupt
         self.end_reason = "Connection closed"
+        self.tls_failure: str | None = None   # why a TLS handshake failed, for the disconnect line
         self.started = time.monotonic()
         self.retrieved = [0, 0]   # RETR count, octets
         self.topped = [0, 0]      # TOP count, octets
@@ -241,8 +243,11 @@ class POP3Session:
                 if reply is None:
                     break
                 await self._send(reply)
-        except (_Disconnected, ConnectionError, ssl.SSLError):
-            self.end_reason = "Connection closed"
+        except (_Disconnected, ConnectionError, ssl.SSLError) as exc:
+            # A client that goes away with replies pending is an everyday event: the
+            # disconnect line below says so, without a traceback (issue 12).
+            self.end_reason = "Connection reset by peer" if isinstance(exc, ConnectionResetError) \
+                else "Connection closed"
         except _SlowClient:
             self.end_reason = "Client stopped reading"
             self.writer.transport.abort()
@@ -310,6 +315,10 @@ class POP3Session:
 
     # ------------------------------------------------------------------ I/O
     async def _send(self, data: bytes) -> None:
+        if self.writer.transport.is_closing():
+            # The client is gone (a reset with pipelined commands still buffered): uvloop's
+            # write() would raise "RuntimeError: ... the handler is closed".
+            raise _Disconnected
         self.writer.write(data)
         try:
             async with asyncio.timeout(self.idle_timeout):
@@ -468,8 +477,17 @@ class POP3Session:
         if delay:
             with self._interruptible():
                 await asyncio.sleep(delay)
-        # scrypt is deliberately slow: keep it off the event loop.
-        if not await asyncio.to_thread(self.ctx.users.check_password, user, password):
+        try:
+            self.ctx.users.refresh()   # on the loop: it may report to Health
+            # scrypt is deliberately slow: keep it off the event loop.
+            ok = await asyncio.to_thread(self.ctx.users.check_password, user, password)
+        except UsersFileUnavailable as exc:
+            # RFC 3206 [SYS/TEMP]: the passwords cannot be checked now. Not a failed
+            # login: the client must not take a right password for a wrong one.
+            log.warning("pop3-login: Temporary authentication failure: user=<%s>, method=%s, %s (%s)",
+                        _printable(user), method, self._where(), exc)
+            return R.TEMP_AUTH_FAILURE
+        if not ok:
             return self._login_failed(user, method)
         self.ctx.throttle.succeeded(self.ip)
         key = mailbox_key(user)
@@ -521,13 +539,19 @@ class POP3Session:
         await self._send(R.BEGIN_TLS)
         # Nothing the client sent before the handshake may count as a command.
         self.lines.discard_buffered()
+        await self._start_tls()
+        return b""   # the +OK above was this command's reply
+
+    async def _start_tls(self) -> None:
+        """The STLS handshake. A client that abandons it gets no reply and one log
+        line: the disconnect line, which says why, as Dovecot's does ("TLS handshaking: ...")."""
+        assert self.ctx.tls_context is not None
         try:
             await self.writer.start_tls(self.ctx.tls_context, ssl_handshake_timeout=self.idle_timeout)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("pop3-login: TLS handshake failed (%s): %s", exc, self._where())
+        except HANDSHAKE_ERRORS as exc:
+            self.tls_failure = handshake_error(exc)
             raise _Disconnected from None
         self.tls_active = True
-        return b""   # the +OK above was this command's reply
 
     # ------------------------------------------------------------------ any state
     async def _capa(self, arg: str) -> bytes:
@@ -655,7 +679,8 @@ class POP3Session:
         if self.user is None or self.maildrop is None:
             attempts = (f"auth failed, {_plural(self.auth_failures, 'attempt')}" if self.auth_failures
                         else "no auth attempts")
-            log.info("pop3-login: Disconnected (%s in %d secs): %s", attempts, secs, self._where())
+            tls = f", TLS handshaking: {self.tls_failure}" if self.tls_failure else ""
+            log.info("pop3-login: Disconnected (%s in %d secs): %s%s", attempts, secs, self._where(), tls)
             return
         # Dovecot's pop3_logout_format spelled out: top=count/octets, retrieved=count/octets,
         # deleted=count/messages at login, size=octets at login.

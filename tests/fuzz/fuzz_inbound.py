@@ -71,6 +71,9 @@ class FuzzFailure(AssertionError):
 class _Users:
     """Stands in for mta.passwords.UsersFile: alice / s3cret, no scrypt."""
 
+    def refresh(self) -> None:
+        pass   # the real one reads the file again if it changed
+
     def check(self, user: str, password: str) -> bool:
         return user == "alice" and password == "s3cret"
 
