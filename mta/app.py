@@ -119,6 +119,7 @@ class App:
             self.pool, self.router, self.scheduler = service.pool, service.router, service.scheduler
             self.delivery = service
             service.start().add_done_callback(self._scheduler_ended)
+            self.metrics.delivery_process_running(True)   # the queue manager runs in this process
 
     async def _prune_mailboxes(self) -> None:
         """mailboxes.max_age: old mail goes (max_messages is kept at each delivery)."""
@@ -134,6 +135,7 @@ class App:
             await asyncio.sleep(PRUNE_INTERVAL)
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        self.metrics.delivery_process_running(False)
         if not task.cancelled() and task.exception() is not None:
             # Without the queue manager nothing is delivered: stop loudly, the
             # service manager restarts us and the queue is intact.
