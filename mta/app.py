@@ -152,12 +152,22 @@ class App:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        # The listeners accept before start() returns: a SIGHUP then (a reload right after
+        # a start) killed the daemon (SIGHUP's default action). It is kept for afterwards.
+        early_hup: list[int] = []
+        loop.add_signal_handler(signal.SIGHUP, early_hup.append, 1)
+        try:
+            await self.start()
+        except BaseException:
+            loop.remove_signal_handler(signal.SIGHUP)
+            raise
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         # Listeners bound and the queue open: now systemd may call us started.
         self.notifier.ready(f"accepting mail on {', '.join(lc.address for lc in self.config.listeners)}")
+        if early_hup:
+            self.reload()
         watchdog = asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog")
         try:
             await self._stop.wait()
