@@ -143,6 +143,7 @@ class App:
             self.pool, self.router, self.scheduler = service.pool, service.router, service.scheduler
             self.delivery = service
             service.start().add_done_callback(self._scheduler_ended)
+            self.metrics.delivery_process_running(True)   # the queue manager runs in this process
 
     async def _prune_mailboxes(self) -> None:
         """mailboxes.max_age: old mail goes (max_messages is kept at each delivery)."""
@@ -167,6 +168,7 @@ class App:
                 self.auth_users.refresh()
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        self.metrics.delivery_process_running(False)
         if not task.cancelled() and task.exception() is not None:
             # Without the queue manager nothing is delivered: stop loudly, the
             # service manager restarts us and the queue is intact.
@@ -183,12 +185,22 @@ class App:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        # The listeners accept before start() returns: a SIGHUP then (a reload right after
+        # a start) killed the daemon (SIGHUP's default action). It is kept for afterwards.
+        early_hup: list[int] = []
+        loop.add_signal_handler(signal.SIGHUP, early_hup.append, 1)
+        try:
+            await self.start()
+        except BaseException:
+            loop.remove_signal_handler(signal.SIGHUP)
+            raise
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         # Listeners bound and the queue open: now systemd may call us started.
         self.notifier.ready(f"accepting mail on {', '.join(lc.address for lc in self.config.listeners)}")
+        if early_hup:
+            self.reload()
         watchdog = asyncio.create_task(self.notifier.run_watchdog(self._healthy), name="watchdog")
         try:
             await self._stop.wait()

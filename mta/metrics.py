@@ -9,7 +9,8 @@ and passes the recording methods to the parts that produce events:
 * queue manager: :meth:`Metrics.recipient_result` (the scheduler's
   ``on_result`` hook), :meth:`Metrics.bounce_generated`
 * delivery: :meth:`Metrics.attach_pool` (the pool's ``opened``/``reused``
-  counters are read at scrape time)
+  counters are read at scrape time), :meth:`Metrics.delivery_process_running`,
+  :meth:`Metrics.delivery_process_restarted`
 * queue: :meth:`Metrics.update_queue`, usually from the ``refresh`` hook that
   runs before every scrape.
 
@@ -250,6 +251,16 @@ class Metrics:
             "mta_queue_oldest_message_age_seconds",
             "Age of the oldest message in the queue; 0 when the queue is empty.", registry=reg)
 
+        # The delivery side (mta/worker.py): a child that keeps dying shows here, on
+        # /healthz (component delivery_process) and in config/prometheus-alerts.yml.
+        self.delivery_process_up = Gauge(
+            "mta_delivery_process_up",
+            "1 while the queue manager runs (the delivery process has reported ready), 0 while it is down.",
+            registry=reg)
+        self.delivery_process_restarts = Counter(
+            "mta_delivery_process_restarts",
+            "Times the delivery process was started again after it exited.", registry=reg)
+
         self.refresh_failures = Counter(
             "mta_metrics_refresh_failures",
             "Scrapes whose refresh hook failed or timed out (queue gauges may be stale).",
@@ -309,6 +320,12 @@ class Metrics:
 
     def bounce_generated(self) -> None:
         self.bounces.inc()
+
+    def delivery_process_running(self, up: bool) -> None:
+        self.delivery_process_up.set(1 if up else 0)
+
+    def delivery_process_restarted(self) -> None:
+        self.delivery_process_restarts.inc()
 
     def attach_pool(self, pool: PoolLike | None) -> None:
         """Expose ``pool.opened``/``pool.reused``; a replaced pool's counts carry over."""

@@ -14,12 +14,21 @@ A socket pair joins the two:
   gone: the child stops.
 - child → main: one line per event the metrics count ("r <state> <delay>",
   "b", "p <opened> <reused>") and per fault found or cleared ("h <component>
-  [<reason>]"); the main process serves them on /metrics and /healthz.
+  [<reason>]"); the main process serves them on /metrics and /healthz. And
+  "ready" once, when the queue is open and the queue manager started.
 
 The child dies with the main process even on SIGKILL (PR_SET_PDEATHSIG), so a
 crashed daemon never leaves a queue manager behind to race the next one. A
 child that exits on its own is started again after a pause, as Postfix's
-master restarts qmgr.
+master restarts qmgr: 1 s, doubling to 60 s while it keeps dying, back to 1 s
+once a child has run for a minute. While no child is up, /healthz answers 503
+(component delivery_process) with the last exit, mta_delivery_process_up is 0
+and mta_delivery_process_restarts_total counts the restarts. "Up" means the
+child has opened the queue, started its queue manager and said so ("ready")
+on the channel, and is still running a second later.
+
+The child runs the very package the main process runs, never one found in the
+working directory (see _child_command).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,7 +58,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mta.master")
 
-RESTART_DELAY = 1.0    # seconds before a delivery process that exited is started again
+RESTART_DELAY = 1.0    # seconds before a delivery process that exited is started again ...
+MAX_RESTART_DELAY = 60.0   # ... doubling while it keeps dying, up to this
+STABLE_AFTER = 60.0    # a child up this long was not crash-looping: the next delay is 1 s again
+UP_AFTER = 1.0         # seconds a child must run after saying "ready" before it counts as up
+READY_TIMEOUT = 30.0   # a child not ready by then is a fault too (a hang, not an exit)
 STOP_MARGIN = 5.0      # beyond the grace period, before a child that will not stop is killed
 _WAKE = b"w"
 # Read the configuration again. Sent over the channel rather than as SIGHUP: a
@@ -89,7 +103,12 @@ class DeliveryProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._wake_due = False
+        self._delay = RESTART_DELAY
+        self.restarts = 0
+        self._ready_at: float | None = None
+        self._timers: list[asyncio.TimerHandle] = []
 
     async def start(self) -> None:
         await self._spawn()
@@ -99,7 +118,7 @@ class DeliveryProcess:
         ours, theirs = socket.socketpair()
         # systemd's notify socket belongs to the main process (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        args = [sys.executable, "-m", "mta", "deliver", "--channel-fd", str(theirs.fileno()),
+        args = [*_child_command(), "deliver", "--channel-fd", str(theirs.fileno()),
                 "--parent-pid", str(os.getpid()),
                 "--own-sockets", json.dumps(sorted(self.own_sockets)), "--log-level", self.log_level]
         if self.config_path:
@@ -110,8 +129,14 @@ class DeliveryProcess:
             self.proc = await asyncio.create_subprocess_exec(*args, pass_fds=[theirs.fileno(), *self.inherit_fds],
                                                              env=env,
                                                              stdin=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
+        self._ready_at = None
+        proc = self.proc
+        self._timers.append(asyncio.get_running_loop().call_later(READY_TIMEOUT, self._not_ready, proc))
         reader, self._writer = await asyncio.open_connection(sock=ours)
         pool = _PoolCounts()
         self.metrics.attach_pool(pool)
@@ -131,6 +156,8 @@ class DeliveryProcess:
                 elif kind == "p":
                     opened, reused = rest.split()
                     pool.opened, pool.reused = int(opened), int(reused)
+                elif kind == "ready":   # queue open, queue manager running
+                    self._child_ready()
                 elif kind == "h":   # a fault the child found, or cleared (mta/health.py)
                     component, _, reason = rest.partition(" ")
                     if reason:   # the child logged it already: one line per fault in the journal
@@ -140,24 +167,59 @@ class DeliveryProcess:
             except ValueError:
                 log.warning("delivery process sent a line not understood: %r", line[:100])
 
+    def _child_ready(self) -> None:
+        self._ready_at = time.monotonic()
+        self._cancel_timers()
+        self._timers.append(asyncio.get_running_loop().call_later(UP_AFTER, self._up, self.proc))
+
+    def _up(self, proc: asyncio.subprocess.Process) -> None:
+        if proc is self.proc and proc.returncode is None:
+            self.metrics.delivery_process_running(True)
+            self.metrics.health.clear("delivery_process")
+
+    def _not_ready(self, proc: asyncio.subprocess.Process) -> None:
+        if proc is self.proc and proc.returncode is None:
+            self.metrics.health.fail("delivery_process", f"delivery process (pid {proc.pid}) started "
+                                     f"{READY_TIMEOUT:.0f}s ago and has not opened the queue yet")
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
     async def _supervise(self) -> None:
+        health = self.metrics.health
         while True:
             assert self.proc is not None
-            status = await self.proc.wait()
+            proc = self.proc
+            status = await proc.wait()
             await asyncio.gather(self._events, return_exceptions=True)
             if self._writer is not None:
                 self._writer.close()
+            self._cancel_timers()
+            self.metrics.delivery_process_running(False)
             if self._stopping:
                 return
-            log.critical("delivery process (pid %d) exited with status %d; starting it again in %.0fs",
-                         self.proc.pid, status, RESTART_DELAY)
-            await asyncio.sleep(RESTART_DELAY)
-            if self._stopping:
-                return
-            try:
-                await self._spawn()
-            except OSError as exc:
-                log.critical("cannot start the delivery process: %s", exc)
+            if self._ready_at is not None and time.monotonic() - self._ready_at >= STABLE_AFTER:
+                self._delay = RESTART_DELAY
+            why = f"delivery process (pid {proc.pid}) {_exit_status(status)}"
+            while True:
+                delay, self._delay = self._delay, min(2 * self._delay, MAX_RESTART_DELAY)
+                self.restarts += 1
+                # The one line per exit (Health logs it); the child's stderr said why it died.
+                health.fail("delivery_process", f"{why}; starting it again in {delay:.0f}s "
+                            f"({self.restarts} restart{'s' if self.restarts != 1 else ''})")
+                try:
+                    await asyncio.wait_for(self._stopped.wait(), delay)
+                    return   # stop() during the pause
+                except TimeoutError:
+                    pass
+                self.metrics.delivery_process_restarted()
+                try:
+                    await self._spawn()
+                    break
+                except OSError as exc:
+                    why = f"cannot start the delivery process: {exc}"
 
     def wake(self, *_: object) -> None:
         # A group commit calls this once per message: one byte per loop turn will do.
@@ -173,7 +235,12 @@ class DeliveryProcess:
 
     @property
     def healthy(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        """For the systemd watchdog: a child is running, or one will be started after
+        the pause (a child that keeps dying shows on /healthz; restarting the whole
+        daemon for it would stop mail acceptance too and cure nothing)."""
+        if self.proc is None:
+            return False
+        return self.proc.returncode is None or (self._supervisor is not None and not self._supervisor.done())
 
     def reconfigure(self, config: Config, users: MailboxUsers) -> None:
         """SIGHUP: the child reads the configuration again itself."""
@@ -184,6 +251,7 @@ class DeliveryProcess:
     async def stop(self, grace: float) -> None:
         """SIGTERM: the child lets deliveries finish within ``grace`` and QUITs its sessions."""
         self._stopping = True
+        self._stopped.set()
         proc = self.proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -195,6 +263,43 @@ class DeliveryProcess:
                 await proc.wait()
         if self._supervisor is not None:
             await asyncio.gather(self._supervisor, return_exceptions=True)
+
+
+def _exit_status(status: int) -> str:
+    if status < 0:
+        try:
+            return f"was killed by signal {-status} ({signal.Signals(-status).name})"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+# Run by the child with -P: load the package at the path given (the main process's
+# own, mta.__file__) as "mta", then run the CLI on the remaining arguments.
+_BOOTSTRAP = ("import sys,importlib.util as u;s=u.spec_from_file_location('mta',sys.argv.pop(1));"
+              "m=sys.modules['mta']=u.module_from_spec(s);s.loader.exec_module(m);"
+              "from mta.cli import main;sys.exit(main())")
+
+
+def _child_command() -> list[str]:
+    """The interpreter and arguments that start the child, up to its subcommand.
+
+    `python -m mta` put the working directory first on sys.path, so `mta serve` run
+    where an `mta` package lies (another checkout, an old copy, the parent of a
+    clone) started children that imported that package, died at once and were
+    started again every second. -P (Python 3.11, "safe path") keeps the working
+    directory and the script's directory off sys.path; PYTHONPATH and site-packages
+    (editable installs' finders too) still count, for the dependencies. -P alone is
+    not enough: a main process run as `python -m mta` from a checkout that is not
+    installed imported the checkout, and its child would import another copy (or
+    none). So the child loads the main process's own package from its path: both
+    sides always run the same code and speak the same channel protocol.
+    """
+    import mta
+    init = getattr(mta, "__file__", None)
+    if init and os.path.basename(init) == "__init__.py" and os.path.isfile(init):
+        return [sys.executable, "-P", "-c", _BOOTSTRAP, os.path.abspath(init)]
+    return [sys.executable, "-P", "-m", "mta"]   # not from a plain directory (a zip, frozen)
 
 
 # ----------------------------------------------------------------------------- the child
@@ -224,6 +329,11 @@ class _Forwarder:
 
     def bounce_generated(self) -> None:
         self._send("b\n")
+
+    def ready(self) -> None:
+        """The queue is open and the queue manager started: the main process may call us up."""
+        self._send("ready\n")
+        self.flush()
 
     def health_changed(self, component: str, reason: str | None) -> None:
         """Health.on_change in the child: the main process's /healthz shows the child's faults."""
@@ -302,6 +412,7 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
     task = service.start()
     task.add_done_callback(lambda _: stop.set())
     waker = asyncio.create_task(wakes(), name="wakes")
+    forwarder.ready()
     status = 0
     try:
         await stop.wait()

@@ -142,6 +142,7 @@ COUNTERS = (
     "mta_recipients_delivered_total", "mta_recipients_deferred_total", "mta_recipients_bounced_total",
     "mta_bounces_generated_total", "mta_smtp_connections_opened_total",
     "mta_smtp_connections_reused_total", "mta_metrics_refresh_failures_total",
+    "mta_delivery_process_restarts_total",
 )
 
 
@@ -168,11 +169,13 @@ def test_metric_types(metrics: Metrics) -> None:
     types = {family.name: family.type for family in text_string_to_metric_families(metrics.render().decode())}
     for name in ("mta_messages_received", "mta_smtp_rejections", "mta_recipients_delivered",
                  "mta_recipients_deferred", "mta_recipients_bounced", "mta_bounces_generated",
-                 "mta_smtp_connections_opened", "mta_smtp_connections_reused"):
+                 "mta_smtp_connections_opened", "mta_smtp_connections_reused",
+                 "mta_delivery_process_restarts"):
         assert types[name] == "counter", name
     assert types["mta_queue_messages"] == "gauge"
     assert types["mta_queue_oldest_message_age_seconds"] == "gauge"
     assert types["mta_build_info"] == "gauge"
+    assert types["mta_delivery_process_up"] == "gauge"
     assert types["mta_delivery_duration_seconds"] == "histogram"
 
 
@@ -625,7 +628,8 @@ def test_alert_rules_shape() -> None:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
     expected = {"MTADown", "MTAQueueLarge", "MTADeferredQueueGrowing", "MTAOldestMessageTooOld",
-                "MTAHighBounceRate", "MTANoDeliveries", "MTARejectionSpike"}
+                "MTAHighBounceRate", "MTANoDeliveries", "MTARejectionSpike", "MTAUnhealthy",
+                "MTADeliveryProcessRestarting"}
     assert expected <= set(alerts)
 
 
@@ -780,6 +784,19 @@ tests:
         alertname: MTAUnhealthy
         exp_alerts:
           - exp_labels: {severity: critical, job: mta, instance: "relay:9101", component: queue_database}
+
+  - interval: 1m                  # a child crash-looping from minute 10; another restarted once
+    input_series:
+      - series: 'mta_delivery_process_restarts_total{job="mta", instance="relay:9101"}'
+        values: '0x10 1 3 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22'
+      - series: 'mta_delivery_process_restarts_total{job="mta", instance="calm:9101"}'
+        values: '0x10 1x20'
+    alert_rule_test:
+      - {eval_time: 10m, alertname: MTADeliveryProcessRestarting, exp_alerts: []}
+      - eval_time: 20m
+        alertname: MTADeliveryProcessRestarting
+        exp_alerts:
+          - exp_labels: {severity: critical, job: mta, instance: "relay:9101"}
 
   - interval: 1m
     input_series:
