@@ -35,11 +35,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from smtp_peer import RecordingPeer
 
-from tests.conftest import ROOT, free_port
+from mta.app import App
+from mta.errors import StoreError
+from tests.conftest import ROOT, free_port, listener_port
 from tests.faults_support import Daemon, integrity, pending_messages, send_tagged
 
 CAPTURE = "diskfull-queue.db.xz"
@@ -206,7 +209,8 @@ LEAVE = 256 * 1024   # one removal (157-210 kB of WAL) fits; two together (~290 
 async def test_outcomes_that_cannot_be_recorded_show_on_healthz_and_heal(tmp_path):
     """The captured queue with only 256 kB free: outcomes must be committed one by one.
     While five deliveries are at the peer, another file takes the last byte: their
-    outcomes cannot be recorded, and /healthz says so (503, queue_storage, the free
+    outcomes cannot be recorded, and /healthz says so (new mail refused with 452 alone
+    is not a fault) (503, queue_storage, the free
     bytes) and mta_health_status{component="queue_storage"} is 0. Once the file is
     removed the queue drains -- every message exactly once -- and health is ok again."""
     with _tmpfs(tmp_path / "df", "8m") as disk:
@@ -230,6 +234,8 @@ async def test_outcomes_that_cannot_be_recorded_show_on_healthz_and_heal(tmp_pat
                 _fill(disk / "last-byte")
                 refused = await send_tagged(daemon.port, 1, size=30_000)
                 assert refused.outcome == "refused" and refused.reply.startswith("452 4.3.1"), refused.replies
+                # Refusing new mail is back-pressure, not a fault: nothing has failed to record yet.
+                assert _healthz(metrics_port) == (200, "ok\n")
                 unblocked.set()
 
                 async def unhealthy() -> tuple[int, str]:
@@ -257,3 +263,35 @@ async def test_outcomes_that_cannot_be_recorded_show_on_healthz_and_heal(tmp_pat
             finally:
                 daemon.ensure_dead()
             assert integrity(str(queue)) == "ok"
+
+
+@pytest.mark.timeout(30)
+async def test_queue_storage_fault_lasts_while_an_outcome_cannot_be_recorded(make_config):
+    """Without root: the delivery's outcome write fails three times as on a full disk
+    (injected, as in test_faults.py). From the first failure until it commits, health
+    has queue_storage with the free bytes; afterwards it is ok."""
+    async with RecordingPeer("127.0.0.2") as peer:
+        config = make_config(delivery={"smarthost": f"127.0.0.2:{peer.port}", "tls": "none",
+                                       "retry": {"min_backoff": "200ms", "max_backoff": "1s"}})
+        app = App(config, deliver=True)
+        seen: list[dict[str, str]] = []   # the faults at each try of the outcome write
+        real = app.store.record_outcomes
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            seen.append(app.health.faults())
+            if len(seen) <= 3:
+                raise StoreError("database or disk is full", disk_full=True)
+            return await real(*args, **kwargs)
+
+        app.store.record_outcomes = failing  # type: ignore[method-assign]
+        await app.start()
+        try:
+            assert (await send_tagged(listener_port(config), 1)).outcome == "accepted"
+            await peer.wait_for(lambda: pending_messages(config.queue.path) == 0, 20)
+        finally:
+            await app.shutdown()
+    assert len(seen) == 4 and seen[0] == {}
+    reason = re.compile(rf"queue writes fail, disk full: \d+ bytes free in {Path(config.queue.path).parent}"
+                        rf" \(reserve {int(1.5 * config.limits.message_size)}\)")
+    assert all(reason.fullmatch(s.get("queue_storage", "")) for s in seen[1:]), seen
+    assert app.health.faults() == {}

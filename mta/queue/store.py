@@ -293,7 +293,6 @@ class QueueStore:
         self._inline: sqlite3.Connection | None = None
         self._inline_commits = 0   # since the last checkpoint asked for (see _run_inline)
         self._checkpointer: asyncio.Task[None] | None = None
-        self._storage_fault = False   # this store reported queue_storage (see _fail, _written)
         self._splitting = False       # disk-full batches are being split (logged once)
 
     # ----------------------------------------------------------------- lifecycle
@@ -418,7 +417,6 @@ class QueueStore:
                     # The failed transaction may have grown the WAL; give that room back.
                     await self._checkpoint()
                 continue
-            self._written()
             self._splitting = False
             for item, result in zip(batch, results):
                 if not item.done.done():
@@ -500,7 +498,6 @@ class QueueStore:
             if _is_disk_full(exc):
                 await self._checkpoint()
         else:
-            self._written()
             if not item.done.done():
                 item.done.set_result(result)
             if self._free_space() < self._low_water:
@@ -559,22 +556,13 @@ class QueueStore:
     def _fail(self, batch: Sequence[_PendingWrite], exc: BaseException) -> None:
         log.error("queue write failed (%d write(s)): %s", len(batch), exc)
         error = StoreError(str(exc), disk_full=_is_disk_full(exc))
-        if error.disk_full:
-            # A write of ours that does not fit even alone: the queue manager cannot record
-            # what it did (refusing new mail below the reserve is normal back-pressure and
-            # never comes here). Cleared by the next commit (_written).
-            self._storage_fault = True
-            self.health.fail("queue_storage", f"queue writes fail, disk full: {self._free_space()} bytes free"
-                                              f" in {self._directory} (reserve {self.reserve})")
         for item in batch:
             if not item.done.done():
                 item.done.set_exception(error)
 
-    def _written(self) -> None:
-        """A write committed: a queue_storage fault this store reported has healed."""
-        if self._storage_fault:
-            self._storage_fault = False
-            self.health.clear("queue_storage")
+    def space_report(self) -> str:
+        """Free space and reserve in one phrase, for health reasons and logs."""
+        return f"{self._free_space()} bytes free in {self._directory} (reserve {self.reserve})"
 
     # ----------------------------------------------------------------- inbound
 
