@@ -376,7 +376,8 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
 
     _die_with_parent(parent_pid)
     health = Health()
-    store = QueueStore(config.queue.path, health=health)
+    # The main process's reserve (app.py): below it the queue manager keeps its own writes small.
+    store = QueueStore(config.queue.path, health=health, reserve=int(1.5 * config.limits.message_size))
     store.commit_delay = COMMIT_DELAY
     store.inline_writes = True   # claims and outcomes commit on this loop's thread (QueueStore._run_inline)
     await store.open()

@@ -144,6 +144,9 @@ class Scheduler:
         self._bodies = _SharedBodies(store.message_data)
         self._wake = asyncio.Event()
         self._stopping = False
+        # Queue writes being retried after a disk-full failure: health queue_storage is
+        # set while there is any (see _until_stored).
+        self._disk_full_writes = 0
 
     # ------------------------------------------------------------------ control
     def wake(self, *_: object) -> None:
@@ -185,15 +188,31 @@ class Scheduler:
         """``write()``, tried again after a StoreError until it succeeds; None once the
         scheduler is stopping, unless ``while_stopping`` (then until cancelled)."""
         delay = STORE_RETRY_MIN
-        while True:
-            try:
-                return await write()
-            except StoreError as exc:
-                if self._stopping and not while_stopping:
-                    return None
-                log.warning("queue write failed while %s, trying again in %.1fs: %s", what, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, STORE_RETRY_MAX)
+        disk_full = False   # this write is one of self._disk_full_writes
+        try:
+            while True:
+                try:
+                    return await write()
+                except StoreError as exc:
+                    if exc.disk_full:
+                        # The store split its batch and this write did not fit even alone:
+                        # until it commits, the queue manager cannot record what it does.
+                        # Refusing new mail below the reserve (452) is back-pressure, not this.
+                        if not disk_full:
+                            disk_full = True
+                            self._disk_full_writes += 1
+                        self.store.health.fail("queue_storage",
+                                               f"queue writes fail, disk full: {self.store.space_report()}")
+                    if self._stopping and not while_stopping:
+                        return None
+                    log.warning("queue write failed while %s, trying again in %.1fs: %s", what, delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, STORE_RETRY_MAX)
+        finally:
+            if disk_full:
+                self._disk_full_writes -= 1
+                if not self._disk_full_writes:
+                    self.store.health.clear("queue_storage")
 
     async def _sleep_until_due(self, next_due: float | None) -> None:
         timeout = POLL_INTERVAL

@@ -237,6 +237,21 @@ class AdminResult:
     changed: dict[str, int]    # per found id: recipients changed (deleted, for delete)
 
 
+# Debian builds SQLite with SQLITE_SECURE_DELETE: every page freed by a deletion is
+# zero-filled, so removing a delivered message rewrote its body's overflow pages too
+# (on the captured full queue, shared/repro, 185 kB of WAL per removal instead of 157 kB).
+# FAST still clears deleted content inside pages that are written anyway, at no extra
+# I/O; what a full disk needs is that recording an outcome costs little room.
+SECURE_DELETE = "FAST"
+
+# Deferral history stays small: a deferral with the same reason as the recipient's last
+# history row is not written again (the recipient row keeps the attempt count, the time
+# and the last error), and none is written once the message has this many history rows.
+# History rows lie in time order, so a message's rows are scattered over as many pages:
+# removing a message deferred 28 times rewrote 28 pages (the captured full queue). Fewer
+# rows rather than a new layout: a schema migration needs room a full disk has not got.
+HISTORY_ROWS_PER_MESSAGE = 32
+
 # The WAL is trimmed back to this size whenever it is reset after a checkpoint, so one
 # large transaction does not keep its high-water mark allocated on disk for ever.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
@@ -279,6 +294,7 @@ class QueueStore:
         self._inline: sqlite3.Connection | None = None
         self._inline_commits = 0   # since the last checkpoint asked for (see _run_inline)
         self._checkpointer: asyncio.Task[None] | None = None
+        self._splitting = False       # disk-full batches are being split (logged once)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -308,6 +324,7 @@ class QueueStore:
         # FULL: the WAL is fsynced at every commit, so "250" really means durable.
         await self._db.execute("PRAGMA synchronous = FULL")
         await self._db.execute("PRAGMA foreign_keys = ON")
+        await self._db.execute(f"PRAGMA secure_delete = {SECURE_DELETE}")
         async with self._db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}") as cur:
             await cur.fetchall()   # it answers with a row; an open statement would block COMMIT
         await self._migrate()
@@ -419,8 +436,17 @@ class QueueStore:
             try:
                 results = await self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - every failure is reported, never a crash
-                if len(batch) > 1 and not _is_disk_full(exc):
-                    # One bad write must not fail the others: redo them one by one.
+                if len(batch) > 1:
+                    # One bad write must not fail the others: redo them one by one. On a
+                    # full disk that is what lets the queue drain: a batch of five removals
+                    # may not fit where each one does, and each frees room for the next
+                    # (retried whole, such a batch failed for ever).
+                    if _is_disk_full(exc):
+                        # One line when it starts; while space stays short it happens at every batch.
+                        log.log(logging.DEBUG if self._splitting else logging.WARNING,
+                                "queue write failed (%d writes): %s; trying them one by one", len(batch), exc)
+                        self._splitting = True
+                        await self._checkpoint()
                     for item in batch:
                         await self._run_alone(item)
                     continue
@@ -429,6 +455,7 @@ class QueueStore:
                     # The failed transaction may have grown the WAL; give that room back.
                     await self._checkpoint()
                 continue
+            self._splitting = False
             for item, result in zip(batch, results):
                 if not item.done.done():
                     item.done.set_result(result)
@@ -515,9 +542,13 @@ class QueueStore:
             [result] = await self._run_batch([item])
         except Exception as exc:  # noqa: BLE001
             self._fail([item], exc)
+            if _is_disk_full(exc):
+                await self._checkpoint()
         else:
             if not item.done.done():
                 item.done.set_result(result)
+            if self._free_space() < self._low_water:
+                await self._checkpoint()   # as after a batch (_write_pending): room for the next one
 
     def _free_space(self) -> int:
         """Bytes available to us on the queue's file system.
@@ -575,6 +606,10 @@ class QueueStore:
         for item in batch:
             if not item.done.done():
                 item.done.set_exception(error)
+
+    def space_report(self) -> str:
+        """Free space and reserve in one phrase, for health reasons and logs."""
+        return f"{self._free_space()} bytes free in {self._directory} (reserve {self.reserve})"
 
     # ----------------------------------------------------------------- inbound
 
@@ -688,12 +723,16 @@ class QueueStore:
             if pending is None:
                 conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
                 return True
-            if history:
+            rows = _history_worth_writing(conn, message_id, history, short_of_space)
+            if rows:
                 conn.executemany(
                     "INSERT INTO history (message_id, time, recipient, event, detail) VALUES (?,?,?,?,?)",
-                    [(message_id, h.time, h.recipient, h.event, h.detail) for h in history])
+                    [(message_id, h.time, h.recipient, h.event, h.detail) for h in rows])
             return False
 
+        # Below the reserve (new mail is refused) the queue manager's own writes must fit
+        # in it: deferral history is left out, the recipient row says the same.
+        short_of_space = self._free_space() < self.reserve
         finished = await self._write(record, urgent=False, durable=False)
         if new_messages:
             for callback in self._listeners:
@@ -995,6 +1034,31 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
     return float(row[0]) if row and row[0] is not None else None
 
 
+def _history_worth_writing(conn: sqlite3.Connection, message_id: str, history: Sequence[HistoryEntry],
+                           short_of_space: bool) -> list[HistoryEntry]:
+    """The entries of one attempt worth a row: deferrals only when the disk is not short
+    of space and they say something new (see HISTORY_ROWS_PER_MESSAGE); others always."""
+    if all(h.event != "deferred" for h in history):
+        return list(history)
+    rows = HISTORY_ROWS_PER_MESSAGE
+    if not short_of_space:   # reads only (the history_message index): they cost no room
+        rows = int(conn.execute("SELECT count(*) FROM history WHERE message_id = ?",
+                                (message_id,)).fetchone()[0])
+    keep: list[HistoryEntry] = []
+    for h in history:
+        if h.event == "deferred":
+            if rows >= HISTORY_ROWS_PER_MESSAGE:
+                continue
+            last = conn.execute(
+                "SELECT event, detail FROM history WHERE message_id = ? AND recipient IS ?"
+                " ORDER BY time DESC, rowid DESC LIMIT 1", (message_id, h.recipient)).fetchone()
+            if last == ("deferred", h.detail):
+                continue
+            rows += 1
+        keep.append(h)
+    return keep
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -1006,6 +1070,7 @@ def _open_inline(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 0")        # never wait on the event loop's thread
     conn.execute("PRAGMA synchronous = NORMAL")    # non-durable writes only (QueueStore._write)
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA secure_delete = {SECURE_DELETE}")
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run in the database thread
     conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}").fetchall()
     return conn
