@@ -21,6 +21,7 @@ from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
 from mta.health import Health
 from mta.inbound.handler import InboundHandler
+from mta.inbound.peername import PeerNames
 from mta.inbound.server import Listener
 from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
@@ -78,6 +79,7 @@ class App:
 
     def _build_listeners(self) -> None:
         users = UsersFile(self.config.auth.users_file, health=self.health) if self.config.auth.users_file else None
+        peer_names = PeerNames()   # one cache of client names for every listener
         self.auth_users = users
         throttle = AuthThrottle()
         for lc in self.config.listeners:
@@ -89,7 +91,8 @@ class App:
                 continue
             handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle,
                                      on_received=self.metrics.message_received,
-                                     on_rejected=self.metrics.rejected, mailbox_users=self.mailbox_users)
+                                     on_rejected=self.metrics.rejected, mailbox_users=self.mailbox_users,
+                                     peer_names=peer_names)
             self.listeners.append(Listener(self.config, lc, handler))
 
     async def start(self) -> None:

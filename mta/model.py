@@ -63,6 +63,10 @@ class Outcome:
     reply: Reply
     relay: str   # "mx1.example.test[127.0.0.2]:2525", "local", or "none" when no session got that far
     dsn_passed: bool = False   # the next hop took our RFC 3461 parameters (it reports success itself)
+    # Postfix's delays= c and d: seconds of connection set-up (DNS, connect, greeting, EHLO,
+    # TLS, AUTH; 0 for a cached session) and of the transaction itself.
+    setup: float = 0.0
+    transmission: float = 0.0
 
     @property
     def delivered(self) -> bool:

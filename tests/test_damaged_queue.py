@@ -121,7 +121,8 @@ def run_mta(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
 
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ mta\.\w+\[\d+\]: (DEBUG|INFO) ")
+# An INFO line in Postfix's shape: time stamp, host, "mta/<component>[pid]: " and no severity word.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00 \S+ mta/\w+\[\d+\]: (?!warning: |error: |fatal: )")
 
 
 def assert_one_line(result: subprocess.CompletedProcess[str], expected: str) -> None:
@@ -254,7 +255,7 @@ async def test_a_damaged_data_page_found_at_start_refuses_mail_and_says_so(tmp_p
         log = daemon.log()
         pid = daemon.proc.pid
         lines = [line for line in log.splitlines() if f"[{pid}]:" in line and "queue_database" in line]
-        assert lines and lines[0].endswith(f"ERROR health: queue_database: {reason}"), log
+        assert lines and lines[0].endswith(f"error: health: queue_database: {reason}"), log
         assert log.index(lines[0]) < log.index("mta ready")
 
         assert await daemon.get("/healthz") == (503, f"queue_database: {reason}\n")
@@ -270,8 +271,8 @@ async def test_a_damaged_data_page_found_at_start_refuses_mail_and_says_so(tmp_p
         await asyncio.sleep(3)
         assert daemon.proc.poll() is None
         assert (await daemon.get("/healthz"))[0] == 503
-        for process in {m for m in re.findall(r"\[(\d+)\]: ERROR health: queue_database", daemon.log())}:
-            assert daemon.log().count(f"[{process}]: ERROR health: queue_database") == 1, daemon.log()
+        for process in {m for m in re.findall(r"\[(\d+)\]: error: health: queue_database", daemon.log())}:
+            assert daemon.log().count(f"[{process}]: error: health: queue_database") == 1, daemon.log()
         assert await daemon.stop() == 0
     finally:
         daemon.ensure_dead()
@@ -303,7 +304,7 @@ async def test_a_page_damaged_while_the_daemon_runs_is_found_and_reported(tmp_pa
         await wait_for(reported, what="/healthz 503")
         assert await daemon.get("/healthz") == (503, f"queue_database: {reason}\n")
         assert await daemon.metric('mta_health_status{component="queue_database"}') == 0.0
-        assert f"ERROR health: queue_database: {reason}" in daemon.log()
+        assert f"error: health: queue_database: {reason}" in daemon.log()
 
         # The client in the middle of its transaction is refused at the end of DATA:
         # nothing more is written into the damaged file.

@@ -95,7 +95,7 @@ async def test_one_message_relayed_with_envelope_and_body_intact(relay, dns, por
         [message] = await peer.wait_for_messages(1)
         await wait_until(lambda: queue_rows(config) == [])
     assert message.sender == "lab@lab.test" and message.rcpts == ["bob@example.test"]
-    assert message.data.startswith(b"Received: from client.test (unknown [127.0.0.1])\r\n")
+    assert message.data.startswith(b"Received: from client.test (localhost [127.0.0.1])\r\n")
     assert f"with ESMTP id {queue_id}".encode() in message.data
     # Un-stuffed by us, stuffed again on the way out, un-stuffed by the peer: the same bytes.
     assert message.data.endswith(b"\r\n" + CONTENT)

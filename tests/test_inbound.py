@@ -61,7 +61,7 @@ async def test_message_is_committed_before_250(make_config):
                 ("bob@example.org", "queued", 0), ("carol@example.net", "queued", 0)]
     data = rows(config, "SELECT data FROM bodies")[0][0]
     head, _, rest = data.partition(b"\r\n\tby relay.lab.test (mta) with ESMTP id " + queue_id.encode())
-    assert head == b"Received: from client.test (unknown [127.0.0.1])"
+    assert head == b"Received: from client.test (localhost [127.0.0.1])"
     assert rest.startswith(b"\r\n\t(listener mta); ")
     assert data.endswith(b"\r\n" + BODY)
     assert rows(config, "PRAGMA journal_mode") == [("wal",)]

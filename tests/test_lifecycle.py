@@ -83,7 +83,7 @@ async def test_sighup_reloads_relay_domains(tmp_path):
                 await w.cmd("MAIL FROM:<x@remote.test>")
                 return await w.cmd("RCPT TO:<user@new.test>")
 
-        assert await outsider_rcpt() == "554 5.7.1 Relay access denied"
+        assert await outsider_rcpt() == "554 5.7.1 <user@new.test>: Relay access denied"
         doc = yaml.safe_load(config_path.read_text())
         doc["relay_domains"] = ["new.test"]
         doc["listeners"][0]["address"] = f"127.0.0.1:{free_port()}"  # needs a restart: kept, and said so

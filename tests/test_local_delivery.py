@@ -113,7 +113,7 @@ async def test_anyone_may_send_to_a_local_domain_but_not_relay(lab):
         replies = await rcpt_replies(config, ["alice@lab.test", "x@example.test", "nobody@lab.test"])
     assert replies == [
         "250 2.1.5 Ok",
-        "554 5.7.1 Relay access denied",
+        "554 5.7.1 <x@example.test>: Relay access denied",
         "550 5.1.1 <nobody@lab.test>: Recipient address rejected: User unknown in local recipient table",
     ]
 

@@ -52,7 +52,7 @@ async def test_metrics_count_a_scenario(relay, dns, port):
         async with await Wire.connect("127.0.0.1", listener_port(config), local_addr=("127.0.0.9", 0)) as w:
             await w.ehlo()
             await w.cmd("MAIL FROM:<x@remote.test>")
-            assert await w.cmd("RCPT TO:<y@remote.test>") == "554 5.7.1 Relay access denied"
+            assert await w.cmd("RCPT TO:<y@remote.test>") == "554 5.7.1 <y@remote.test>: Relay access denied"
         await sender_mx.wait_for_messages(1, timeout=10)
         await wait_until(lambda: queue_rows(config) == [])
         m = await scrape(metrics_port)

@@ -5,8 +5,8 @@ implicit-TLS POP3 listeners (trustme certificates). Scanner-like clients send
 garbage instead of a ClientHello, or start a handshake and then close or reset
 (SO_LINGER 0) half-way; a POP3 client pipelines RETRs and resets with replies
 pending. Each client connects from its own loopback address, so the log lines
-about it can be counted: exactly one INFO/WARNING line per aborted connection,
-naming it; no ERROR, no traceback; and the daemon still serves afterwards.
+about it can be counted: exactly one INFO or warning line per aborted connection,
+naming it; no error line, no traceback; and the daemon still serves afterwards.
 Run on uvloop (the default where installed) and on asyncio's own loop.
 """
 
@@ -164,7 +164,7 @@ def daemon(request, tmp_path: Path, monkeypatch):
 
 def assert_quiet(log: str) -> None:
     assert "Traceback" not in log, log
-    errors = [line for line in log.splitlines() if " ERROR " in line or " CRITICAL " in line]
+    errors = [line for line in log.splitlines() if ": error: " in line or ": fatal: " in line]
     assert errors == [], "\n".join(errors)
 
 
@@ -211,7 +211,7 @@ def test_aborted_tls_handshakes_are_one_line_each(daemon):
     for ip, case in clients.items():
         about = lines_about(log, ip)
         assert len(about) == 1, (case, about)
-        assert re.search(r" (INFO|WARNING) ", about[0]), (case, about)
+        assert re.search(r"mta/\w+\[\d+\]: (?!error: |fatal: )", about[0]), (case, about)   # INFO or warning
         assert ("SSL_accept error from" in about[0]) if case[0].startswith("smtp") else \
             ("TLS handshaking: " in about[0]), (case, about)
     assert_quiet(log)
@@ -248,7 +248,7 @@ def test_pop3_reset_with_replies_pending_is_one_line(daemon):
         about = lines_about(log, ip)
         assert [line for line in about if "Login:" not in line and "Disconnected" not in line] == [], about
         ends = [line for line in about if "Disconnected" in line]
-        assert len(ends) == 1 and " INFO " in ends[0], about
+        assert len(ends) == 1 and re.search(r"mta/\w+\[\d+\]: (?!warning: |error: |fatal: )", ends[0]), about
         assert "Internal error" not in ends[0], about
     assert_quiet(log)
     still_serves(daemon)

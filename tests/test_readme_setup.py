@@ -9,6 +9,7 @@ answers SMTP on its built-in address and queues a message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -101,7 +102,8 @@ def test_first_setup_command_installs_and_serves_on_debian_python(tmp_path: Path
         assert (checkout / ".venv" / "bin" / "mta").exists()
         assert (checkout / "var" / "queue.db").exists()   # the built-in queue path, under the working directory
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:

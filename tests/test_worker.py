@@ -140,7 +140,7 @@ async def test_delivery_in_a_child_process_with_metrics_forwarded(daemon, tmp_pa
         assert all(c.transcript[-1] == "QUIT" for c in peer.connections)
         assert not alive(child)
     log = (tmp_path / "mta.log").read_text()
-    assert f"mta.qmgr[{child}]: INFO" in log and "delivery process stopped" in log
+    assert f"mta/qmgr[{child}]: " in log and "delivery process stopped" in log
 
 
 async def test_a_dead_child_is_started_again_and_mail_still_flows(daemon, tmp_path):
@@ -250,7 +250,7 @@ async def test_delivery_works_when_the_daemon_is_pid_1(daemon, tmp_path):
         os.kill(inner, signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)   # unshare exits with it
     log = (tmp_path / "mta.log").read_text()
-    assert "mta.master[1]: INFO mta ready" in log
+    assert "mta/master[1]: mta ready" in log
     assert log.count("delivery process started") == 1 and "exited with status" not in log
 
 

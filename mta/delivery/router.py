@@ -17,7 +17,8 @@ import functools
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mta.config import DeliveryConfig
@@ -195,9 +196,10 @@ class Router:
         if not recipients:
             return []
         domain = domain_of(recipients[0])
+        started = time.monotonic()   # delays= c (set-up) counts from here: DNS, failed hops, connect
         try:
             hops = self._without_loops(await self._hops(domain), domain)
-            return await self._try_hops(delivery, hops)
+            return await self._try_hops(delivery, hops, started)
         except _Stop as stop:
             return [Outcome(r, stop.reply, stop.relay) for r in recipients]
         except (PermanentError, TransientError) as exc:   # from the resolver
@@ -207,24 +209,25 @@ class Router:
             reply = Reply(451, "4.3.0", "internal error during delivery")
             return [Outcome(r, reply, "none") for r in recipients]
 
-    async def _try_hops(self, delivery: Delivery, hops: list[_Hop]) -> list[Outcome]:
+    async def _try_hops(self, delivery: Delivery, hops: list[_Hop], started: float) -> list[Outcome]:
         last = _Next(Reply(451, "4.4.1", "no next hop available"))
         for hop in hops:
             for address in hop.addresses:
                 try:
-                    return await self._try_address(delivery, hop, address)
+                    return await self._try_address(delivery, hop, address, started)
                 except _Next as failure:
                     last = failure
                     log.debug("%s: %s; trying the next host", delivery.message_id, failure.reply)
-        return [Outcome(r, last.reply, last.relay) for r in delivery.recipients]
+        setup = time.monotonic() - started
+        return [Outcome(r, last.reply, last.relay, setup=setup) for r in delivery.recipients]
 
-    async def _try_address(self, delivery: Delivery, hop: _Hop, address: str) -> list[Outcome]:
+    async def _try_address(self, delivery: Delivery, hop: _Hop, address: str, started: float) -> list[Outcome]:
         key = f"{address}:{hop.port}"
         session = await self.pool.acquire(key)
         if session is not None:
             log.debug("%s: reusing cached connection to %s", delivery.message_id, session.peer)
             try:
-                return await self._transaction(key, session, delivery)
+                return await self._timed_transaction(key, session, delivery, started)
             except _Next as failure:
                 if not failure.lost:
                     raise
@@ -232,7 +235,14 @@ class Router:
                 # says nothing about the host, so retry once on a fresh connection.
                 log.debug("%s: cached connection to %s failed (%s); retrying on a new one",
                           delivery.message_id, session.peer, failure.reply)
-        return await self._transaction(key, await self._connect(hop, address), delivery)
+        return await self._timed_transaction(key, await self._connect(hop, address), delivery, started)
+
+    async def _timed_transaction(self, key: str, session: Session, delivery: Delivery,
+                                 started: float) -> list[Outcome]:
+        ready = time.monotonic()
+        outcomes = await self._transaction(key, session, delivery)
+        setup, transmission = ready - started, time.monotonic() - ready
+        return [replace(o, setup=setup, transmission=transmission) for o in outcomes]
 
     async def _connect(self, hop: _Hop, address: str) -> Session:
         smarthost = self.config.smarthost

@@ -18,6 +18,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from mta.config import Config, ListenerConfig
 from mta.errors import StoreError
 from mta.inbound import policy
+from mta.inbound.peername import PeerNames
 from mta.inbound.policy import REPLIES
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient
@@ -25,6 +26,9 @@ from mta.passwords import AuthThrottle, UsersFile, UsersFileUnavailable
 from mta.queue.store import QueueStore, new_queue_id
 
 log = logging.getLogger("mta.smtpd")
+# The line that takes a message into the queue, under the name of Postfix's daemon for
+# that step (cleanup): log parsers count sizes from it, and smtpd lines for clients.
+queue_log = logging.getLogger("mta.cleanup")
 
 
 class InboundHandler:
@@ -39,8 +43,9 @@ class InboundHandler:
                  users: UsersFile | None = None, throttle: AuthThrottle | None = None,
                  on_received: Callable[[str], None] | None = None,
                  on_rejected: Callable[[str, int], None] | None = None,
-                 mailbox_users: MailboxUsers | None = None):
+                 mailbox_users: MailboxUsers | None = None, peer_names: PeerNames | None = None):
         self.config = config
+        self.peer_names = peer_names or PeerNames()
         self.mailbox_users = mailbox_users
         self.listener = listener
         self.store = store
@@ -53,6 +58,23 @@ class InboundHandler:
     def _client_ip(self, session: Session) -> str:
         peer = session.peer
         return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+    async def _client(self, session: Session) -> str:
+        """``name[ip]`` as Postfix logs a client: the verified reverse-DNS name, or unknown."""
+        ip = self._client_ip(session)
+        return f"{await self.peer_names.name(ip)}[{ip}]"
+
+    async def _log_reject(self, session: Session, envelope: Envelope, stage: str, reply: object,
+                          sender: str | None = None, recipient: str | None = None,
+                          level: int = logging.INFO) -> None:
+        """Postfix's reject line, which log parsers (pflogsumm) count:
+        ``NOQUEUE: reject: RCPT from name[ip]: 554 5.7.1 <x@remote>: Relay access denied;
+        from=<a@b> to=<x@remote> proto=ESMTP helo=<client>``."""
+        sender = envelope.mail_from if sender is None else sender
+        to = f" to=<{recipient}>" if recipient is not None else ""
+        log.log(level, "NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>", stage,
+                await self._client(session), reply, "" if sender in (None, "<>") else sender, to,
+                "ESMTP" if session.extended_smtp else "SMTP", session.host_name or "")
 
     def _trusted(self, session: Session) -> bool:
         return bool(session.authenticated) or self.config.in_mynetworks(self._client_ip(session))
@@ -81,15 +103,15 @@ class InboundHandler:
             # The queue file is known to be damaged: this transaction cannot end in a 250, so
             # say so before the client sends the message. Postfix's smtpd likewise asks for a
             # queue file at MAIL FROM and answers 451 4.3.0 when it cannot have one.
-            log.warning("reject: MAIL from %s[%s]: %s; from=<%s>: %s", session.host_name,
-                        self._client_ip(session), REPLIES["store_failed"], address, damaged)
+            await self._log_reject(session, envelope, "MAIL", REPLIES["store_failed"], address,
+                                   level=logging.WARNING)
+            log.warning("queue %s", damaged)
             return self._refuse(REPLIES["store_failed"])
         # aiosmtpd hands the null reverse-path over as "<>" and keeps it so
         # (an empty mail_from would read as "no MAIL yet"); it is "" in the queue.
         refusal = policy.check_sender("" if address == "<>" else address, smtputf8=envelope.smtp_utf8)
         if refusal is not None:
-            log.info("reject: MAIL from %s[%s]: %s; from=<%s>", session.host_name, self._client_ip(session),
-                     refusal, address)
+            await self._log_reject(session, envelope, "MAIL", refusal, address)
             return self._refuse(refusal)
         if address != "<>" and "@" not in address:
             address = f"{address}@{self.config.hostname}"  # Postfix's append_at_myorigin (see check_sender)
@@ -118,18 +140,18 @@ class InboundHandler:
             # Postfix's answer when local_recipient_maps cannot be read: the client keeps
             # the message and tries again; a 550 would bounce it for good.
             reply = f"451 4.3.0 <{address}>: Temporary lookup failure"
-            log.warning("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s> (%s)", session.host_name,
-                        self._client_ip(session), reply, envelope.mail_from, address, exc)
+            log.warning("%s: %s", address, exc)
+            await self._log_reject(session, envelope, "RCPT", reply, recipient=address, level=logging.WARNING)
             return reply
         if unknown_local:
             unknown = REPLIES["unknown_user"]
             reply = f"{unknown.code} {unknown.enhanced} <{address}>: {unknown.text}"
-            log.info("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s>", session.host_name,
-                     self._client_ip(session), reply, envelope.mail_from, address)
+            await self._log_reject(session, envelope, "RCPT", reply, recipient=address)
             return reply
         if refusal is not None:
-            log.info("reject: RCPT from %s[%s]: %s; from=<%s> to=<%s>", session.host_name,
-                     self._client_ip(session), refusal, envelope.mail_from, address)
+            if refusal == REPLIES["relay_denied"]:   # Postfix names the address: "<x@remote>: Relay access denied"
+                refusal = f"{refusal.code} {refusal.enhanced} <{address}>: {refusal.text}"
+            await self._log_reject(session, envelope, "RCPT", refusal, recipient=address)
             return self._refuse(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -141,11 +163,17 @@ class InboundHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         now = time.time()
         data = policy.normalize_line_ends(envelope.original_content or b"")
+        refusal = None
         if b"\x00" in data:
-            return self._refuse(REPLIES["nul_in_data"])
+            refusal = REPLIES["nul_in_data"]
         facts = policy.inspect_headers(data)
-        if facts.received_count > self.config.limits.max_hops:
-            return self._refuse(REPLIES["too_many_hops"])
+        if refusal is None and facts.received_count > self.config.limits.max_hops:
+            refusal = REPLIES["too_many_hops"]
+        if refusal is not None:
+            # Postfix logs a refusal at the end of DATA as END-OF-MESSAGE.
+            await self._log_reject(session, envelope, "END-OF-MESSAGE", refusal,
+                                   recipient=envelope.rcpt_tos[0] if envelope.rcpt_tos else None)
+            return self._refuse(refusal)
         queue_id = new_queue_id()
         if self.listener.mode == "submission":
             # An MSA completes what the author's program left out (RFC 6409 §8.2, §8.3).
@@ -156,10 +184,12 @@ class InboundHandler:
                 missing.append(policy.date_header(now))
             data = policy.add_headers(data, facts, missing)
         client_ip = self._client_ip(session)
+        client_name = await self.peer_names.name(client_ip)
         protocol = policy.protocol_name(bool(session.extended_smtp), session.ssl is not None,
                                         bool(session.authenticated), bool(envelope.smtp_utf8))
         received = policy.received_header(
-            helo=session.host_name or "", client_ip=client_ip, hostname=self.config.hostname,
+            helo=session.host_name or "", client_ip=client_ip, client_name=client_name,
+            hostname=self.config.hostname,
             listener=self.listener.name, protocol=protocol, queue_id=queue_id,
             recipients=list(envelope.rcpt_tos), now=now)
         data = received + data
@@ -181,13 +211,14 @@ class InboundHandler:
         except StoreError as exc:
             reply = REPLIES["disk_full"] if exc.disk_full else REPLIES["store_failed"]
             log.error("%s: reject: queue write failed for message from %s[%s]: %s", queue_id,
-                      session.host_name, client_ip, exc)
+                      client_name, client_ip, exc)
             return self._refuse(reply)
-        sasl = f", sasl_username={auth_user}" if auth_user else ""
-        log.info("%s: client=%s[%s], listener=%s%s", queue_id, session.host_name or "unknown",
-                 client_ip, self.listener.name, sasl)
-        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queued)", queue_id, message.sender, len(data),
-                 len(message.recipients))
+        sasl = ""
+        if auth_user:
+            sasl = f", sasl_method={getattr(session, 'sasl_method', 'PLAIN')}, sasl_username={auth_user}"
+        log.info("%s: client=%s[%s]%s, listener=%s", queue_id, client_name, client_ip, sasl, self.listener.name)
+        queue_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", queue_id, message.sender, len(data),
+                       len(message.recipients))
         self.on_received(self.listener.name)
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
@@ -212,7 +243,7 @@ class InboundHandler:
         if len(parts) != 3:
             await server.push("501 5.5.2 Cannot decode AUTH PLAIN response")
             return AuthResult(success=False, handled=True)
-        return await self._check(server, parts[1], parts[2])
+        return await self._check(server, parts[1], parts[2], "PLAIN")
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) > 1:
@@ -227,9 +258,9 @@ class InboundHandler:
         password = await server.challenge_auth("Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        return await self._check(server, user, password)
+        return await self._check(server, user, password, "LOGIN")
 
-    async def _check(self, server: SMTP, user_b: bytes, password_b: bytes) -> AuthResult:
+    async def _check(self, server: SMTP, user_b: bytes, password_b: bytes, method: str) -> AuthResult:
         session = server.session
         assert session is not None
         ip = self._client_ip(session)
@@ -249,17 +280,24 @@ class InboundHandler:
             except UsersFileUnavailable as exc:
                 # RFC 4954 §6: 454 4.7.0 when the server cannot check the credentials
                 # now; 535 would tell a right password that it is wrong.
-                log.warning("%s[%s]: SASL authentication unavailable for user %r: %s", session.host_name, ip,
-                            user, exc)
+                log.warning("%s: SASL %s authentication unavailable: %s, sasl_username=%s",
+                            await self._client(session), method, exc, _printable(user))
                 return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
         if ok:
             self.throttle.succeeded(ip)
-            log.info("client=%s[%s], sasl_method=AUTH, sasl_username=%s", session.host_name, ip, user)
+            session.sasl_method = method   # for the message's client= line (Postfix's sasl_method=)
+            log.info("client=%s, sasl_method=%s, sasl_username=%s", await self._client(session), method, user)
             return AuthResult(success=True, auth_data=user)
         self.throttle.failed(ip)
         # Never log the password, and the user name only as given (RFC 4954 §9).
-        log.warning("%s[%s]: SASL authentication failed for user %r", session.host_name, ip, user)
+        log.warning("%s: SASL %s authentication failed: authentication failure, sasl_username=%s",
+                    await self._client(session), method, _printable(user))
         return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
+
+
+def _printable(text: str) -> str:
+    """A client's text for a log line: as given, or repr()'d when it holds control characters."""
+    return text if text.isprintable() else repr(text)
 
 
 def _b64(text: str) -> bytes | None:

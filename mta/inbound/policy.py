@@ -177,10 +177,11 @@ def protocol_name(esmtp: bool, tls: bool, auth: bool, smtputf8: bool) -> str:
 
 
 def received_header(*, helo: str, client_ip: str, hostname: str, listener: str, protocol: str,
-                    queue_id: str, recipients: list[str], now: float) -> bytes:
-    """RFC 5321 §4.4 trace header, in Postfix's layout."""
+                    queue_id: str, recipients: list[str], now: float, client_name: str = "unknown") -> bytes:
+    """RFC 5321 §4.4 trace header, in Postfix's layout: the HELO name, then the
+    client's verified reverse-DNS name (or "unknown") and address."""
     helo_text = re.sub(r"[^\x21-\x7e]", "?", helo) or "unknown"
-    line = (f"Received: from {helo_text} (unknown [{client_ip}])\r\n"
+    line = (f"Received: from {helo_text} ({client_name} [{client_ip}])\r\n"
             f"\tby {hostname} (mta) with {protocol} id {queue_id}\r\n"
             f"\t(listener {listener})")
     if len(recipients) == 1:

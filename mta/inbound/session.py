@@ -494,7 +494,14 @@ class InboundSMTP(SMTP):
         after = self._strip_command_keyword("TO:", arg)
         if after is None or self._getaddr(after)[0] is not None or trusted(self.session):
             return False
-        await self.push(str(REPLIES["relay_denied"]))
+        # Postfix names the address as the client gave it: "554 5.7.1 <x>: Relay access denied".
+        given = after.strip().split(" ", 1)[0].strip("<>")
+        denied = REPLIES["relay_denied"]
+        reply = f"{denied.code} {denied.enhanced} <{given}>: {denied.text}"
+        log_reject = getattr(self.event_handler, "_log_reject", None)
+        if log_reject is not None:
+            await log_reject(self.session, self.envelope, "RCPT", reply, recipient=given)
+        await self.push(reply)
         return True
 
     async def _take_dsn_params(self, arg: str | None, keyword: str, allowed: tuple[str, ...]) -> str | None | bool:

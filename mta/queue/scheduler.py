@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from mta.config import DeliveryConfig
@@ -63,6 +63,8 @@ class Job:
     destination: str
     message_id: str
     recipients: list[DueRecipient] = field(default_factory=list)
+    claimed: float = 0.0   # when the queue manager took it (delays= a ends, b starts)
+    started: float = 0.0   # when a delivery slot took it up (delays= b ends)
 
     @property
     def fresh(self) -> bool:
@@ -80,6 +82,9 @@ class RecipientResult:
     relay: str
     delay: float
     attempts: int
+    # Postfix's delays=a/b/c/d: before the queue manager, in it (waiting for a slot),
+    # connection set-up, transmission.
+    delays: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
 
 class _SharedBodies:
@@ -252,6 +257,7 @@ class Scheduler:
     # ------------------------------------------------------------------ dispatch
     def _enqueue_jobs(self, due: Sequence[DueRecipient], bodies: dict[str, bytes]) -> None:
         jobs: dict[tuple[str, str], Job] = {}
+        claimed = self.clock()
         for rcpt in due:
             if (rcpt.message_id, rcpt.rcpt_no) in self._in_flight:
                 log.debug("%s: recipient %d is already being delivered", rcpt.message_id, rcpt.rcpt_no)
@@ -263,7 +269,7 @@ class Scheduler:
                 destination = self.router.destination(rcpt.address)
             key = (rcpt.message_id, destination)
             if key not in jobs:
-                jobs[key] = Job(destination, rcpt.message_id)
+                jobs[key] = Job(destination, rcpt.message_id, claimed=claimed)
             jobs[key].recipients.append(rcpt)
         for job in jobs.values():
             queue = self._queues.setdefault(job.destination, collections.deque())
@@ -313,6 +319,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one job
     async def _run_job(self, job: Job) -> None:
+        job.started = self.clock()
         data = await self._bodies.get(job.message_id)
         if data is None:
             return  # deleted by an operator meanwhile
@@ -321,7 +328,8 @@ class Scheduler:
             copies, local_outcomes = self.local.deliver(
                 job.message_id, first.sender, [LocalRecipient(r.address, r.orcpt) for r in job.recipients], data,
                 first.arrival)
-            await self._record(job, local_outcomes, data, copies)
+            took = self.clock() - job.started
+            await self._record(job, [replace(o, transmission=took) for o in local_outcomes], data, copies)
             return
         delivery = self.make_delivery(job, data)
         try:
@@ -351,8 +359,11 @@ class Scheduler:
             used.append(outcome)
             update = self._decide(rcpt, outcome.reply, now)
             updates.append(update)
+            before = max(0.0, job.claimed - rcpt.arrival) if job.claimed else 0.0
+            waiting = max(0.0, job.started - job.claimed) if job.started and job.claimed else 0.0
             results.append(RecipientResult(job.message_id, rcpt.address, update.state, outcome.reply,
-                                           outcome.relay, now - rcpt.arrival, update.attempts))
+                                           outcome.relay, now - rcpt.arrival, update.attempts,
+                                           (before, waiting, outcome.setup, outcome.transmission)))
         history = [HistoryEntry(now, r.recipient, _STATUS[r.state], f"relay={r.relay} ({r.reply})")
                    for r in results]
         attempts = [AttemptResult(rcpt, res.state, res.reply, res.relay, outcome.dsn_passed)
@@ -393,6 +404,13 @@ class Scheduler:
 _STATUS = {RcptState.DELIVERED: "sent", RcptState.DEFERRED: "deferred", RcptState.BOUNCED: "bounced"}
 
 
+def seconds(value: float) -> str:
+    """A duration as Postfix logs delay=: at most two decimals, no trailing zeros, never
+    scientific notation ("0.41", "1.2", "710", "0"), which log parsers read as a number."""
+    text = f"{max(0.0, value):.2f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
 def _log_result(result: RecipientResult) -> None:
     """Postfix's per-recipient line, so operators grep what they already grep."""
     reply = result.reply
@@ -401,6 +419,7 @@ def _log_result(result: RecipientResult) -> None:
         text = reply.text   # Postfix local(8): "status=sent (delivered to mailbox)"
     if result.state is RcptState.BOUNCED and reply.transient:
         text = f"{text} (delivery time expired)"
-    log.info("%s: to=<%s>, relay=%s, delay=%.2g, attempts=%d, dsn=%s, status=%s (%s)", result.message_id,
-             result.recipient, result.relay, result.delay, result.attempts, reply.enhanced,
+    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, attempts=%d, dsn=%s, status=%s (%s)",
+             result.message_id, result.recipient, result.relay, seconds(result.delay),
+             "/".join(seconds(d) for d in result.delays), result.attempts, reply.enhanced,
              _STATUS.get(result.state, str(result.state)), text)
