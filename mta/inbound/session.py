@@ -40,7 +40,15 @@ _CLIENT_TEXT_RECORDS = {"%r >> %r", "_handle_client readline: %r", "%r unrecogni
                         "%r can't decode base64: %s"}
 
 
+# aiosmtpd warns about our own choices on every session: AUTH without TLS where the operator
+# allowed it (allow_insecure_auth), and its own use of the deprecated Session.login_data.
+_NOISE = ("auth_required == True but auth_require_tls == False",
+          "Session.login_data is deprecated and will be removed in version 2.0")
+
+
 def _redact_client_text(record: logging.LogRecord) -> bool:
+    if record.msg in _NOISE:
+        return False
     if record.msg in _CLIENT_TEXT_RECORDS and isinstance(record.args, tuple) and record.args:
         text = record.args[-1]
         raw = text if isinstance(text, bytes) else str(text).encode("utf-8", "surrogateescape")

@@ -419,7 +419,9 @@ def _log_result(result: RecipientResult) -> None:
         text = reply.text   # Postfix local(8): "status=sent (delivered to mailbox)"
     if result.state is RcptState.BOUNCED and reply.transient:
         text = f"{text} (delivery time expired)"
-    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, attempts=%d, dsn=%s, status=%s (%s)",
+    # Postfix's field order, which log parsers match (pflogsumm: relay=, delay=, delays=, dsn=,
+    # status=): the attempt count is in `mta queue show`, not here.
+    log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
              result.message_id, result.recipient, result.relay, seconds(result.delay),
-             "/".join(seconds(d) for d in result.delays), result.attempts, reply.enhanced,
+             "/".join(seconds(d) for d in result.delays), reply.enhanced,
              _STATUS.get(result.state, str(result.state)), text)
