@@ -93,7 +93,7 @@ class App:
                                      on_received=self.metrics.message_received,
                                      on_rejected=self.metrics.rejected, mailbox_users=self.mailbox_users,
                                      peer_names=peer_names)
-            self.listeners.append(Listener(self.config, lc, handler))
+            self.listeners.append(Listener(self.config, lc, handler, on_connection=self.metrics.smtp_connection))
 
     async def start(self) -> None:
         if self.queue_lock is None:   # before anything touches the queue

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import (
     CollectorRegistry,
+    disable_created_metrics,
     Counter,
     Gauge,
     Histogram,
@@ -50,9 +51,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 import mta
 from mta.health import COMPONENTS, Health
-from mta.model import RcptState
+from mta.model import LOCAL_RELAY, RcptState
 
 log = logging.getLogger("mta.metrics")
+
+# No *_created series: they double the output, and Prometheus reads counter resets from
+# the values themselves. (A process-wide setting of prometheus_client, >= 0.17.)
+disable_created_metrics()
 
 # generate_latest() writes the classic text format; prometheus_client >= 0.22
 # names 1.0.0 as CONTENT_TYPE_LATEST, so spell out the version we really send.
@@ -66,6 +71,7 @@ REJECTION_CODES: tuple[str, ...] = (
 )
 
 QUEUE_STATES: tuple[str, ...] = ("active", "deferred", "hold")
+TRANSPORTS: tuple[str, ...] = ("smtp", "local")
 POP3_LOGIN_RESULTS: tuple[str, ...] = ("ok", "failed", "in_use")
 
 # Arrival to final outcome; retries run for days, so do the buckets.
@@ -119,6 +125,8 @@ class RecipientResultLike(Protocol):
     def state(self) -> RcptState: ...
     @property
     def delay(self) -> float: ...
+    @property
+    def relay(self) -> str: ...
 
 
 RefreshHook = Callable[[], Awaitable[None]]
@@ -228,7 +236,14 @@ class Metrics:
             self.pop3_deleted.labels(name)
 
         self.delivered = Counter(
-            "mta_recipients_delivered", "Recipients delivered.", registry=reg)
+            "mta_recipients_delivered", "Recipients delivered, by transport (smtp: to a next hop, local: to a "
+            "lab mailbox).", ["transport"], registry=reg)
+        for transport in TRANSPORTS:
+            self.delivered.labels(transport)
+        self.smtp_connections = Counter(
+            "mta_smtp_connections", "Inbound SMTP connections accepted, by listener.", ["listener"], registry=reg)
+        for name in self.listeners:
+            self.smtp_connections.labels(name)
         self.deferred = Counter(
             "mta_recipients_deferred", "Delivery attempts that ended in a deferral (one per recipient).",
             registry=reg)
@@ -286,6 +301,9 @@ class Metrics:
     def message_received(self, listener: str) -> None:
         self.received.labels(listener).inc()
 
+    def smtp_connection(self, listener: str) -> None:
+        self.smtp_connections.labels(listener).inc()
+
     def pop3_login(self, listener: str, result: str) -> None:
         self.pop3_logins.labels(listener, result).inc()
 
@@ -308,7 +326,7 @@ class Metrics:
         """The scheduler's ``on_result`` hook: one recipient's delivery attempt."""
         state = result.state
         if state == RcptState.DELIVERED:
-            self.delivered.inc()
+            self.delivered.labels("local" if result.relay == LOCAL_RELAY else "smtp").inc()
         elif state == RcptState.DEFERRED:
             self.deferred.inc()
             return

@@ -55,6 +55,9 @@ def default_enhanced(code: int) -> str:
     return f"{code // 100}.0.0" if code >= 200 else "4.0.0"
 
 
+LOCAL_RELAY = "local"   # relay= of a delivery to a lab mailbox, as Postfix's local(8) logs it
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one delivery attempt did for one recipient (SMTP next hop or local mailbox)."""

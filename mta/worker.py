@@ -12,7 +12,7 @@ A socket pair joins the two:
   picked up at once (the queue manager also polls every second, so a lost
   wake-up only delays, never loses). End of file means the main process is
   gone: the child stops.
-- child → main: one line per event the metrics count ("r <state> <delay>",
+- child → main: one line per event the metrics count ("r <state> <delay> <relay>",
   "b", "p <opened> <reused>") and per fault found or cleared ("h <component>
   [<reason>]"); the main process serves them on /metrics and /healthz. And
   "ready" once, when the queue is open and the queue manager started.
@@ -50,7 +50,7 @@ from mta.config import Config, load_config, reloaded
 from mta.errors import ConfigError
 from mta.health import Health
 from mta.mailbox.users import MailboxUsers
-from mta.model import RcptState
+from mta.model import LOCAL_RELAY, RcptState
 from mta.queue.store import QueueStore
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class _PoolCounts:
 class _Result:
     state: RcptState
     delay: float
+    relay: str   # only "local" or not matters to the metrics (the transport label)
 
 
 class DeliveryProcess:
@@ -149,8 +150,8 @@ class DeliveryProcess:
             kind, _, rest = line.decode("ascii", "replace").strip().partition(" ")
             try:
                 if kind == "r":
-                    state, delay = rest.split()
-                    metrics.recipient_result(_Result(RcptState(state), float(delay)))
+                    state, delay, relay = rest.split()
+                    metrics.recipient_result(_Result(RcptState(state), float(delay), relay))
                 elif kind == "b":
                     metrics.bounce_generated()
                 elif kind == "p":
@@ -325,7 +326,9 @@ class _Forwarder:
         self.pool = pool
 
     def recipient_result(self, result: RecipientResultLike) -> None:
-        self._send(f"r {result.state} {result.delay:.6f}\n")   # Metrics.recipient_result clamps it
+        # Metrics.recipient_result clamps the delay; the relay only as the transport it names.
+        relay = LOCAL_RELAY if result.relay == LOCAL_RELAY else "smtp"
+        self._send(f"r {result.state} {result.delay:.6f} {relay}\n")
 
     def bounce_generated(self) -> None:
         self._send("b\n")

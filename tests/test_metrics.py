@@ -10,6 +10,7 @@ when promtool is installed -- with ``promtool check rules`` and a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import shutil
@@ -139,7 +140,7 @@ async def port(metrics: Metrics) -> AsyncIterator[int]:
 
 # ---------------------------------------------------------------- contents
 COUNTERS = (
-    "mta_recipients_delivered_total", "mta_recipients_deferred_total", "mta_recipients_bounced_total",
+    "mta_recipients_deferred_total", "mta_recipients_bounced_total",
     "mta_bounces_generated_total", "mta_smtp_connections_opened_total",
     "mta_smtp_connections_reused_total", "mta_metrics_refresh_failures_total",
     "mta_delivery_process_restarts_total",
@@ -154,6 +155,11 @@ def test_every_name_is_present_and_preinitialised(metrics: Metrics) -> None:
             assert value(samples, "mta_smtp_rejections_total", listener=listener, code=code) == 0
     for name in COUNTERS:
         assert value(samples, name) == 0
+    for transport in ("smtp", "local"):
+        assert value(samples, "mta_recipients_delivered_total", transport=transport) == 0
+    for listener in LISTENERS:
+        assert value(samples, "mta_smtp_connections_total", listener=listener) == 0
+    assert not [name for name, _ in samples if name.endswith("_created")]   # off: they double the output
     for state in ("active", "deferred", "hold"):
         assert value(samples, "mta_queue_messages", state=state) == 0
     assert value(samples, "mta_queue_oldest_message_age_seconds") == 0
@@ -186,7 +192,7 @@ def test_no_addresses_or_ids_in_labels(metrics: Metrics) -> None:
     metrics.recipient_result(result(RcptState.BOUNCED, 3.0))
     label_names = {name for (metric, labels) in parse(metrics.render()) for name, _ in labels
                    if metric.startswith("mta_")}
-    assert label_names <= {"listener", "code", "state", "le", "version", "component"}
+    assert label_names <= {"listener", "code", "state", "le", "version", "component", "transport"}
     assert "3F2A9C1B7D01" not in metrics.render().decode()
     assert "user@example.test" not in metrics.render().decode()
 
@@ -259,7 +265,10 @@ def test_recipient_results(metrics: Metrics) -> None:
     metrics.recipient_result(result(RcptState.BOUNCED, 100000.0))
     metrics.recipient_result(result(RcptState.HELD, 5.0))        # not an outcome: ignored
     samples = parse(metrics.render())
-    assert value(samples, "mta_recipients_delivered_total") == 2
+    assert value(samples, "mta_recipients_delivered_total", transport="smtp") == 2
+    assert value(samples, "mta_recipients_delivered_total", transport="local") == 0
+    metrics.recipient_result(dataclasses.replace(result(RcptState.DELIVERED, 1.0), relay="local"))
+    assert value(parse(metrics.render()), "mta_recipients_delivered_total", transport="local") == 1
     assert value(samples, "mta_recipients_deferred_total") == 3
     assert value(samples, "mta_recipients_bounced_total") == 1
     # the histogram sees final outcomes only

@@ -59,7 +59,9 @@ async def test_metrics_count_a_scenario(relay, dns, port):
     assert m[("mta_messages_received_total", (("listener", "mta"),))] == 4
     assert m[("mta_smtp_rejections_total", (("code", "554"), ("listener", "mta")))] == 1
     assert m[("mta_smtp_rejections_total", (("code", "452"), ("listener", "mta")))] == 0
-    assert m[("mta_recipients_delivered_total", ())] == 4  # three messages and the bounce
+    assert m[("mta_recipients_delivered_total", (("transport", "smtp"),))] == 4  # three messages and the bounce
+    assert m[("mta_recipients_delivered_total", (("transport", "local"),))] == 0
+    assert m[("mta_smtp_connections_total", (("listener", "mta"),))] >= 2
     assert m[("mta_recipients_bounced_total", ())] == 1
     assert m[("mta_recipients_deferred_total", ())] == 0
     assert m[("mta_bounces_generated_total", ())] == 1

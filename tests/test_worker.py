@@ -54,11 +54,13 @@ async def until(predicate, timeout=10.0):
 
 
 def metric(port, name):
+    """The value of ``name`` summed over its labels (None when it is not there)."""
+    total = None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @pytest.fixture

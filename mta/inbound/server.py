@@ -8,6 +8,7 @@ import socket
 import ssl
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from mta.config import Config, ListenerConfig, TLSConfig
@@ -49,8 +50,10 @@ class BoundServer:
 class Listener(BoundServer):
     """One configured listening socket and the sessions it spawns."""
 
-    def __init__(self, config: Config, listener: ListenerConfig, handler: InboundHandler):
+    def __init__(self, config: Config, listener: ListenerConfig, handler: InboundHandler,
+                 on_connection: Callable[[str], None] | None = None):
         self.config = config
+        self.on_connection = on_connection or (lambda name: None)   # mta_smtp_connections_total
         self.listener = listener
         self.handler = handler
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
@@ -81,6 +84,7 @@ class Listener(BoundServer):
             loop=asyncio.get_running_loop(),
         )
         self.sessions.add(protocol)
+        self.on_connection(self.listener.name)
         return protocol
 
     async def start(self) -> None:

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from mta.mailbox.store import MailboxCopy
 from mta.mailbox.users import MailboxUsers
-from mta.model import Outcome, Reply, normalize_line_ends
+from mta.model import LOCAL_RELAY, Outcome, Reply, normalize_line_ends
 from mta.passwords import UsersFileUnavailable
 
 LOCAL_DESTINATION = "local:mailbox"   # the queue manager's grouping key for local mail
-LOCAL_RELAY = "local"                 # what the log says: relay=local, as Postfix's local(8)
 
 DELIVERED = Reply(250, "2.0.0", "delivered to mailbox")
 # RFC 3463 5.1.1: the mailbox does not exist (gone from the users file since the RCPT).
