@@ -118,8 +118,8 @@ class App:
             raise
         if self.deliver:
             await self._start_delivery()
-        if self.config.local_domains or any(lc.mode == "pop3" for lc in self.config.listeners):
-            self._prune_task = asyncio.create_task(self._prune_mailboxes(), name="mailbox-prune")
+        # Always: the postmaster's mailbox may take mail on any relay (mailboxes.max_age applies).
+        self._prune_task = asyncio.create_task(self._prune_mailboxes(), name="mailbox-prune")
         if self.auth_users is not None or self.mailbox_users.users is not None:
             self._tables_task = asyncio.create_task(self._watch_tables(), name="users-files")
         if self.config.metrics.host is not None:

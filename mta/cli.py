@@ -328,6 +328,9 @@ async def _mailbox(args: argparse.Namespace, config: Config) -> int:
             return await _mailbox_show(mailboxes, args.user, args.message)
         if args.mailbox_command == "purge":
             removed = await mailboxes.purge(args.user)
+            if not removed and not _has_mailbox(config, args.user):
+                print(f"mta mailbox purge: {mailbox_key(args.user)}: no such mailbox", file=sys.stderr)
+                return 1
             print(f"{mailbox_key(args.user)}: {removed} message{'s' if removed != 1 else ''} removed")
             return 0
         if args.user is None:
@@ -348,6 +351,16 @@ async def _mailbox(args: argparse.Namespace, config: Config) -> int:
         else:
             print(format_mailbox(mailbox_key(args.user), messages), end="")
         return 0
+
+
+def _has_mailbox(config: Config, user: str) -> bool:
+    """Whether ``user`` has a mailbox here (users file, catch-all, mydestination, postmaster)."""
+    from mta.mailbox.users import MailboxUsers
+    from mta.passwords import UsersFileUnavailable
+    try:
+        return MailboxUsers(config).exists(user)
+    except UsersFileUnavailable:
+        return True   # cannot tell: an empty purge is no error then
 
 
 async def _mailbox_show(mailboxes: MailboxStore, user: str, wanted: str) -> int:

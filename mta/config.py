@@ -243,6 +243,11 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     local_domains: tuple[str, ...] = ()
     mailboxes: MailboxesConfig = field(default_factory=MailboxesConfig)
+    # Postfix's mydestination for the relay host itself: every address at these
+    # domains is kept in a mailbox here, no users file needed (cron's root@$(hostname)).
+    mydestination: tuple[str, ...] = ()
+    # Where mail to Postmaster goes (RFC 5321 §4.5.1; Postfix: the postmaster alias).
+    postmaster: str = ""
     dsn: DSNConfig = field(default_factory=DSNConfig)
     source: str = "<built-in defaults>"
 
@@ -256,6 +261,20 @@ class Config:
     def is_local_domain(self, domain: str) -> bool:
         """Mail for these domains goes into mailboxes here (Postfix: mydestination)."""
         return domain.lower().rstrip(".") in self.local_domains
+
+    def postmaster_for(self, address: str) -> str | None:
+        """The postmaster address that mail to ``address`` goes to, if it is a postmaster
+        address: <Postmaster> without a domain, or postmaster@ a local domain, a
+        mydestination domain or our hostname, in any case (RFC 5321 §4.5.1: always accepted)."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            local, domain = address, self.hostname
+        if local.lower() != "postmaster":
+            return None
+        domain = domain.lower().rstrip(".")
+        if domain == self.hostname.lower() or domain in self.local_domains or domain in self.mydestination:
+            return self.postmaster
+        return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -528,6 +547,13 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     mailboxes = _mailboxes(top.section("mailboxes"))
     if local_domains and not (mailboxes.users_file or mailboxes.catch_all):
         raise ConfigError("mailboxes.users_file", "missing (local_domains need mailbox users, or catch_all: true)")
+    mydestination = tuple(hostname.lower() if d == "$myhostname" else d
+                          for d in top.get("mydestination", (), _list(_destination)))
+    for i, domain in enumerate(mydestination):
+        if domain in relay_domains:
+            raise ConfigError(f"mydestination[{i}]", f'"{domain}" is also in relay_domains (mail for it is either kept here or relayed)')
+    postmaster = top.get("postmaster", None, _mailbox) or \
+        f"postmaster@{local_domains[0] if local_domains else hostname.lower()}"
     if any(item.mode == "pop3" for item in listeners) and not mailboxes.users_file:
         raise ConfigError("mailboxes.users_file", "missing (a pop3 listener needs mailbox passwords)")
     auth = top.section("auth")
@@ -567,7 +593,8 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
                   relay_domains=relay_domains, auth=auth_cfg, queue=queue_cfg,
                   delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
-                  local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, source=source)
+                  local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, mydestination=mydestination,
+                  postmaster=postmaster, source=source)
 
 
 def _check_address_free(path: str, address: tuple[str, int], taken: tuple[ListenerConfig, ...]) -> None:
@@ -605,6 +632,11 @@ def _mailboxes(sec: _Section) -> MailboxesConfig:
     )
     sec.done()
     return cfg
+
+
+def _destination(value: Any, path: str) -> str:
+    """A mydestination entry: a domain, or "$myhostname" (our hostname, as in Postfix)."""
+    return value if value == "$myhostname" else _domain(value, path)
 
 
 def _mailbox(value: Any, path: str) -> str:

@@ -80,6 +80,10 @@ async def rcpt_replies(config, recipients, sender="someone@example.test"):
     ({"mailboxes": {"max_messages": 0}}, "mailboxes.max_messages: 0 is below the minimum of 1"),
     ({"mailboxes": {"max_age": "soon"}}, 'mailboxes.max_age: "soon" is not a duration'),
     ({"mailboxes": {"quota": 5}}, "mailboxes.quota: unknown key"),
+    ({"postmaster": "nobody"}, 'postmaster: "nobody" is not a mail address (user@domain)'),
+    ({"mydestination": ["$myhostname", "bad domain"]}, 'mydestination[1]: "bad domain" is not a domain name'),
+    ({"mydestination": ["lab.test"], "relay_domains": ["lab.test"]},
+     'mydestination[0]: "lab.test" is also in relay_domains (mail for it is either kept here or relayed)'),
 ])
 def test_config_errors_name_the_key(doc, problem):
     with pytest.raises(ConfigError) as err:
@@ -136,6 +140,60 @@ async def test_postmaster_without_domain_is_accepted(lab, users_file):
             assert (await w.mail("someone@example.test", ["Postmaster"], WIRE_BODY)).startswith("250 2.0.0")
         await wait_until(lambda: len(mailbox_rows(config)) == 1)
     assert mailbox_rows(config, "mailbox")[0] == ("postmaster@lab.test",)
+
+
+async def test_every_postmaster_address_is_accepted_and_reaches_the_postmaster(make_config, users_file):
+    """RFC 5321 §4.5.1: <Postmaster> and postmaster@ each local domain, each mydestination
+    domain and our hostname are accepted from anyone -- no users file entry needed -- and
+    delivered to the configured postmaster address; X-Original-To keeps what was given."""
+    config = make_config(local_domains=["lab.test", "lab2.test"], mailboxes={"users_file": str(users_file)},
+                         mynetworks=[], postmaster="alice@lab.test", mydestination=["$myhostname"])
+    given = ["Postmaster", "postmaster@lab.test", "POSTMASTER@lab2.test", "postmaster@relay.lab.test"]
+    async with running(config, deliver=True):
+        assert await rcpt_replies(config, given) == ["250 2.1.5 Ok"] * 4
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            assert (await w.mail("someone@example.test", given, WIRE_BODY)).startswith("250 2.0.0")
+        await wait_until(lambda: len(mailbox_rows(config)) == 4)
+    rows = mailbox_rows(config, "mailbox, data")
+    assert {mailbox for mailbox, _ in rows} == {"alice@lab.test"}
+    originals = sorted(bytes(data).split(b"\r\n")[1].decode() for _, data in rows)
+    assert originals == sorted(f"X-Original-To: {g}" for g in given)
+
+
+async def test_postmaster_of_a_plain_relay_is_kept_in_its_own_mailbox(make_config, tmp_path):
+    """No local domains, no mailbox users: postmaster@<hostname> is still accepted and kept
+    (mailbox postmaster@<hostname>), never relayed to a smarthost or refused."""
+    port = free_port("127.0.0.2")
+    config = make_config(mynetworks=[], delivery={"smarthost": f"127.0.0.2:{port}"})
+    async with RecordingPeer("127.0.0.2", port) as smarthost, running(config, deliver=True):
+        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+            assert (await w.mail("someone@example.test", ["postmaster@relay.lab.test"], WIRE_BODY)).startswith("250")
+        await wait_until(lambda: len(mailbox_rows(config)) == 1)
+    assert mailbox_rows(config, "mailbox") == [("postmaster@relay.lab.test",)]
+    assert smarthost.messages == []
+
+
+async def test_mydestination_keeps_mail_for_our_hostname(make_config):
+    """cron mails root@$(hostname): with mydestination: [$myhostname] it is kept here, in the
+    mailbox root@<hostname>; without it, it is relayed as before (to the smarthost)."""
+    port = free_port("127.0.0.2")
+    local = make_config(mydestination=["$myhostname", "localhost"], delivery={"smarthost": f"127.0.0.2:{port}"})
+    assert local.mydestination == ("relay.lab.test", "localhost")
+    async with RecordingPeer("127.0.0.2", port) as smarthost, running(local, deliver=True):
+        async with await Wire.connect("127.0.0.1", listener_port(local)) as w:
+            assert (await w.mail("root@relay.lab.test", ["root@relay.lab.test", "www-data@localhost"],
+                                 WIRE_BODY)).startswith("250")
+        await wait_until(lambda: len(mailbox_rows(local)) == 2)
+        assert smarthost.messages == []
+    assert sorted(mailbox_rows(local, "mailbox")) == [("root@relay.lab.test",), ("www-data@localhost",)]
+
+    port = free_port("127.0.0.2")
+    relayed = make_config(delivery={"smarthost": f"127.0.0.2:{port}"})
+    async with RecordingPeer("127.0.0.2", port) as smarthost, running(relayed, deliver=True):
+        async with await Wire.connect("127.0.0.1", listener_port(relayed)) as w:
+            assert (await w.mail("root@relay.lab.test", ["root@relay.lab.test"], WIRE_BODY)).startswith("250")
+        [message] = await smarthost.wait_for_messages(1, timeout=10)
+    assert message.rcpts == ["root@relay.lab.test"]
 
 
 # --------------------------------------------------------------------------- delivery

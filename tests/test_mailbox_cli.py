@@ -144,3 +144,12 @@ def test_mailbox_show_prints_one_message_by_number_or_uidl(daemon):
     missing = mta("mailbox", "show", "alice@lab.test", "3", "--config", str(config))
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr == "mta mailbox show: alice@lab.test: no message 3 (2 messages)\n"
+
+
+def test_purge_of_an_unknown_mailbox_exits_1(daemon):
+    config, port, users, db_path = daemon
+    result = mta("mailbox", "purge", "nobody@lab.test", "--config", str(config))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "mta mailbox purge: nobody@lab.test: no such mailbox\n"
+    empty = mta("mailbox", "purge", "alice@lab.test", "--config", str(config))   # known, but empty
+    assert (empty.returncode, empty.stdout) == (0, "alice@lab.test: 0 messages removed\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import dataclasses
 import logging
 import time
 from base64 import b64decode
@@ -125,13 +126,24 @@ class InboundHandler:
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
             return self._refuse(REPLIES["too_many_rcpts"])
         users = self.mailbox_users
-        if users is not None and self.config.local_domains and address.lower() == "postmaster":
-            # RFC 5321 §4.5.1: "Postmaster" without a domain must be accepted; it is
-            # the postmaster of the first local domain here.
-            address = f"postmaster@{self.config.local_domains[0]}"
+        postmaster = self.config.postmaster_for(address)
+        if postmaster is not None:
+            # RFC 5321 §4.5.1: <Postmaster> and postmaster@ each of our domains are always
+            # accepted, from anyone; the mail goes to the configured postmaster address,
+            # and X-Original-To (ORCPT) keeps the address the client gave.
+            dsn = getattr(server, "pending_dsn", None) or policy.DSNParams()
+            if dsn.orcpt is None:
+                dsn = dataclasses.replace(dsn, orcpt=f"rfc822;{address}")
+            envelope.rcpt_tos.append(postmaster)
+            envelope.rcpt_options.extend(rcpt_options)
+            if not hasattr(envelope, "rcpt_dsn"):
+                envelope.rcpt_dsn = []
+            envelope.rcpt_dsn.append(dsn)
+            return str(REPLIES["rcpt_ok"])
         # Anyone may send to a local domain, as to a relay domain (Postfix: mydestination).
         refusal = policy.check_recipient(address, trusted=self._trusted(session),
-                                         relay_domains=self.config.relay_domains + self.config.local_domains,
+                                         relay_domains=self.config.relay_domains + self.config.local_domains
+                                         + self.config.mydestination,
                                          smtputf8=envelope.smtp_utf8)
         try:
             unknown_local = refusal is None and users is not None and users.is_local(address) \

@@ -1,5 +1,6 @@
-"""Who has a mailbox: the mailboxes users file, or anyone at a local domain
-with ``mailboxes.catch_all``. Postfix's local_recipient_maps, in one object.
+"""Who has a mailbox: the mailboxes users file, anyone at a local domain with
+``mailboxes.catch_all``, anyone at a ``mydestination`` domain, and the
+postmaster. Postfix's local_recipient_maps, in one object.
 
 While the users file cannot be read (and no good copy of it is held),
 exists() and check_password() raise mta.passwords.UsersFileUnavailable: the
@@ -20,8 +21,11 @@ from mta.passwords import UsersFile
 class MailboxUsers:
     def __init__(self, config: Config, *, health: Health | None = None,
                  previous: MailboxUsers | None = None):
-        self.local_domains = config.local_domains
+        self.local_domains = config.local_domains + config.mydestination
         self.catch_all = config.mailboxes.catch_all
+        # mydestination domains keep mail for any address; the postmaster's mailbox always exists.
+        self.catch_all_domains = frozenset(config.mydestination)
+        self.postmaster = config.postmaster.lower()
         path = config.mailboxes.users_file
         self.users: UsersFile | None = None
         if path and previous is not None and previous.users is not None and previous.users.path == Path(path):
@@ -33,7 +37,8 @@ class MailboxUsers:
                                    component="mailboxes_users_file")
 
     def is_local(self, address: str) -> bool:
-        return "@" in address and domain_of(address).rstrip(".") in self.local_domains
+        return "@" in address and (domain_of(address).rstrip(".") in self.local_domains
+                                   or address.lower() == self.postmaster)
 
     def refresh(self) -> None:
         """Read the users file again if it changed (on the event loop; see UsersFile)."""
@@ -44,7 +49,8 @@ class MailboxUsers:
         """Whether mail for ``address`` (at a local domain) has a mailbox to go to."""
         if not self.is_local(address):
             return False
-        if self.catch_all:
+        if self.catch_all or address.lower() == self.postmaster \
+                or domain_of(address).rstrip(".") in self.catch_all_domains:
             return True
         return self.users is not None and self.users.lookup(address) is not None
 
