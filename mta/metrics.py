@@ -206,20 +206,48 @@ class Metrics:
         self.health = health if health is not None else Health()
         self.refresh: RefreshHook | None = refresh
         self.listeners = tuple(dict.fromkeys(listeners))
+        self._inbound_metrics()
+        self._pop3_metrics(tuple(dict.fromkeys(pop3_listeners)))
+        self._delivery_metrics()
+        self._queue_metrics()
         reg = self.registry
+        self.refresh_failures = Counter(
+            "mta_metrics_refresh_failures",
+            "Scrapes whose refresh hook failed or timed out (queue gauges may be stale).",
+            registry=reg)
+        self.build_info = Gauge(
+            "mta_build_info", "Build information; the value is always 1.", ["version"], registry=reg)
+        self.build_info.labels(version).set(1)
+        self._pool = _PoolCollector()
+        reg.register(self._pool)
+        reg.register(_HealthCollector(self.health))
+        if process:
+            ProcessCollector(registry=reg)   # process_*; Linux only, empty elsewhere
+            PlatformCollector(registry=reg)  # python_info
 
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[object]] = set()
+        self._refresh_lock = asyncio.Lock()
+
+    def _inbound_metrics(self) -> None:
+        reg = self.registry
         self.received = Counter(
             "mta_messages_received", "Messages accepted and queued, by listener.",
             ["listener"], registry=reg)
         self.rejections = Counter(
             "mta_smtp_rejections", "Negative SMTP replies sent to clients, by listener and reply code.",
             ["listener", "code"], registry=reg)
+        self.smtp_connections = Counter(
+            "mta_smtp_connections", "Inbound SMTP connections accepted, by listener.", ["listener"], registry=reg)
         for name in self.listeners:
             self.received.labels(name)
+            self.smtp_connections.labels(name)
             for code in REJECTION_CODES:
                 self.rejections.labels(name, code)
 
-        # Lab mailboxes (issue 7): POP3 activity per pop3 listener.
+    def _pop3_metrics(self, listeners: tuple[str, ...]) -> None:
+        """Lab mailboxes (issue 7): POP3 activity per pop3 listener."""
+        reg = self.registry
         self.pop3_logins = Counter(
             "mta_pop3_logins", "POP3 logins, by listener and result (ok, failed, in_use).",
             ["listener", "result"], registry=reg)
@@ -229,21 +257,19 @@ class Metrics:
         self.pop3_deleted = Counter(
             "mta_pop3_messages_deleted", "Messages POP3 clients deleted (at QUIT), by listener.",
             ["listener"], registry=reg)
-        for name in dict.fromkeys(pop3_listeners):
+        for name in listeners:
             for result in POP3_LOGIN_RESULTS:
                 self.pop3_logins.labels(name, result)
             self.pop3_retrieved.labels(name)
             self.pop3_deleted.labels(name)
 
+    def _delivery_metrics(self) -> None:
+        reg = self.registry
         self.delivered = Counter(
             "mta_recipients_delivered", "Recipients delivered, by transport (smtp: to a next hop, local: to a "
             "lab mailbox).", ["transport"], registry=reg)
         for transport in TRANSPORTS:
             self.delivered.labels(transport)
-        self.smtp_connections = Counter(
-            "mta_smtp_connections", "Inbound SMTP connections accepted, by listener.", ["listener"], registry=reg)
-        for name in self.listeners:
-            self.smtp_connections.labels(name)
         self.deferred = Counter(
             "mta_recipients_deferred", "Delivery attempts that ended in a deferral (one per recipient).",
             registry=reg)
@@ -256,16 +282,6 @@ class Metrics:
             "mta_delivery_duration_seconds",
             "Time from arrival to final outcome (delivered or bounced), per recipient.",
             buckets=DELIVERY_BUCKETS, registry=reg)
-
-        self.queue_messages = Gauge(
-            "mta_queue_messages", "Messages in the queue, by state (as in `mta queue list`).",
-            ["state"], registry=reg)
-        for state in QUEUE_STATES:
-            self.queue_messages.labels(state)
-        self.queue_oldest_age = Gauge(
-            "mta_queue_oldest_message_age_seconds",
-            "Age of the oldest message in the queue; 0 when the queue is empty.", registry=reg)
-
         # The delivery side (mta/worker.py): a child that keeps dying shows here, on
         # /healthz (component delivery_process) and in config/prometheus-alerts.yml.
         self.delivery_process_up = Gauge(
@@ -276,26 +292,16 @@ class Metrics:
             "mta_delivery_process_restarts",
             "Times the delivery process was started again after it exited.", registry=reg)
 
-        self.refresh_failures = Counter(
-            "mta_metrics_refresh_failures",
-            "Scrapes whose refresh hook failed or timed out (queue gauges may be stale).",
-            registry=reg)
-
-        self.build_info = Gauge(
-            "mta_build_info", "Build information; the value is always 1.", ["version"], registry=reg)
-        self.build_info.labels(version).set(1)
-
-        self._pool = _PoolCollector()
-        reg.register(self._pool)
-        reg.register(_HealthCollector(self.health))
-
-        if process:
-            ProcessCollector(registry=reg)   # process_*; Linux only, empty elsewhere
-            PlatformCollector(registry=reg)  # python_info
-
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[object]] = set()
-        self._refresh_lock = asyncio.Lock()
+    def _queue_metrics(self) -> None:
+        reg = self.registry
+        self.queue_messages = Gauge(
+            "mta_queue_messages", "Messages in the queue, by state (as in `mta queue list`).",
+            ["state"], registry=reg)
+        for state in QUEUE_STATES:
+            self.queue_messages.labels(state)
+        self.queue_oldest_age = Gauge(
+            "mta_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the queue; 0 when the queue is empty.", registry=reg)
 
     # -------------------------------------------------------------- recording
     def message_received(self, listener: str) -> None:

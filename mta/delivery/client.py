@@ -395,20 +395,9 @@ class Session:
         if limit is not None and size > limit:
             raise PermanentError(Reply(552, "5.3.4", "Message size exceeds fixed limit of the next hop"))
 
-        mail = f"MAIL FROM:<{sender}>"
-        if self.has("SIZE"):
-            mail += f" SIZE={size}"
-        if body_8bit and self.has("8BITMIME"):
-            # Without 8BITMIME we send the 8-bit body as is, as Postfix does by default.
-            mail += " BODY=8BITMIME"
-        if smtputf8:
-            mail += " SMTPUTF8"
-        if mail_params:
-            mail += " " + mail_params
-        rcpt_lines = []
-        for rcpt in wanted:
-            extra = (rcpt_params or {}).get(rcpt, "")
-            rcpt_lines.append(f"RCPT TO:<{rcpt}>" + (f" {extra}" if extra else ""))
+        mail = self._mail_command(sender, size, body_8bit, smtputf8, mail_params)
+        params = rcpt_params or {}
+        rcpt_lines = [" ".join(filter(None, (f"RCPT TO:<{rcpt}>", params.get(rcpt, "")))) for rcpt in wanted]
         self.transactions += 1
 
         if self.has("PIPELINING"):
@@ -430,14 +419,31 @@ class Session:
                 await self._write(b".\r\n")
                 await self._read_reply()
                 return results
-            self._stage = "sending message body"
-            for start in range(0, len(wire), _CHUNK):
-                await self._write(wire[start:start + _CHUNK])
-            self._stage = "sending end of data -- message may be sent more than once"
-            data_reply = await self._read_reply()
+            data_reply = await self._send_content(wire)
         for rcpt in accepted:
             results[rcpt] = data_reply
         return results
+
+    def _mail_command(self, sender: str, size: int, body_8bit: bool, smtputf8: bool, mail_params: str) -> str:
+        mail = f"MAIL FROM:<{sender}>"
+        if self.has("SIZE"):
+            mail += f" SIZE={size}"
+        if body_8bit and self.has("8BITMIME"):
+            # Without 8BITMIME we send the 8-bit body as is, as Postfix does by default.
+            mail += " BODY=8BITMIME"
+        if smtputf8:
+            mail += " SMTPUTF8"
+        if mail_params:
+            mail += " " + mail_params
+        return mail
+
+    async def _send_content(self, wire: bytes) -> Reply:
+        """After the 354: the dot-stuffed message and its end, then the verdict."""
+        self._stage = "sending message body"
+        for start in range(0, len(wire), _CHUNK):
+            await self._write(wire[start:start + _CHUNK])
+        self._stage = "sending end of data -- message may be sent more than once"
+        return await self._read_reply()
 
     def _check_rset(self, reply: Reply) -> None:
         """A cached session whose RSET fails is finished; the message goes on a new one."""
