@@ -22,6 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mta ./mta
+COPY man ./man
 RUN pip install --no-cache-dir --root-user-action=ignore . \
     && rm -rf /src
 

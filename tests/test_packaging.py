@@ -448,10 +448,21 @@ def _unit_for_verify(tmp_path: Path) -> Path:
     return path
 
 
+def _repo_manpath(tmp_path: Path) -> str:
+    """MANPATH with the repository's man/ pages laid out as man(1) wants them (man8/mta.8, ...)
+    in front of the system's (the trailing ':'): verify runs `man` on each Documentation= page."""
+    root = tmp_path / "share-man"
+    for page in (ROOT / "man").glob("*.[1-8]"):
+        section = root / f"man{page.suffix[1:]}"
+        section.mkdir(parents=True, exist_ok=True)
+        (section / page.name).symlink_to(page)
+    return f"{root}:"
+
+
 def test_systemd_analyze_verify(tmp_path):
     path = _unit_for_verify(tmp_path)
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, env={**os.environ, "MANPATH": _repo_manpath(tmp_path)})
     # verify exits 0 even for unknown keys or bad values; it says so on stderr.
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if "mta.service" in line]
     assert result.returncode == 0 and not complaints, result.stdout + result.stderr
