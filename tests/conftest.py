@@ -1,49 +1,20 @@
-"""Shared fixtures: free ports, configs on temporary queues, an in-process daemon."""
+"""Fixtures shared by several test modules. Helpers (functions and classes) live in
+tests/support/; a test module imports them from there, never from another test module."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from mta.app import App
 from mta.config import Config, build_config
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (bound and released)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_all(hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")) -> int:
-    """One port number free on every given loopback address."""
-    for _ in range(50):
-        port = free_port(hosts[0])
-        try:
-            socks = []
-            for host in hosts:
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise RuntimeError("no common free port")
+from mta.passwords import set_password
+from tests.support.fakedns import FakeDNS
+from tests.support.ports import PEER_HOSTS, free_port, free_port_all
+from tests.support.tls import make_tls
 
 
 @pytest.fixture
@@ -65,7 +36,9 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
 
 
 @pytest.fixture
-def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write a config dict as YAML in the test's directory; its path."""
+
     def write(data: dict[str, Any], name: str = "mta.yaml") -> Path:
         path = tmp_path / name
         path.write_text(yaml.safe_dump(data))
@@ -74,31 +47,56 @@ def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
     return write
 
 
-@contextlib.asynccontextmanager
-async def running(config: Config, *, deliver: bool = False) -> AsyncIterator[App]:
-    """An App serving on the test's event loop until the block ends.
-
-    deliver=False runs the listeners and the queue only, so inbound tests see
-    their messages stay queued exactly as accepted."""
-    app = App(config, deliver=deliver)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.shutdown()
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    """A users file for AUTH with one user, alice, password "s3cret pass"."""
+    path = tmp_path / "users"
+    set_password(path, "alice", "s3cret pass")
+    return path
 
 
-def listener_port(config: Config, name: str = "mta") -> int:
-    return next(lc.port for lc in config.listeners if lc.name == name)
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Any]:
+    """(certificate file, key file, client SSLContext trusting it) for relay.lab.test and 127.0.0.1."""
+    files = make_tls(tmp_path_factory.mktemp("tls"))
+    return files.cert, files.key, files.client
 
 
-def mta_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mta", *args]
+# ----------------------------------------------------------------- delivery end to end, in process
+# The daemon runs in the test's process; next hops are RecordingPeers on 127.0.0.2, 127.0.0.3, …
+# all on one port, found through a real DNS server on 127.0.0.1.
+
+@pytest.fixture
+def dns_server() -> Iterator[FakeDNS]:
+    """A FakeDNS with no zones yet (fill them with support.fakedns.mx)."""
+    with FakeDNS(zones={}) as server:
+        yield server
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("MTA_CONFIG", None)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
+@pytest.fixture
+def peer_port() -> int:
+    """One port free on 127.0.0.2-4, where the next hops listen."""
+    return free_port_all(PEER_HOSTS)
+
+
+@pytest.fixture
+def relay_config(make_config: Callable[..., Config], dns_server: FakeDNS,
+                 peer_port: int) -> Callable[..., Config]:
+    """make(**delivery) -> a config whose delivery uses the fake DNS and the peers' port."""
+
+    def make(**delivery: Any) -> Config:
+        doc: dict[str, Any] = {
+            "port": peer_port,
+            "dns": {"nameservers": ["127.0.0.1"], "port": dns_server.port, "timeout": "2s"},
+            "retry": {"min_backoff": "5m", "max_backoff": "1h"},
+            "connection_cache": {"idle_timeout": "2s"},
+            "timeouts": {"connect": "2s", "command": "5s"},
+        }
+        for key, value in delivery.items():
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key] = {**doc[key], **value}
+            else:
+                doc[key] = value
+        return make_config(delivery=doc)
+
+    return make

@@ -6,7 +6,7 @@ Already covered elsewhere, and not repeated here:
   * message of exactly the size limit and one byte over, smuggling patterns inbound
     (<LF>.<CR><LF> and friends never end DATA; stored data is CRLF only): test_inbound.py
   * mta's own client discards a reply injected before the TLS handshake
-    (CVE-2011-0411): test_client.py::test_plaintext_injected_before_tls_handshake_is_discarded
+    (CVE-2011-0411): test_smtp_client.py::test_plaintext_injected_before_tls_handshake_is_discarded
   * to_wire never puts a bare CR or LF on the wire (property): test_data_reader.py
   * queue database and users file created 0600: test_store.py, test_cli.py
 
@@ -40,9 +40,11 @@ from mta.config import build_config
 from mta.inbound import policy
 from mta.inbound.session import _DEFAULT_ENHANCED, _HAS_ENHANCED, enhance_reply
 from mta.passwords import AuthThrottle, set_password
-from tests.conftest import free_port, listener_port, running
 from tests.fuzz import fuzz_inbound
-from tests.wire import Wire
+from tests.support.in_process import listener_port, running
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,15 +61,6 @@ def rows(config, sql, args=()):
 def assert_clean_5xx(reply: str) -> None:
     """A permanent refusal with an enhanced status code (RFC 3463)."""
     assert reply[:1] == "5" and _HAS_ENHANCED.match(reply.encode()), reply
-
-
-async def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 # ============================================================================ SMTP smuggling, outbound
@@ -162,7 +155,7 @@ async def test_nul_in_data_is_refused_and_never_relayed(make_config):
                     assert reply == "554 5.6.0 Message content rejected: NUL character in message"
                 reply = await w.mail("a@lab.test", ["b@example.org"], b"Subject: clean\r\n\r\nok\r\n", ehlo=False)
                 assert reply.startswith("250 2.0.0 Ok: queued as")
-            assert await wait_until(lambda: len(peer.messages) == 1, 15)
+            await wait_until(lambda: len(peer.messages) == 1, 15)
     assert b"\x00" not in bytes(peer.raw)
     assert b"Subject: clean" in peer.messages[0]
 
@@ -182,7 +175,7 @@ async def test_relayed_mail_has_only_crlf_on_the_wire(make_config):
                 for n, body in enumerate(bodies):
                     reply = await w.mail("a@lab.test", ["b@example.org"], body, ehlo=n == 0)
                     assert reply.startswith("250 2.0.0 Ok: queued as"), reply
-            assert await wait_until(lambda: len(peer.messages) == len(bodies), 15), peer.commands
+            await wait_until(lambda: len(peer.messages) == len(bodies), 15, lambda: peer.commands)
     raw = bytes(peer.raw)
     assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n"), "a bare CR or LF crossed the wire"
     mails = [c for c in peer.commands if c[:5].upper() == b"MAIL "]
@@ -223,13 +216,6 @@ async def test_cr_lf_nul_in_mail_and_rcpt_get_a_clear_5xx(make_config):
             assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
     assert rows(config, "SELECT sender FROM messages") == [("a@lab.test",)]
     assert rows(config, "SELECT address FROM recipients") == [("ok@example.org",)]
-
-
-@pytest.fixture
-def users_file(tmp_path):
-    path = tmp_path / "users"
-    set_password(path, "alice", PASSWORD)
-    return path
 
 
 def submission_config(make_config, users_file, **limits):
@@ -391,7 +377,7 @@ async def test_thousands_of_parallel_connections_from_one_address(make_config):
                 for writer in held + refused:
                     with contextlib.suppress(ConnectionError):
                         await writer.wait_closed()
-            assert await wait_until(lambda: limiter.total == 0, 10), (limiter.total, dict(limiter.per_ip))
+            await wait_until(lambda: limiter.total == 0, 10, lambda: (limiter.total, dict(limiter.per_ip)))
             async with await Wire.connect("127.0.0.1", port) as w:
                 assert await w.cmd("NOOP") == "250 2.0.0 OK"
     print(f"{n} connections in {elapsed:.1f} s")
@@ -431,7 +417,7 @@ async def test_slowloris_gets_421_at_the_idle_timeout(make_config, stage):
             assert 0.8 < time.monotonic() - started < 2.5
             assert await w.closed()
             slow.cancel()
-        assert await wait_until(lambda: limiter.total == 0, 3)
+        await wait_until(lambda: limiter.total == 0, 3)
     assert rows(config, "SELECT count(*) FROM messages") == [(0,)]
 
 
@@ -466,13 +452,13 @@ async def test_client_that_stops_reading_loses_its_slot(make_config):
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", listener_port(config)))
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
-            assert await wait_until(lambda: listener.limiter.total == 1, 3)
+            await wait_until(lambda: listener.limiter.total == 1, 3)
             for session in listener.sessions:  # the kernel's send buffer, as small as it goes
                 if session.transport is not None:
                     session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             writer.write(b"EHLO slow.reader.test\r\n" * 5000)  # ~1 MB of replies, none read
             started = time.monotonic()
-            assert await wait_until(lambda: listener.limiter.total == 0, 8), "the slot is still held"
+            await wait_until(lambda: listener.limiter.total == 0, 8, "the slot is still held")
             assert time.monotonic() - started < 6
             async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
                 assert await w.cmd("NOOP") == "250 2.0.0 OK"

@@ -13,7 +13,7 @@ import pytest
 from mta.model import NewMessage, RcptState, Recipient
 from mta.passwords import read_users, verify_password
 from mta.queue.store import QueueStore, RecipientUpdate
-from tests.conftest import mta_command, subprocess_env
+from tests.support.daemon import mta_command, subprocess_env
 
 pytestmark = pytest.mark.timeout(30)
 

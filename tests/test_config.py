@@ -23,7 +23,7 @@ from mta.config import (
     parse_size,
 )
 from mta.errors import ConfigError
-from tests.conftest import ROOT, mta_command, subprocess_env
+from tests.support.daemon import ROOT, mta_command, subprocess_env
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -25,8 +25,10 @@ import yaml
 
 from mta.model import NewMessage, RcptState, Recipient
 from mta.queue.store import QueueStore, new_queue_id
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.wire import Wire
+from tests.support.daemon import mta_command, start_daemon, subprocess_env
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,9 +148,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(mta_command("serve", "--config", str(self.config)), stdout=log,
-                                         stderr=subprocess.STDOUT, env=subprocess_env())
+        self.proc = start_daemon(self.config, self.log_path)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited during start-up:\n{self.log()}"
@@ -192,7 +192,7 @@ class Daemon:
             self.proc.wait(10)
 
 
-async def start_daemon(tmp_path: Path, queue: Path) -> Daemon:
+async def start_watched(tmp_path: Path, queue: Path) -> Daemon:
     port, metrics_port = free_port(), free_port()
     daemon = Daemon(tmp_path, write_config(tmp_path, queue, port=port, metrics_port=metrics_port),
                     port, metrics_port)
@@ -204,14 +204,6 @@ async def mail_from(port: int) -> tuple[Wire, str]:
     wire = await Wire.connect("127.0.0.1", port)
     await wire.ehlo()
     return wire, await wire.cmd("MAIL FROM:<lab@lab.test>")
-
-
-async def wait_for(check, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- files that cannot be opened
@@ -249,7 +241,7 @@ async def test_a_damaged_data_page_found_at_start_refuses_mail_and_says_so(tmp_p
     overwrite_pages(queue, table_pages(queue, table)[:1])
     reason = f"{queue} is damaged: database disk image is malformed"
 
-    daemon = await start_daemon(tmp_path, queue)
+    daemon = await start_watched(tmp_path, queue)
     try:
         # The start-up check found it before "ready": one line in the main process's log.
         log = daemon.log()
@@ -281,7 +273,7 @@ async def test_a_damaged_data_page_found_at_start_refuses_mail_and_says_so(tmp_p
 async def test_a_page_damaged_while_the_daemon_runs_is_found_and_reported(tmp_path):
     queue = tmp_path / "queue.db"
     ids = await build_queue(queue, 20, deferred_for=3600)
-    daemon = await start_daemon(tmp_path, queue)
+    daemon = await start_watched(tmp_path, queue)
     try:
         assert await daemon.get("/healthz") == (200, "ok\n")
         # A client that is inside its transaction when the damage is found.
@@ -301,7 +293,7 @@ async def test_a_page_damaged_while_the_daemon_runs_is_found_and_reported(tmp_pa
 
         async def reported() -> bool:
             return (await daemon.get("/healthz"))[0] == 503
-        await wait_for(reported, what="/healthz 503")
+        await wait_until(reported, 20.0, "/healthz 503", interval=0.1)
         assert await daemon.get("/healthz") == (503, f"queue_database: {reason}\n")
         assert await daemon.metric('mta_health_status{component="queue_database"}') == 0.0
         assert f"error: health: queue_database: {reason}" in daemon.log()
@@ -328,7 +320,7 @@ async def test_a_metrics_refresh_that_meets_the_damage_is_counted_as_failed(tmp_
     queue = tmp_path / "queue.db"
     await build_queue(queue, 68, deferred_for=3600)
     overwrite_pages(queue, table_pages(queue, "recipients")[:1])
-    daemon = await start_daemon(tmp_path, queue)
+    daemon = await start_watched(tmp_path, queue)
     try:
         # The queue gauges cannot be read: the scrape says its refresh failed (and
         # /healthz says why), rather than showing a quiet, empty queue.

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smtp_peer import RecordingPeer
 
-from tests.conftest import ROOT, free_port, mta_command, subprocess_env
-from tests.test_crash import wait_listening
-from tests.test_worker import _Poll, children, send, until
-from tests.test_worker import metric as _metric
+from tests.support.daemon import ROOT, children, mta_command, send_messages, subprocess_env, wait_listening
+from tests.support.daemon import metric as _metric
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,7 +71,7 @@ async def serve(tmp_path):
         proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdout=log, stderr=log, env=env)
         log.close()
         started.append(proc)
-        await wait_listening(smtp_port, _Poll(proc))
+        await wait_listening(smtp_port, proc)
         return proc
 
     yield start
@@ -130,9 +130,9 @@ async def test_a_package_in_the_working_directory_does_not_shadow_the_daemons(se
         argv = mta_command("serve", "--config", str(config))
     async with RecordingPeer("127.0.0.2", peer_port) as peer:
         proc = await serve(argv, cwd=cwd, env=env, smtp_port=smtp_port)
-        await send(smtp_port, 2)
+        await send_messages(smtp_port, 2)
         messages = await peer.wait_for_messages(2, timeout=15)
-        await until(lambda: metric(metrics_port, UP) == 1, timeout=10)
+        await wait_until(lambda: metric(metrics_port, UP) == 1, timeout=10)
         assert healthz(metrics_port) == (200, "ok\n")
         assert metric(metrics_port, RESTARTS) == 0
         [child] = children(proc.pid)
@@ -170,7 +170,7 @@ async def start_then_break_the_config(serve, tmp_path, peer_port):
     config.write_text(yaml.safe_dump(doc))
     proc = await serve(mta_command("serve", "--config", str(config)), cwd=tmp_path,
                        env=subprocess_env(MTA_DELIVERY_PROCESS="yes"), smtp_port=smtp_port)
-    await until(lambda: metric(metrics_port, UP) == 1, timeout=10)
+    await wait_until(lambda: metric(metrics_port, UP) == 1, timeout=10)
     assert healthz(metrics_port) == (200, "ok\n")
     broken = yaml.safe_load(config.read_text())
     broken["delivery"]["retry"] = {"min_backoff": "5x"}
@@ -189,7 +189,7 @@ async def test_a_child_that_keeps_dying_is_reported_and_restarted_with_backoff(s
         watch = asyncio.create_task(restart_times(metrics_port, 3, timeout=30))
 
         # The kill itself: down at once, the first restart after 1 s.
-        await until(lambda: healthz(metrics_port)[0] == 503, timeout=5)
+        await wait_until(lambda: healthz(metrics_port)[0] == 503, timeout=5)
         assert healthz(metrics_port) == (
             503, f"delivery_process: delivery process (pid {first}) was killed by signal 9 (SIGKILL); "
                  "starting it again in 1s (1 restart)\n")
@@ -197,7 +197,7 @@ async def test_a_child_that_keeps_dying_is_reported_and_restarted_with_backoff(s
         assert metric(metrics_port, 'mta_health_status{component="delivery_process"}') == 0
 
         # Mail is still accepted and queued while no child runs.
-        await send(smtp_port, 1)
+        await send_messages(smtp_port, 1)
 
         # Each new child dies of the config: the pauses double (1, 2, 4 s) ...
         times = await watch
@@ -208,7 +208,7 @@ async def test_a_child_that_keeps_dying_is_reported_and_restarted_with_backoff(s
             status, body = healthz(metrics_port)
             assert status == 503, body
             return EXIT_REASON.match(body)
-        await until(lambda: (m := reason()) is not None and m.group(3) == "4", timeout=10)
+        await wait_until(lambda: (m := reason()) is not None and m.group(3) == "4", timeout=10)
         m = reason()
         assert m.group(2) == "8"   # 1, 2, 4, then 8 s
         assert metric(metrics_port, UP) == 0
@@ -217,7 +217,7 @@ async def test_a_child_that_keeps_dying_is_reported_and_restarted_with_backoff(s
 
         # The cause removed: the next child comes up and delivers what waited.
         config.write_text(yaml.safe_dump(doc))
-        await until(lambda: metric(metrics_port, UP) == 1, timeout=20)
+        await wait_until(lambda: metric(metrics_port, UP) == 1, timeout=20)
         assert healthz(metrics_port) == (200, "ok\n")
         assert metric(metrics_port, 'mta_health_status{component="delivery_process"}') == 1
         assert metric(metrics_port, RESTARTS) == 4
@@ -240,7 +240,7 @@ async def test_a_child_that_keeps_dying_is_reported_and_restarted_with_backoff(s
 async def test_sigterm_does_not_wait_for_the_pause_before_a_restart(serve, tmp_path):
     peer_port = free_port("127.0.0.2")
     proc, _, _, _, metrics_port, _, _ = await start_then_break_the_config(serve, tmp_path, peer_port)
-    await until(lambda: "starting it again in 8s" in healthz(metrics_port)[1], timeout=30)
+    await wait_until(lambda: "starting it again in 8s" in healthz(metrics_port)[1], timeout=30)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 5) == 0   # not after the 8 s pause

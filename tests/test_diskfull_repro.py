@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from smtp_peer import RecordingPeer
 
 from mta.app import App
 from mta.errors import StoreError
-from tests.conftest import ROOT, free_port, listener_port
-from tests.faults_support import Daemon, integrity, pending_messages, send_tagged
+from tests.support.daemon import ROOT, Daemon
+from tests.support.faults import integrity, pending_messages, send_tagged
+from tests.support.in_process import listener_port
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
 
 CAPTURE = "diskfull-queue.db.xz"
 # Our own copy first; the shared repro directory (development: /work/shared, CI:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import listener_port, running
-from tests.wire import Wire
+from tests.support.in_process import listener_port, running
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,7 +1,7 @@
 """Faults against the real `mta serve` process: repeated SIGKILL under load, a full
 disk, misbehaving next hops, DNS down or slow, SIGTERM under load.
 
-The daemon runs as a child process (tests/faults_support.py); its next hops are
+The daemon runs as a child process (tests/support/daemon.py); its next hops are
 RecordingPeers and small misbehaving servers on 127.0.0.2, 127.0.0.3, … in this
 process. Messages carry a unique ``X-Seq`` header, so what the peers received can
 be matched to what the clients were told. ``MTA_LONG_TESTS=1`` runs the long
@@ -28,18 +28,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakedns import FakeDNS
-from smtp_peer import END_OF_DATA, RecordingPeer
 
 from mta.app import App
 from mta.errors import StoreError
 from mta.model import NewMessage, Recipient
 from mta.queue.store import QueueStore, new_queue_id
-from tests.conftest import free_port, listener_port, running
-from tests.faults_support import (
-    LONG, Attempt, BadPeer, Daemon, daemon_doc, garbage, greet_then_421, integrity, one_byte_a_second,
-    pending_messages, recipient_rows, seq_counts, send_tagged, silent, tagged_body, wait_drained,
+from tests.support.daemon import Daemon
+from tests.support.fakedns import FakeDNS
+from tests.support.faults import (
+    LONG,
+    Attempt,
+    BadPeer,
+    daemon_doc,
+    garbage,
+    greet_then_421,
+    integrity,
+    one_byte_a_second,
+    pending_messages,
+    recipient_rows,
+    send_tagged,
+    seq_counts,
+    silent,
+    tagged_body,
+    wait_drained,
 )
+from tests.support.in_process import listener_port, running
+from tests.support.ports import free_port
+from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
 
 
 def _seed() -> int:

@@ -9,8 +9,8 @@ import pytest
 
 from mta.inbound.policy import split_dsn_params
 from mta.model import Reply
-from tests.conftest import listener_port, running
-from tests.wire import Wire
+from tests.support.in_process import listener_port, running
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(30)
 

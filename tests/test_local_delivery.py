@@ -10,8 +10,6 @@ import sqlite3
 import time
 
 import pytest
-from smtp_peer import RecordingPeer
-from wire import Wire
 
 from mta.config import build_config
 from mta.errors import ConfigError
@@ -19,7 +17,11 @@ from mta.mailbox.store import MailboxCopy
 from mta.model import NewMessage, RcptState, Recipient
 from mta.passwords import set_password
 from mta.queue.store import QueueStore, RecipientUpdate
-from tests.conftest import free_port, listener_port, running
+from tests.support.in_process import listener_port, running
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
+from tests.support.waiting import wait_until
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +30,7 @@ WIRE_BODY = BODY.replace(b"\r\n.", b"\r\n..")   # dot-stuffed for DATA (RFC 5321
 
 
 @pytest.fixture
-def users_file(tmp_path):
+def mailboxes_file(tmp_path):
     path = tmp_path / "mailboxes.users"
     for user in ("alice@lab.test", "Bob@Lab.Test"):
         set_password(path, user, "pw")
@@ -36,9 +38,9 @@ def users_file(tmp_path):
 
 
 @pytest.fixture
-def lab(make_config, users_file, tmp_path):
+def lab(make_config, mailboxes_file, tmp_path):
     def make(**overrides):
-        mailboxes = {"users_file": str(users_file), **overrides.pop("mailboxes", {})}
+        mailboxes = {"users_file": str(mailboxes_file), **overrides.pop("mailboxes", {})}
         return make_config(local_domains=["lab.test"], mailboxes=mailboxes, **overrides)
     return make
 
@@ -51,13 +53,6 @@ def mailbox_rows(config, columns="mailbox, sender, subject, size, data"):
 def queue_rows(config):
     with sqlite3.connect(config.queue.path) as db:
         return db.execute("SELECT address, state FROM recipients ORDER BY message_id, rcpt_no").fetchall()
-
-
-async def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def rcpt_replies(config, recipients, sender="someone@example.test"):
@@ -130,9 +125,9 @@ async def test_catch_all_accepts_any_local_address(lab):
     assert replies[1] == "250 2.1.5 Ok"   # trusted client (127.0.0.1 is in mynetworks): relayed
 
 
-async def test_postmaster_without_domain_is_accepted(lab, users_file):
+async def test_postmaster_without_domain_is_accepted(lab, mailboxes_file):
     """RFC 5321 §4.5.1: RCPT TO:<Postmaster> must be accepted."""
-    set_password(users_file, "postmaster@lab.test", "pw")
+    set_password(mailboxes_file, "postmaster@lab.test", "pw")
     config = lab(mynetworks=[])
     async with running(config, deliver=True):
         assert await rcpt_replies(config, ["Postmaster"]) == ["250 2.1.5 Ok"]
@@ -142,11 +137,11 @@ async def test_postmaster_without_domain_is_accepted(lab, users_file):
     assert mailbox_rows(config, "mailbox")[0] == ("postmaster@lab.test",)
 
 
-async def test_every_postmaster_address_is_accepted_and_reaches_the_postmaster(make_config, users_file):
+async def test_every_postmaster_address_is_accepted_and_reaches_the_postmaster(make_config, mailboxes_file):
     """RFC 5321 §4.5.1: <Postmaster> and postmaster@ each local domain, each mydestination
     domain and our hostname are accepted from anyone -- no users file entry needed -- and
     delivered to the configured postmaster address; X-Original-To keeps what was given."""
-    config = make_config(local_domains=["lab.test", "lab2.test"], mailboxes={"users_file": str(users_file)},
+    config = make_config(local_domains=["lab.test", "lab2.test"], mailboxes={"users_file": str(mailboxes_file)},
                          mynetworks=[], postmaster="alice@lab.test", mydestination=["$myhostname"])
     given = ["Postmaster", "postmaster@lab.test", "POSTMASTER@lab2.test", "postmaster@relay.lab.test"]
     async with running(config, deliver=True):
@@ -229,13 +224,13 @@ async def test_local_and_remote_recipients_of_one_message(lab, tmp_path, caplog)
     assert any("to=<far@example.test>, relay=127.0.0.2[127.0.0.2]" in line for line in lines), lines
 
 
-async def test_user_removed_after_acceptance_bounces_to_the_sender_mailbox(lab, users_file):
+async def test_user_removed_after_acceptance_bounces_to_the_sender_mailbox(lab, mailboxes_file):
     """A local sender gets the DSN for a local recipient that vanished: the bounce is local mail too."""
     config = lab()
     async with running(config):   # accept only
         async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
             assert (await w.mail("alice@lab.test", ["bob@lab.test"], WIRE_BODY)).startswith("250")
-    users_file.write_text("\n".join(line for line in users_file.read_text().splitlines()
+    mailboxes_file.write_text("\n".join(line for line in mailboxes_file.read_text().splitlines()
                                     if not line.lower().startswith("bob@")) + "\n")
     async with running(config, deliver=True):
         await wait_until(lambda: queue_rows(config) == [] and len(mailbox_rows(config)) == 1)

@@ -12,9 +12,9 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.test_crash import start_daemon, wait_listening
-from tests.wire import Wire
+from tests.support.daemon import mta_command, start_daemon, subprocess_env, wait_listening
+from tests.support.ports import free_port
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -290,8 +290,9 @@ def test_negative_delay_is_observed_as_zero(metrics: Metrics) -> None:
 
 
 def test_recipient_result_fits_the_scheduler_hook(metrics: Metrics) -> None:
-    from mta.queue.scheduler import Scheduler
     import inspect
+
+    from mta.queue.scheduler import Scheduler
     hook = inspect.signature(Scheduler.__init__).parameters["on_result"]
     assert hook.kind is inspect.Parameter.KEYWORD_ONLY
     metrics.recipient_result(result(RcptState.DELIVERED, 1.0))     # a RecipientResult is accepted

@@ -6,11 +6,13 @@ import asyncio
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from smtp_peer import RecordingPeer
 
-from tests.conftest import free_port, listener_port, running
-from tests.test_delivery import dns, mx, port, queue_rows, relay, submit, wait_until  # noqa: F401
-from tests.wire import Wire
+from tests.support.fakedns import mx
+from tests.support.in_process import listener_port, queue_rows, running, submit
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
+from tests.support.waiting import wait_until
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,21 +32,21 @@ async def scrape(port: int) -> dict[tuple[str, tuple], float]:
     return values
 
 
-async def test_metrics_count_a_scenario(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    mx(dns, "lab.test", (10, "mx.lab.test", "127.0.0.3"))
+async def test_metrics_count_a_scenario(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    mx(dns_server, "lab.test", (10, "mx.lab.test", "127.0.0.3"))
     metrics_port = free_port()
     from dataclasses import replace
 
     from mta.config import MetricsConfig
-    config = replace(relay(connection_cache={"idle_timeout": "5s"}),
+    config = replace(relay_config(connection_cache={"idle_timeout": "5s"}),
                      metrics=MetricsConfig(host="127.0.0.1", port=metrics_port),
                      mynetworks=(__import__("ipaddress").ip_network("127.0.0.1/32"),))
 
     def answer(verb, arg, conn):
         return "550 5.1.1 no such user" if verb == "RCPT" and "gone" in arg else None
 
-    async with RecordingPeer("127.0.0.2", port, replies=answer), RecordingPeer("127.0.0.3", port) as sender_mx, \
+    async with RecordingPeer("127.0.0.2", peer_port, replies=answer), RecordingPeer("127.0.0.3", peer_port) as sender_mx, \
             running(config, deliver=True):
         for i in range(3):
             await submit(config, [f"ok{i}@example.test"])

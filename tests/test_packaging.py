@@ -32,7 +32,8 @@ import pytest
 import yaml
 
 from mta.config import load_config
-from tests.conftest import ROOT, free_port, mta_command, subprocess_env
+from tests.support.daemon import ROOT, mta_command, subprocess_env
+from tests.support.ports import free_port
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

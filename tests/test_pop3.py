@@ -15,7 +15,9 @@ import pytest
 from mta.errors import StoreError
 from mta.passwords import AuthThrottle
 from mta.pop3.session import POP3Session, top_of
-from tests.pop3_support import ALICE, ONE, THREE, TWO, USERS, Client, capa, make_tls, pop3_lab
+from tests.support.pop3 import ALICE, ONE, THREE, TWO, USERS, Client, capa, pop3_lab
+from tests.support.tls import make_tls
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,13 +46,6 @@ def plain(authzid: str, user: str, password: str) -> str:
 
 async def uids(lab) -> list[str]:
     return [m.uid for m in await lab.mailboxes.messages("alice@lab.test")]
-
-
-async def until(predicate, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +366,7 @@ async def test_deletions_only_at_quit(tmp_path):
             await c.login()
             assert await c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
         # Dropped without QUIT: no UPDATE state, nothing deleted (RFC 1939 §6).
-        await until(lambda: not lab.listener.locks)
+        await wait_until(lambda: not lab.listener.locks, 3.0)
         assert lab.stored("alice@lab.test") == ALICE
         async with await Client.connect(lab.port) as c:
             assert await c.login() == LOGGED_IN
@@ -394,7 +389,7 @@ async def test_failed_update_keeps_everything(tmp_path, monkeypatch):
                 b"-ERR [SYS/TEMP] some deleted messages not removed; they are kept, try again later\r\n"
             assert await c.closed()
         assert lab.stored("alice@lab.test") == ALICE
-        await until(lambda: not lab.listener.locks)
+        await wait_until(lambda: not lab.listener.locks, 3.0)
 
 
 async def test_idle_timeout_autologout_deletes_nothing(tmp_path):
@@ -436,7 +431,7 @@ async def test_in_use_lock(tmp_path):
             assert await first.closed()
             assert await second.login() == LOGGED_IN
         # Lock released after a dropped connection too.
-        await until(lambda: not lab.listener.locks)
+        await wait_until(lambda: not lab.listener.locks, 3.0)
         async with await Client.connect(lab.port) as third:
             assert await third.login() == LOGGED_IN
 
@@ -624,7 +619,7 @@ async def test_connection_limit_per_ip(tmp_path):
                 assert await refused.line() == b"-ERR [SYS/TEMP] too many connections\r\n"
                 assert await refused.closed()
             assert await first.login() == LOGGED_IN
-        await until(lambda: lab.listener.limiter.total == 0)
+        await wait_until(lambda: lab.listener.limiter.total == 0, 3.0)
         async with await Client.connect(lab.port) as again:
             assert again.greeting == GREETING
 
@@ -640,7 +635,7 @@ async def test_a_failing_session_does_not_take_the_server_down(tmp_path, monkeyp
             assert await c.cmd("NOOP") == b"-ERR [SYS/TEMP] internal server error\r\n"
             assert await c.closed()
         assert "pop3: session from 127.0.0.1 failed" in caplog.text
-        await until(lambda: not lab.listener.locks)
+        await wait_until(lambda: not lab.listener.locks, 3.0)
         async with await Client.connect(lab.port) as c:
             assert await c.login() == LOGGED_IN
             assert await c.cmd("STAT") == b"+OK 3 177\r\n"

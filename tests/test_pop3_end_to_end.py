@@ -13,8 +13,9 @@ import time
 import pytest
 
 from mta.passwords import set_password
-from tests.conftest import free_port, listener_port, running
-from tests.wire import Wire
+from tests.support.in_process import listener_port, running
+from tests.support.ports import free_port
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from tests.pop3_support import ALICE, USERS, make_tls, pop3_lab
+from tests.support.pop3 import ALICE, USERS, pop3_lab
+from tests.support.tls import make_tls
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from mta.passwords import set_password
-from tests.conftest import free_port
-from tests.smtp_peer import RecordingPeer
-from tests.test_crash import start_daemon, wait_listening
-from tests.wire import Wire
+from tests.support.daemon import start_daemon, wait_listening
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(90)
 

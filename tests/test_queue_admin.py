@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from smtp_peer import RecordingPeer
-from smtp_peer import free_port as free_peer_port
 
 from mta.model import NewMessage, RcptState, Recipient
 from mta.queue.store import QueueStore, QueueSummary, classify_message
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.test_crash import start_daemon, wait_listening
-from tests.wire import Wire
+from tests.support.daemon import mta_command, start_daemon, subprocess_env, wait_listening
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
+from tests.support.waiting import wait_until
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,20 +96,12 @@ class Daemon:
                          lambda: f"{queue_id}: {self.states(queue_id)} != {expected}")
 
 
-async def wait_until(predicate, timeout: float = 8.0, why=lambda: "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout} s: {why()}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def daemon(write_config, tmp_path) -> AsyncIterator[Daemon]:
     script = Script()
     port = free_port()
     db = tmp_path / "queue.db"
-    async with RecordingPeer("127.0.0.2", free_peer_port(("127.0.0.2",)), replies=script) as peer:
+    async with RecordingPeer("127.0.0.2", free_port("127.0.0.2"), replies=script) as peer:
         config = write_config({
             "hostname": "relay.lab.test",
             "listeners": [{"name": "mta", "address": f"127.0.0.1:{port}", "mode": "relay"}],
@@ -209,7 +201,7 @@ async def test_list_marks_active_deferred_and_held_mail(daemon):
     # The active delivery finishes (250): that message leaves the list.
     d.script.release.set()
     await d.peer.wait_for_messages(1, timeout=8)
-    await wait_until(lambda: d.states(active) == [])
+    await wait_until(lambda: d.states(active) == [], 8.0)
     code, out, _ = await d.mta("list", "--json")
     assert [json.loads(line)["queue_id"] for line in out.splitlines()] == [deferred, held]
 
@@ -285,7 +277,7 @@ async def test_hold_keeps_due_mail_and_release_delivers_it(daemon):
     [message] = await d.peer.wait_for_messages(1, timeout=5)
     assert time.monotonic() - started < 3
     assert message.rcpts == ["bob@remote.test"]
-    await wait_until(lambda: d.states(queue_id) == [])  # delivered: the message is gone
+    await wait_until(lambda: d.states(queue_id) == [], 8.0)  # delivered: the message is gone
     assert await d.mta("release", queue_id) == (1, "", f"mta: queue: {queue_id}: no such message\n")
 
 
@@ -303,7 +295,7 @@ async def test_hold_during_delivery_keeps_a_deferred_recipient_held(daemon):
     queue_id = await held_during_delivery(d)
     d.script.rcpt["slow@remote.test"] = DEFER
     d.script.release.set()  # the attempt in progress ends with 451
-    await wait_until(lambda: ("slow@remote.test", "deferred") in d.events(queue_id))
+    await wait_until(lambda: ("slow@remote.test", "deferred") in d.events(queue_id), 8.0)
     assert d.states(queue_id) == [("slow@remote.test", "held", 1)]
     code, out, _ = await d.mta("list")
     assert out.splitlines()[1].startswith(f"{queue_id}!")
@@ -321,7 +313,7 @@ async def test_hold_and_release_during_delivery_delivers_once(daemon):
     d.script.release.set()  # the attempt in progress goes on and is accepted
     [message] = await d.peer.wait_for_messages(1, timeout=5)
     assert message.rcpts == ["slow@remote.test"]
-    await wait_until(lambda: d.states(queue_id) == [])
+    await wait_until(lambda: d.states(queue_id) == [], 8.0)
     await asyncio.sleep(1.2)
     assert len(d.peer.messages) == 1 and d.peer.counts["RCPT"] == 1
 
@@ -351,13 +343,13 @@ async def test_flush_makes_deferred_mail_go_within_a_second(daemon):
     [message] = await d.peer.wait_for_messages(1, timeout=5)
     assert message.rcpts == ["one@remote.test"]
     assert time.monotonic() - flushed < 2.0  # the queue manager polls every second
-    await wait_until(lambda: d.states(one) == [])
+    await wait_until(lambda: d.states(one) == [], 8.0)
     assert d.states(two) == [("two@remote.test", "deferred", 1)]
 
     assert await d.mta("flush") == (0, "flushed 1 recipient in 1 message\n", "")
     await d.peer.wait_for_messages(2, timeout=5)
     assert d.peer.messages[1].rcpts == ["two@remote.test"]
-    await wait_until(lambda: d.rows("SELECT count(*) FROM messages") == [(0,)])
+    await wait_until(lambda: d.rows("SELECT count(*) FROM messages") == [(0,)], 8.0)
     assert await d.mta("list") == (0, "Mail queue is empty\n", "")
 
 
@@ -378,7 +370,7 @@ async def test_requeue_retries_now_and_keeps_the_attempt_count(daemon):
     assert await d.mta("requeue", queue_id) == (0, f"{queue_id}: requeued 1 recipient\n", "")
     [message] = await d.peer.wait_for_messages(1, timeout=5)
     assert message.rcpts == ["bob@remote.test"]
-    await wait_until(lambda: d.states(queue_id) == [])
+    await wait_until(lambda: d.states(queue_id) == [], 8.0)
 
 
 # --------------------------------------------------------------------------- delete

@@ -19,15 +19,15 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
-from tests.faults_support import Daemon
-from tests.pop3_support import make_tls, write_users
+from tests.support.daemon import Daemon
+from tests.support.ports import free_port
+from tests.support.tls import make_tls
+from tests.support.users import write_users
 
 PASSWORD = "alice pw"
 
@@ -111,16 +111,6 @@ def lines_about(log: str, ip: str) -> list[str]:
     return [line for line in log.splitlines() if pattern.search(line)]
 
 
-def wait_for(what: str, check: Callable[[], Any], daemon: Daemon, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n{daemon.log_tail()}")
-
-
 @pytest.fixture(params=["uvloop", "asyncio"])
 def daemon(request, tmp_path: Path, monkeypatch):
     if request.param == "uvloop":
@@ -155,7 +145,7 @@ def daemon(request, tmp_path: Path, monkeypatch):
     d.tls = tls       # type: ignore[attr-defined]
     d.start()
     try:
-        wait_for("the daemon to start", lambda: "mta ready" in d.log_text() or d.proc.poll() is not None, d)
+        d.wait_for("the daemon to start", lambda: "mta ready" in d.log_text() or d.proc.poll() is not None)
         assert d.proc is not None and d.proc.poll() is None, d.log_tail()
         yield d
     finally:
@@ -186,7 +176,7 @@ def still_serves(daemon: Any) -> None:
         finally:
             pop.quit()
 
-    wait_for("the message over POP3S", retrieved, daemon)
+    daemon.wait_for("the message over POP3S", retrieved)
 
 
 @pytest.mark.timeout(120)
@@ -204,7 +194,7 @@ def test_aborted_tls_handshakes_are_one_line_each(daemon):
         to_tls(sock, kind)
         abort(sock, how, hello)
         # One line about this client, and it has been written: the next one gets its own.
-        wait_for(f"the line about {ip} ({port_name}, {how})", lambda: lines_about(daemon.log_text(), ip), daemon)
+        daemon.wait_for(f"the line about {ip} ({port_name}, {how})", lambda: lines_about(daemon.log_text(), ip))
 
     time.sleep(0.5)   # anything a client caused later than its first line would show now
     log = daemon.log_text()
@@ -225,8 +215,8 @@ def test_pop3_reset_with_replies_pending_is_one_line(daemon):
     with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as client:
         for n in range(3):
             client.sendmail("carol@remote.test", ["alice@lab.test"], f"Subject: {n}\r\n\r\nsmall {n}\r\n")
-    wait_for("delivery to the mailbox", lambda: daemon.log_text().count("status=sent (delivered to mailbox)") == 3,
-             daemon)
+    daemon.wait_for("delivery to the mailbox",
+                    lambda: daemon.log_text().count("status=sent (delivered to mailbox)") == 3)
     pipeline = b"RETR 1\r\nRETR 2\r\nRETR 3\r\nLIST\r\nUIDL\r\n" * 1500   # ~50 kB of commands
     sources = []
     for n, delay in enumerate((0.02, 0.05, 0.1, 0.15, 0.2, 0.3)):
@@ -239,8 +229,8 @@ def test_pop3_reset_with_replies_pending_is_one_line(daemon):
         sock.sendall(pipeline)
         time.sleep(delay)   # the server is part-way through the replies: we never read them
         reset(sock)
-        wait_for(f"the end of the session from {ip}",
-                 lambda: any("Disconnected" in line for line in lines_about(daemon.log_text(), ip)), daemon)
+        daemon.wait_for(f"the end of the session from {ip}",
+                        lambda: any("Disconnected" in line for line in lines_about(daemon.log_text(), ip)))
 
     time.sleep(0.5)
     log = daemon.log_text()

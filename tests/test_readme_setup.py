@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.daemon import ROOT
 
 README = ROOT / "README.md"
 DEBIAN_PYTHON = Path("/usr/bin/python3")

@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import sqlite3
-import ssl
 import time
 
 import pytest
-import trustme
 
-from mta.passwords import set_password
-from tests.conftest import free_port, listener_port, running
-from tests.wire import Wire
+from tests.support.in_process import listener_port, running
+from tests.support.ports import free_port
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,29 +127,6 @@ async def test_swaks_relay_denied_and_accepted(make_config, tmp_path):
 
 
 # ----------------------------------------------------------------------------- submission / AUTH
-
-@pytest.fixture
-def users_file(tmp_path):
-    path = tmp_path / "users"
-    set_password(path, "alice", "s3cret pass")
-    return path
-
-
-@pytest.fixture(scope="session")
-def tls_cert(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("relay.lab.test", "127.0.0.1")
-    d = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    for pem in cert.cert_chain_pems[1:]:
-        with open(cert_path, "ab") as f:
-            f.write(pem.bytes())
-    cert.private_key_pem.write_to_path(key_path)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return str(cert_path), str(key_path), client
-
 
 def submission_config(make_config, users_file, **listener):
     lc = {"name": "submission", "address": f"127.0.0.1:{free_port()}", "mode": "submission"}

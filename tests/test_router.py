@@ -18,7 +18,8 @@ from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Delivery, Outcome, Router
 from mta.errors import PermanentError, TransientError
 from mta.model import Reply
-from smtp_peer import RecordingPeer, free_port
+from tests.support.ports import PEER_HOSTS, free_port, free_port_all
+from tests.support.smtp_peer import RecordingPeer
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -74,7 +75,7 @@ def codes(outcomes: list[Outcome]) -> dict[str, int]:
 
 
 async def test_mx_preference_order_first_host_wins() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port) as p2, RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx("127.0.0.3", "127.0.0.2"))
         outcomes = await router.deliver(delivery("u@example.test", "v@EXAMPLE.test"))
@@ -88,7 +89,7 @@ async def test_mx_preference_order_first_host_wins() -> None:
 
 
 async def test_4xx_greeting_is_quit_and_next_host_used() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, greeting="451 4.3.2 Try again later") as p2, \
             RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
@@ -101,7 +102,7 @@ async def test_4xx_greeting_is_quit_and_next_host_used() -> None:
 
 
 async def test_421_at_ehlo_moves_on() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, replies=lambda v, a, c: "421 4.7.0 Bye" if v == "EHLO"
                              else None) as p2, RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
@@ -112,7 +113,7 @@ async def test_421_at_ehlo_moves_on() -> None:
 
 
 async def test_connection_refused_moves_to_second_host() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, refuse=True), RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
         outcomes = await router.deliver(delivery("u@example.test"))
@@ -121,7 +122,7 @@ async def test_connection_refused_moves_to_second_host() -> None:
 
 
 async def test_every_host_failing_gives_the_last_error() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, refuse=True), RecordingPeer("127.0.0.3", port, refuse=True):
         router = make_router(port, two_mx())
         outcomes = await router.deliver(delivery("u@example.test", "v@example.test"))
@@ -134,7 +135,7 @@ async def test_every_host_failing_gives_the_last_error() -> None:
 
 
 async def test_5xx_at_mail_stops_fallback_and_session_is_reused_after_rset() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     reject_first = lambda v, a, c: "550 5.7.1 Sender blocked" if v == "MAIL" and c.peer.counts["MAIL"] == 1 \
         else None  # noqa: E731
     async with RecordingPeer("127.0.0.2", port, replies=reject_first) as p2, \
@@ -157,7 +158,7 @@ async def test_5xx_at_mail_stops_fallback_and_session_is_reused_after_rset() -> 
 async def test_rset_is_pipelined_and_a_failed_rset_retries_on_a_new_connection() -> None:
     """RSET goes in the same write as MAIL, RCPT and DATA (RFC 2920 3.1); a cached
     session whose RSET is refused is dropped and the message goes on a fresh one."""
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     refuse_second_rset = lambda v, a, c: "421 4.3.2 Shutting down" if v == "RSET" and c.peer.counts["RSET"] == 2 \
         else None  # noqa: E731
     async with RecordingPeer("127.0.0.2", port, replies=refuse_second_rset) as p2:
@@ -178,7 +179,7 @@ async def test_rset_is_pipelined_and_a_failed_rset_retries_on_a_new_connection()
 
 
 async def test_4xx_at_mail_moves_on() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, replies=lambda v, a, c: "451 4.3.0 Busy" if v == "MAIL"
                              else None) as p2, RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
@@ -191,7 +192,7 @@ async def test_4xx_at_mail_moves_on() -> None:
 async def test_5xx_greeting_moves_on_to_the_next_mx() -> None:
     # A 554 greeting refuses service, not the mail (RFC 5321 3.1): like Postfix
     # (smtp_skip_5xx_greeting = yes) the next MX gets the message.
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, greeting="554 5.7.1 No service") as p2, \
             RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
@@ -203,7 +204,7 @@ async def test_5xx_greeting_moves_on_to_the_next_mx() -> None:
 
 
 async def test_5xx_greeting_from_every_mx_defers() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, greeting="554 5.7.1 No service") as p2, \
             RecordingPeer("127.0.0.3", port, greeting="554 No service here either") as p3:
         router = make_router(port, two_mx())
@@ -223,7 +224,7 @@ async def test_mixed_recipient_results() -> None:
             return "450 4.2.1 Try later"
         return None
 
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, replies=replies) as p2, RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
         outcomes = await router.deliver(delivery("ok@example.test", "nobody@example.test",
@@ -235,7 +236,7 @@ async def test_mixed_recipient_results() -> None:
 
 
 async def test_smarthost_with_auth() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, auth={"relayuser": "pa55"}) as peer:
         resolver = StubResolver()
         router = make_router(25, resolver, smarthost=SmarthostConfig("127.0.0.2", port, "relayuser", "pa55"))
@@ -250,7 +251,7 @@ async def test_smarthost_with_auth() -> None:
 
 
 async def test_smarthost_wrong_password_defers() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, auth={"relayuser": "pa55"}):
         router = make_router(25, StubResolver(), smarthost=SmarthostConfig("127.0.0.2", port, "relayuser", "x"))
         outcomes = await router.deliver(delivery("u@anywhere.test"))
@@ -259,7 +260,7 @@ async def test_smarthost_wrong_password_defers() -> None:
 
 
 async def test_routes_by_address_and_by_name() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port) as p2, RecordingPeer("127.0.0.3", port) as p3:
         resolver = StubResolver(hosts={"relay-b.internal": ("127.0.0.3",)})
         router = make_router(25, resolver, routes=(("a.test", "127.0.0.2", port),
@@ -278,7 +279,7 @@ async def test_routes_by_address_and_by_name() -> None:
 
 @pytest.mark.parametrize("listener", ["127.0.0.2", "0.0.0.0", "::ffff:127.0.0.2"])
 async def test_mail_loop_is_detected(listener: str) -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port) as peer:
         resolver = StubResolver({"example.test": [MXHost(MX1, 10, ("127.0.0.2",))]})
         router = make_router(port, resolver, own=[(listener, port)])
@@ -290,7 +291,7 @@ async def test_mail_loop_is_detected(listener: str) -> None:
 
 async def test_backup_mx_never_delivers_to_itself() -> None:
     # We are MX 20; the primary (MX 10) is down: defer with its error, never loop.
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port) as own, RecordingPeer("127.0.0.3", port, refuse=True):
         router = make_router(port, two_mx("127.0.0.3", "127.0.0.2"), own=[("127.0.0.2", port)])
         outcomes = await router.deliver(delivery("u@example.test"))
@@ -310,7 +311,7 @@ async def test_resolver_errors_become_outcomes(error: Exception) -> None:
 
 
 async def test_one_connection_serves_several_domains(caplog: pytest.LogCaptureFixture) -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port) as peer:
         resolver = StubResolver({"a.test": [MXHost("mx.a.test", 10, ("127.0.0.2",))],
                                  "b.test": [MXHost("mx.b.test", 10, ("127.0.0.2",))]})
@@ -332,7 +333,7 @@ async def test_cached_connection_broken_midway_is_retried_once_on_a_new_one() ->
             return "421 4.4.2 Connection dropped"
         return None
 
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, replies=replies) as p2, RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
         assert (await router.deliver(delivery("u@example.test")))[0].delivered
@@ -346,7 +347,7 @@ async def test_cached_connection_broken_midway_is_retried_once_on_a_new_one() ->
 
 
 async def test_fresh_connection_broken_midway_moves_to_the_next_host() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, drop_after_data_bytes=5) as p2, \
             RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
@@ -357,7 +358,7 @@ async def test_fresh_connection_broken_midway_moves_to_the_next_host() -> None:
 
 
 async def test_oversized_message_bounces_without_fallback() -> None:
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, extensions=["PIPELINING", "SIZE 10"]) as p2, \
             RecordingPeer("127.0.0.3", port) as p3:
         router = make_router(port, two_mx())
@@ -387,7 +388,7 @@ async def _wait_listening(host: str, port: int) -> None:
 
 @pytest.mark.skipif(not os.access(SMTP_SINK, os.X_OK), reason="Postfix smtp-sink not installed")
 async def test_delivery_to_postfix_smtp_sink() -> None:
-    port = free_port(["127.0.0.1"])
+    port = free_port("127.0.0.1")
     with tempfile.TemporaryDirectory(prefix="smtp-sink-") as tmp:
         os.chmod(tmp, 0o777)   # smtp-sink drops to "nobody" when run as root
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
@@ -426,7 +427,7 @@ async def test_delivery_to_postfix_smtp_sink() -> None:
 
 async def test_address_literal_with_the_real_resolver() -> None:
     # MXResolver answers "[127.0.0.2]" without asking DNS (RFC 5321 4.1.3).
-    port = free_port()
+    port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port) as peer:
         resolver = MXResolver(DNSConfig(nameservers=("127.0.0.1",), port=9, timeout=0.5))
         router = make_router(port, resolver)  # type: ignore[arg-type]

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from mta.sendmail import Options, UsageError, parse_args
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.smtp_peer import RecordingPeer
-from tests.test_crash import start_daemon, wait_listening
+from tests.support.daemon import mta_command, start_daemon, subprocess_env, wait_listening
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
 
 pytestmark = pytest.mark.timeout(60)
 

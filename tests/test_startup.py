@@ -25,9 +25,10 @@ import pytest
 import trustme
 import yaml
 
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.faults_support import Daemon, daemon_doc, send_tagged, seq_counts, wait_drained
-from tests.smtp_peer import END_OF_DATA, RecordingPeer
+from tests.support.daemon import Daemon, mta_command, subprocess_env
+from tests.support.faults import daemon_doc, send_tagged, seq_counts, wait_drained
+from tests.support.ports import free_port
+from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
 
 RUN_TIMEOUT = 20   # a `mta serve` that should refuse to start but hangs fails the test
 

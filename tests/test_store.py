@@ -10,17 +10,11 @@ import stat
 import pytest
 
 from mta.errors import StoreError
-from mta.model import NewMessage, RcptState, Recipient
+from mta.model import RcptState
 from mta.queue.store import SCHEMA_VERSION, QueueStore, new_queue_id
+from tests.support.messages import message
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def message(n: int = 0, rcpts=("b@example.org",)) -> NewMessage:
-    return NewMessage(id=new_queue_id(), sender="a@lab.test",
-                      recipients=tuple(Recipient(address=r) for r in rcpts),
-                      data=b"Subject: %d\r\n\r\nbody\r\n" % n, arrival=1_700_000_000.0 + n,
-                      client="127.0.0.1", listener="mta")
 
 
 async def test_new_queue_file_is_private_wal_and_versioned(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from mta.model import RcptState
 from mta.queue import store as store_module
 from mta.queue.store import QueueStore, RecipientUpdate
-from tests.test_store import message
+from tests.support.messages import message
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,36 +6,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-import urllib.request
 
 import pytest
 import yaml
-from smtp_peer import RecordingPeer
 
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.test_crash import wait_listening
-from tests.wire import Wire
+from tests.support.daemon import children, metric, mta_command, send_messages, subprocess_env, wait_listening
+from tests.support.ports import free_port
+from tests.support.smtp_peer import RecordingPeer
+from tests.support.waiting import wait_until
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def children(pid, marker=b"deliver"):
-    """Pids of ``pid``'s children whose command line has ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and marker in cmd:
-            found.append(int(entry))
-    return found
 
 
 def alive(pid):
@@ -44,23 +25,6 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
-def metric(port, name):
-    """The value of ``name`` summed over its labels (None when it is not there)."""
-    total = None
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture
@@ -84,7 +48,7 @@ async def daemon(tmp_path):
                                                     stderr=log, env=subprocess_env(**env))
         log.close()
         started.append(proc)
-        await wait_listening(smtp_port, _Poll(proc))
+        await wait_listening(smtp_port, proc)
         return proc, smtp_port, metrics_port
 
     yield start
@@ -100,25 +64,6 @@ async def daemon(tmp_path):
                 await proc.wait()
 
 
-class _Poll:
-    """wait_listening() wants Popen.poll()."""
-
-    def __init__(self, proc):
-        self.proc = proc
-
-    def poll(self):
-        return self.proc.returncode
-
-
-async def send(port, n, start=0):
-    async with await Wire.connect("127.0.0.1", port) as w:
-        await w.ehlo()
-        for i in range(start, start + n):
-            reply = await w.mail("lab@lab.test", [f"r{i}@example.test"], f"Subject: {i}\r\n\r\nx\r\n".encode(),
-                                 ehlo=False)
-            assert reply.startswith("250 2.0.0"), reply
-
-
 async def stop(proc):
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 20) == 0
@@ -129,9 +74,9 @@ async def test_delivery_in_a_child_process_with_metrics_forwarded(daemon, tmp_pa
     async with RecordingPeer("127.0.0.2", peer_port) as peer:
         proc, smtp_port, metrics_port = await daemon(peer_port, MTA_DELIVERY_PROCESS="yes")
         [child] = children(proc.pid)
-        await send(smtp_port, 5)
+        await send_messages(smtp_port, 5)
         await peer.wait_for_messages(5, timeout=10)
-        await until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 5)
+        await wait_until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 5)
         assert metric(metrics_port, 'mta_messages_received_total{listener="mta"}') == 5
         # Counted by the child's connection cache, served by the main process.
         opened = len(peer.connections)
@@ -150,14 +95,14 @@ async def test_a_dead_child_is_started_again_and_mail_still_flows(daemon, tmp_pa
     async with RecordingPeer("127.0.0.2", peer_port) as peer:
         proc, smtp_port, metrics_port = await daemon(peer_port, MTA_DELIVERY_PROCESS="yes")
         [first] = children(proc.pid)
-        await send(smtp_port, 2)
-        await until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 2)
+        await send_messages(smtp_port, 2)
+        await wait_until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 2)
         os.kill(first, signal.SIGKILL)
-        await until(lambda: children(proc.pid) not in ([], [first]))
-        await send(smtp_port, 2, start=2)
+        await wait_until(lambda: children(proc.pid) not in ([], [first]))
+        await send_messages(smtp_port, 2, start=2)
         await peer.wait_for_messages(4, timeout=10)
         # Counters stay monotonic across the restart (the new child's pool starts at 0).
-        await until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 4)
+        await wait_until(lambda: metric(metrics_port, "mta_recipients_delivered_total") == 4)
         assert metric(metrics_port, "mta_smtp_connections_opened_total") == len(peer.connections)
         await stop(proc)
     assert sorted(m.rcpts[0] for m in peer.messages) == [f"r{i}@example.test" for i in range(4)]
@@ -172,7 +117,7 @@ async def test_the_child_dies_with_the_main_process(daemon):
     [child] = children(proc.pid)
     proc.kill()
     await proc.wait()
-    await until(lambda: not alive(child), timeout=5)
+    await wait_until(lambda: not alive(child), timeout=5)
 
 
 @pytest.mark.parametrize("mode", ["yes", "no"])
@@ -181,7 +126,7 @@ async def test_sighup_applies_new_routes_to_delivery(daemon, tmp_path, mode):
     first_port, second_port = free_port("127.0.0.2"), free_port("127.0.0.3")
     async with RecordingPeer("127.0.0.2", first_port) as first, RecordingPeer("127.0.0.3", second_port) as second:
         proc, smtp_port, _ = await daemon(first_port, MTA_DELIVERY_PROCESS=mode)
-        await send(smtp_port, 1)
+        await send_messages(smtp_port, 1)
         await first.wait_for_messages(1, timeout=10)
         path = tmp_path / "mta.yaml"
         doc = yaml.safe_load(path.read_text())
@@ -190,8 +135,8 @@ async def test_sighup_applies_new_routes_to_delivery(daemon, tmp_path, mode):
         proc.send_signal(signal.SIGHUP)
         log = tmp_path / "mta.log"
         want = "delivery: reload: configuration" if mode == "yes" else "reload: configuration re-read"
-        await until(lambda: want in log.read_text())
-        await send(smtp_port, 1, start=1)
+        await wait_until(lambda: want in log.read_text())
+        await send_messages(smtp_port, 1, start=1)
         await second.wait_for_messages(1, timeout=10)
         await stop(proc)
     assert [m.rcpts for m in first.messages] == [["r0@example.test"]]
@@ -213,7 +158,7 @@ async def test_sighup_keeps_the_hostname_for_bounces(daemon, tmp_path, mode):
         proc.send_signal(signal.SIGHUP)   # at once: the child may still be starting
         log = tmp_path / "mta.log"
         want = "delivery: reload: configuration" if mode == "yes" else "reload: configuration re-read"
-        await until(lambda: want in log.read_text())
+        await wait_until(lambda: want in log.read_text())
         assert "reload: changes to hostname take effect after a restart" in log.read_text()
         async with await Wire.connect("127.0.0.1", smtp_port) as w:
             await w.ehlo()
@@ -245,7 +190,7 @@ async def test_delivery_works_when_the_daemon_is_pid_1(daemon, tmp_path):
     async with RecordingPeer("127.0.0.2", peer_port) as peer:
         proc, smtp_port, _ = await daemon(peer_port, wrapper=("unshare", "-pf", "--mount-proc", "--kill-child"),
                                           MTA_DELIVERY_PROCESS="yes")
-        await send(smtp_port, 2)
+        await send_messages(smtp_port, 2)
         await peer.wait_for_messages(2, timeout=10)
         await asyncio.sleep(1.5)   # a child that took pid 1 for a dead parent would have exited by now
         [inner] = children(proc.pid, b"serve")   # the daemon, as seen from outside its namespace
@@ -261,6 +206,6 @@ async def test_one_process_when_turned_off(daemon):
     async with RecordingPeer("127.0.0.2", peer_port) as peer:
         proc, smtp_port, _ = await daemon(peer_port, MTA_DELIVERY_PROCESS="no")
         assert children(proc.pid) == []
-        await send(smtp_port, 1)
+        await send_messages(smtp_port, 1)
         await peer.wait_for_messages(1, timeout=10)
         await stop(proc)

@@ -7,37 +7,14 @@ import collections
 import re
 import signal
 import sqlite3
-import subprocess
-import time
 
 import pytest
 
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.wire import Wire
+from tests.support.daemon import start_daemon, wait_listening
+from tests.support.ports import free_port
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def start_daemon(config_path, log_path):
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(mta_command("serve", "--config", str(config_path)), stdout=log,
-                            stderr=subprocess.STDOUT, env=subprocess_env())
-    log.close()
-    return proc
-
-
-async def wait_listening(port, proc, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "daemon exited during start-up"
-        try:
-            w = await Wire.connect("127.0.0.1", port)
-        except (OSError, ConnectionError, asyncio.TimeoutError):
-            await asyncio.sleep(0.05)
-            continue
-        await w.close()
-        return
-    raise AssertionError("daemon did not start listening")
 
 
 async def send_one(port, seq):

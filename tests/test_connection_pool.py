@@ -10,7 +10,7 @@ import pytest
 from mta.config import TimeoutsConfig
 from mta.delivery.client import ConnectionLost, Session, connect
 from mta.delivery.pool import ConnectionPool
-from smtp_peer import RecordingPeer
+from tests.support.smtp_peer import RecordingPeer
 
 pytestmark = pytest.mark.timeout(10)
 

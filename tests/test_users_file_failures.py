@@ -29,9 +29,9 @@ from mta.health import Health
 from mta.model import NewMessage, Recipient
 from mta.passwords import UsersFile, UsersFileError, UsersFileUnavailable, load_users
 from mta.queue.store import QueueStore, new_queue_id
-from tests.conftest import free_port, mta_command, subprocess_env
-from tests.faults_support import Daemon
-from tests.pop3_support import write_users
+from tests.support.daemon import Daemon, mta_command, subprocess_env
+from tests.support.ports import free_port
+from tests.support.users import write_users
 
 MAILBOXES = {"alice@lab.test": "alice pw", "bob@lab.test": "bob pw"}
 AUTH = {"submitter": "sub pw"}
@@ -74,16 +74,6 @@ def start(daemon: Daemon, timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"daemon did not start:\n{daemon.log_tail()}")
-
-
-def wait_for(what: str, check: Callable[[], Any], daemon: Daemon, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\n{daemon.log_tail()}")
 
 
 def healthz(doc: dict[str, Any]) -> tuple[int, str]:
@@ -208,7 +198,7 @@ def test_unreadable_users_files_defer_and_recover(lab):
 
     expected = f"mailboxes.users_file: {mailboxes} line 3: not valid UTF-8"
     # Mail already queued for a lab mailbox waits; it is not bounced.
-    wait_for("the queued mail to be deferred", deferred_for(doc["queue"]["path"], queued, expected), daemon)
+    daemon.wait_for("the queued mail to be deferred", deferred_for(doc["queue"]["path"], queued, expected))
     assert rcpt(doc, "alice@lab.test") == (451, "4.3.0 <alice@lab.test>: Temporary lookup failure")
     assert rcpt(doc, "nobody@lab.test") == (451, "4.3.0 <nobody@lab.test>: Temporary lookup failure")
     assert auth(doc, "submitter", "sub pw") == (454, "4.7.0 Temporary authentication failure")
@@ -227,11 +217,11 @@ def test_unreadable_users_files_defer_and_recover(lab):
     # The operator fixes the files: the deferred mail is delivered once, everything heals.
     mailboxes.write_bytes(good_mailboxes)
     auth_file.write_bytes(good_auth)
-    wait_for("the queue to drain", lambda: not queue_rows(doc["queue"]["path"]), daemon)
+    daemon.wait_for("the queue to drain", lambda: not queue_rows(doc["queue"]["path"]))
     assert len(tagged(pop3_messages(doc, "alice@lab.test", "alice pw"), "queued-before")) == 1
     # No DSN went to the sender (bob, a lab mailbox): nothing was ever bounced.
     assert pop3_messages(doc, "bob@lab.test", "bob pw") == []
-    wait_for("/healthz 200", lambda: healthz(doc) == (200, "ok\n"), daemon)
+    daemon.wait_for("/healthz 200", lambda: healthz(doc) == (200, "ok\n"))
     assert rcpt(doc, "alice@lab.test")[0] == 250
     assert rcpt(doc, "nobody@lab.test")[0] == 550   # a readable file that lacks the user: unknown
     assert auth(doc, "submitter", "sub pw")[0] == 235
@@ -249,39 +239,39 @@ def test_bad_edit_keeps_the_good_copy_and_a_removed_file_defers(lab):
     assert rcpt(doc, "alice@lab.test")[0] == 250
     # Delivered: the delivery process has read the good file too.
     send(doc, "alice@lab.test", "before")
-    wait_for("the first delivery", lambda: not queue_rows(doc["queue"]["path"]), daemon)
+    daemon.wait_for("the first delivery", lambda: not queue_rows(doc["queue"]["path"]))
     assert healthz(doc) == (200, "ok\n")
 
     # 1. A bad edit while running: the copy read before stays in use, loudly.
     mailboxes.write_bytes(good + b"# comment\n" + BAD_LINE)   # line 4
     expected = (f"mailboxes.users_file: {mailboxes} line 4: not valid UTF-8; "
                 "the copy read before stays in use")
-    wait_for("the log line", lambda: expected in daemon.log_text(), daemon)
+    daemon.wait_for("the log line", lambda: expected in daemon.log_text())
     status, body = healthz(doc)
     assert (status, body) == (503, f"mailboxes_users_file: {expected}\n")
     assert rcpt(doc, "alice@lab.test")[0] == 250
     assert rcpt(doc, "nobody@lab.test")[0] == 550
     send(doc, "alice@lab.test", "during-bad-edit")
-    wait_for("delivery from the good copy", lambda: not queue_rows(doc["queue"]["path"]), daemon)
+    daemon.wait_for("delivery from the good copy", lambda: not queue_rows(doc["queue"]["path"]))
     assert len(tagged(pop3_messages(doc, "alice@lab.test", "alice pw"), "during-bad-edit")) == 1
 
     # 2. The file removed: no table to answer from, so every answer is "try later".
     mailboxes.unlink()
     gone = f"mailboxes.users_file: {mailboxes}: No such file or directory"
-    wait_for("/healthz to name the missing file",
-             lambda: healthz(doc) == (503, f"mailboxes_users_file: {gone}\n"), daemon)
+    daemon.wait_for("/healthz to name the missing file",
+                    lambda: healthz(doc) == (503, f"mailboxes_users_file: {gone}\n"))
     assert rcpt(doc, "alice@lab.test") == (451, "4.3.0 <alice@lab.test>: Temporary lookup failure")
     queued = enqueue(doc["queue"]["path"], "alice@lab.test", "while-removed")
-    wait_for("the queued mail to be deferred", deferred_for(doc["queue"]["path"], queued, gone), daemon)
+    daemon.wait_for("the queued mail to be deferred", deferred_for(doc["queue"]["path"], queued, gone))
     assert gone in daemon.log_text()
 
     # 3. Put back: delivered once, healthy again, no bounce anywhere.
     mailboxes.write_bytes(good)
-    wait_for("the queue to drain", lambda: not queue_rows(doc["queue"]["path"]), daemon)
+    daemon.wait_for("the queue to drain", lambda: not queue_rows(doc["queue"]["path"]))
     assert "bounced" not in history_events(doc["queue"]["path"], queued)
     assert len(tagged(pop3_messages(doc, "alice@lab.test", "alice pw"), "while-removed")) == 1
     assert pop3_messages(doc, "bob@lab.test", "bob pw") == []
-    wait_for("/healthz 200", lambda: healthz(doc) == (200, "ok\n"), daemon)
+    daemon.wait_for("/healthz 200", lambda: healthz(doc) == (200, "ok\n"))
     assert "Traceback" not in daemon.log_text()
 
 
@@ -298,7 +288,7 @@ def test_removed_auth_file_answers_454_not_535(lab):
     auth_file.write_bytes(saved)
     assert auth(doc, "submitter", "sub pw")[0] == 235
     assert auth(doc, "submitter", "wrong")[0] == 535
-    wait_for("/healthz 200", lambda: healthz(doc) == (200, "ok\n"), daemon)
+    daemon.wait_for("/healthz 200", lambda: healthz(doc) == (200, "ok\n"))
 
 
 # --------------------------------------------------------------------------- check-config

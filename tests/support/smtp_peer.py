@@ -25,51 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import inspect
-import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support.ports import free_port
+from tests.support.tls import tls_material
+
 DEFAULT_EXTENSIONS = ("PIPELINING", "SIZE 10240000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
 END_OF_DATA = "."
 
 ReplyHook = Callable[[str, str, "Connection"], "str | None | Awaitable[str | None]"]
-
-
-def free_port(hosts: Sequence[str] = ("127.0.0.2", "127.0.0.3", "127.0.0.4")) -> int:
-    """A TCP port number free right now on every one of ``hosts``."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port = int(first.getsockname()[1])
-        try:
-            with contextlib.ExitStack() as stack:
-                for host in hosts:
-                    s = stack.enter_context(socket.socket())
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no port free on all of {hosts}")
-
-
-_TLS: dict[str, Any] = {}
-
-
-def tls_material() -> tuple[Any, ssl.SSLContext]:
-    """(trustme CA, server SSLContext) shared by all peers of the test run."""
-    if not _TLS:
-        import trustme
-        ca = trustme.CA()
-        cert = ca.issue_cert("mx.peer.test", "localhost", "127.0.0.2", "127.0.0.3")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(ctx)
-        _TLS.update(ca=ca, ctx=ctx)
-    return _TLS["ca"], _TLS["ctx"]
 
 
 @dataclass
@@ -81,7 +50,7 @@ class ReceivedMessage:
 
 @dataclass(eq=False)
 class Connection:
-    peer: "RecordingPeer"
+    peer: RecordingPeer
     number: int
     transcript: list[str] = field(default_factory=list)     # exact command lines, no CRLF
     batches: list[list[str]] = field(default_factory=list)  # commands grouped by the read that brought them
@@ -159,10 +128,10 @@ class RecordingPeer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> "RecordingPeer":
+    async def start(self) -> RecordingPeer:
         if self.refuse:
             if not self.port:
-                self.port = free_port([self.host])
+                self.port = free_port(self.host)
             return self
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -177,7 +146,7 @@ class RecordingPeer:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
-    async def __aenter__(self) -> "RecordingPeer":
+    async def __aenter__(self) -> RecordingPeer:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

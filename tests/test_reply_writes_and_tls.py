@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 
-from tests.conftest import free_port, listener_port, running
-from tests.test_relay_auth import tls_cert  # noqa: F401 - the session-scoped certificate fixture
+from tests.support.in_process import listener_port, running
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.timeout(30)
 

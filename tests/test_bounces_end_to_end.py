@@ -9,11 +9,13 @@ import sqlite3
 import time
 
 import pytest
-from smtp_peer import END_OF_DATA, RecordingPeer
 
 from mta.model import NewMessage, RcptState, Recipient
 from mta.queue.store import QueueStore, RecipientUpdate
-from tests.test_delivery import dns, mx, port, queue_rows, relay, submit, wait_until  # noqa: F401
+from tests.support.fakedns import mx
+from tests.support.in_process import queue_rows, submit
+from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,11 +37,11 @@ def zones(dns, port):
     mx(dns, "lab.test", (10, "mx.lab.test", "127.0.0.3"))
 
 
-async def test_failed_recipients_get_one_dsn(relay, dns, port):
-    zones(dns, port)
-    config = relay(connection_cache={"idle_timeout": "0.2s"})
-    async with RecordingPeer("127.0.0.2", port, replies=refuse_rcpt), \
-            RecordingPeer("127.0.0.3", port) as sender_mx, relay_running(config):
+async def test_failed_recipients_get_one_dsn(relay_config, dns_server, peer_port):
+    zones(dns_server, peer_port)
+    config = relay_config(connection_cache={"idle_timeout": "0.2s"})
+    async with RecordingPeer("127.0.0.2", peer_port, replies=refuse_rcpt), \
+            RecordingPeer("127.0.0.3", peer_port) as sender_mx, relay_running(config):
         queue_id = await submit(config, ["a@example.test", "b@example.test", "c@example.test"], BODY,
                                 sender="lab@lab.test")
         [dsn] = await sender_mx.wait_for_messages(1, timeout=10)
@@ -75,11 +77,11 @@ async def test_failed_recipients_get_one_dsn(relay, dns, port):
     assert "Message-ID: <orig@lab.test>" in returned and "secret body text" not in returned
 
 
-async def test_no_bounce_for_null_sender(relay, dns, port, caplog):
-    zones(dns, port)
-    config = relay()
-    async with RecordingPeer("127.0.0.2", port, replies=refuse_rcpt), \
-            RecordingPeer("127.0.0.3", port) as sender_mx, relay_running(config):
+async def test_no_bounce_for_null_sender(relay_config, dns_server, peer_port, caplog):
+    zones(dns_server, peer_port)
+    config = relay_config()
+    async with RecordingPeer("127.0.0.2", peer_port, replies=refuse_rcpt), \
+            RecordingPeer("127.0.0.3", peer_port) as sender_mx, relay_running(config):
         await submit(config, ["a@example.test"], BODY, sender="")
         await wait_until(lambda: queue_rows(config) == [])
         await asyncio.sleep(0.5)
@@ -87,12 +89,12 @@ async def test_no_bounce_for_null_sender(relay, dns, port, caplog):
     assert "undeliverable notification to <a@example.test> discarded" in caplog.text
 
 
-async def test_double_bounce_goes_once_to_postmaster(relay, dns, port):
-    zones(dns, port)
-    mx(dns, "ops.test", (10, "mx.ops.test", "127.0.0.4"))
-    config = relay_with_bounce(relay, "postmaster@ops.test")
-    async with RecordingPeer("127.0.0.2", port, replies=refuse_rcpt), \
-            RecordingPeer("127.0.0.4", port, replies=lambda v, a, c: "550 5.1.1 no postmaster"
+async def test_double_bounce_goes_once_to_postmaster(relay_config, dns_server, peer_port):
+    zones(dns_server, peer_port)
+    mx(dns_server, "ops.test", (10, "mx.ops.test", "127.0.0.4"))
+    config = relay_with_bounce(relay_config, "postmaster@ops.test")
+    async with RecordingPeer("127.0.0.2", peer_port, replies=refuse_rcpt), \
+            RecordingPeer("127.0.0.4", peer_port, replies=lambda v, a, c: "550 5.1.1 no postmaster"
                           if v == "RCPT" else None) as ops, relay_running(config):
         await submit(config, ["a@example.test"], BODY, sender="")
         await wait_until(lambda: queue_rows(config) == [])
@@ -110,13 +112,13 @@ def relay_with_bounce(relay, target):
     return replace(config, bounce=BounceConfig(double_bounce_to=target))
 
 
-async def test_notify_never_suppresses_the_bounce(relay, dns, port):
-    zones(dns, port)
-    config = relay()
-    from tests.wire import Wire
-    from tests.conftest import listener_port
-    async with RecordingPeer("127.0.0.2", port, replies=refuse_rcpt), \
-            RecordingPeer("127.0.0.3", port) as sender_mx, relay_running(config):
+async def test_notify_never_suppresses_the_bounce(relay_config, dns_server, peer_port):
+    zones(dns_server, peer_port)
+    config = relay_config()
+    from tests.support.in_process import listener_port
+    from tests.support.wire import Wire
+    async with RecordingPeer("127.0.0.2", peer_port, replies=refuse_rcpt), \
+            RecordingPeer("127.0.0.3", peer_port) as sender_mx, relay_running(config):
         async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
             await w.ehlo()
             await w.cmd("MAIL FROM:<lab@lab.test>")
@@ -129,14 +131,14 @@ async def test_notify_never_suppresses_the_bounce(relay, dns, port):
     assert sender_mx.messages == []
 
 
-async def test_dsn_parameters_passed_to_a_dsn_capable_hop(relay, dns, port):
-    zones(dns, port)
-    config = relay()
-    from tests.conftest import listener_port
-    from tests.wire import Wire
+async def test_dsn_parameters_passed_to_a_dsn_capable_hop(relay_config, dns_server, peer_port):
+    zones(dns_server, peer_port)
+    config = relay_config()
+    from tests.support.in_process import listener_port
+    from tests.support.wire import Wire
     exts = ("PIPELINING", "SIZE 10240000", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES")
-    async with RecordingPeer("127.0.0.2", port, extensions=exts) as peer, \
-            RecordingPeer("127.0.0.3", port) as sender_mx, relay_running(config):
+    async with RecordingPeer("127.0.0.2", peer_port, extensions=exts) as peer, \
+            RecordingPeer("127.0.0.3", peer_port) as sender_mx, relay_running(config):
         async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
             await w.ehlo()
             await w.cmd("MAIL FROM:<lab@lab.test> RET=HDRS ENVID=env+2B1")
@@ -152,12 +154,12 @@ async def test_dsn_parameters_passed_to_a_dsn_capable_hop(relay, dns, port):
     assert sender_mx.messages == []  # the next hop reports success itself
 
 
-async def test_notify_success_to_a_hop_without_dsn_gets_relayed_report(relay, dns, port):
-    zones(dns, port)
-    config = relay()
-    from tests.conftest import listener_port
-    from tests.wire import Wire
-    async with RecordingPeer("127.0.0.2", port) as peer, RecordingPeer("127.0.0.3", port) as sender_mx, \
+async def test_notify_success_to_a_hop_without_dsn_gets_relayed_report(relay_config, dns_server, peer_port):
+    zones(dns_server, peer_port)
+    config = relay_config()
+    from tests.support.in_process import listener_port
+    from tests.support.wire import Wire
+    async with RecordingPeer("127.0.0.2", peer_port) as peer, RecordingPeer("127.0.0.3", peer_port) as sender_mx, \
             relay_running(config):
         async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
             await w.ehlo()
@@ -175,16 +177,16 @@ async def test_notify_success_to_a_hop_without_dsn_gets_relayed_report(relay, dn
     assert status[1]["Action"] == "relayed" and status[1]["Status"] == "2.0.0"
 
 
-async def test_delay_warning_sent_once(relay, dns, port):
-    zones(dns, port)
-    config = relay(retry={"min_backoff": "0.3s", "max_backoff": "0.3s", "delay_warning": "0.2s"},
+async def test_delay_warning_sent_once(relay_config, dns_server, peer_port):
+    zones(dns_server, peer_port)
+    config = relay_config(retry={"min_backoff": "0.3s", "max_backoff": "0.3s", "delay_warning": "0.2s"},
                    connection_cache={"idle_timeout": "0.1s"})
 
     def later(verb, arg, conn):
         return "451 4.3.2 try later" if verb == END_OF_DATA else None
 
-    async with RecordingPeer("127.0.0.2", port, replies=later) as peer, \
-            RecordingPeer("127.0.0.3", port) as sender_mx, relay_running(config):
+    async with RecordingPeer("127.0.0.2", peer_port, replies=later) as peer, \
+            RecordingPeer("127.0.0.3", peer_port) as sender_mx, relay_running(config):
         await submit(config, ["a@example.test"], BODY)
         await peer.wait_for(lambda: peer.counts["DATA"] >= 4, timeout=10)
         await asyncio.sleep(0.3)
@@ -196,10 +198,10 @@ async def test_delay_warning_sent_once(relay, dns, port):
     assert "Will-Retry-Until" in block
 
 
-async def test_max_lifetime_bounces_with_last_error(relay, dns, port):
+async def test_max_lifetime_bounces_with_last_error(relay_config, dns_server, peer_port):
     """Time by data: a row that arrived six days ago fails at its next 4xx."""
-    zones(dns, port)
-    config = relay(retry={"max_lifetime": "5d"})
+    zones(dns_server, peer_port)
+    config = relay_config(retry={"max_lifetime": "5d"})
     store = QueueStore(config.queue.path)
     await store.open()
     old = time.time() - 6 * 86400
@@ -210,8 +212,8 @@ async def test_max_lifetime_bounces_with_last_error(relay, dns, port):
     def later(verb, arg, conn):
         return "451 4.3.2 still busy" if verb == END_OF_DATA else None
 
-    async with RecordingPeer("127.0.0.2", port, replies=later), \
-            RecordingPeer("127.0.0.3", port) as sender_mx, relay_running(config):
+    async with RecordingPeer("127.0.0.2", peer_port, replies=later), \
+            RecordingPeer("127.0.0.3", peer_port) as sender_mx, relay_running(config):
         [dsn] = await sender_mx.wait_for_messages(1, timeout=10)
         await wait_until(lambda: queue_rows(config) == [])
     block = parse(dsn.data).get_payload()[1].get_payload()[1]
@@ -243,5 +245,5 @@ async def test_failure_and_bounce_are_one_commit(tmp_path):
 
 
 def relay_running(config):
-    from tests.conftest import running
+    from tests.support.in_process import running
     return running(config, deliver=True)

@@ -6,6 +6,7 @@ smtplib hides the wire; these tests assert on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 
@@ -16,7 +17,7 @@ class Wire:
 
     @classmethod
     async def connect(cls, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
-                      greeting: bool = True, local_addr: tuple[str, int] | None = None) -> "Wire":
+                      greeting: bool = True, local_addr: tuple[str, int] | None = None) -> Wire:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=ssl_context, limit=1 << 20, local_addr=local_addr), 5)
         wire = cls(reader, writer)
@@ -30,7 +31,7 @@ class Wire:
 
     async def reply(self, timeout: float = 5) -> list[str]:
         """One whole (possibly multi-line) reply, as text lines without CRLF."""
-        lines = []
+        lines: list[str] = []
         while True:
             raw = await asyncio.wait_for(self.reader.readline(), timeout)
             if not raw:
@@ -73,12 +74,10 @@ class Wire:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
-    async def __aenter__(self) -> "Wire":
+    async def __aenter__(self) -> Wire:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from mta.notify import Notifier
-from tests.conftest import free_port, mta_command, subprocess_env
+from tests.support.daemon import start_daemon
+from tests.support.ports import free_port
 
 MAX_SUN_PATH = 100  # sockaddr_un.sun_path is 108 bytes; stay clear of it
 
@@ -300,10 +301,7 @@ def daemon(write_config, notify_socket, tmp_path):
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(**env: str) -> subprocess.Popen[bytes]:
-        log = open(tmp_path / "mta.log", "ab")
-        proc = subprocess.Popen(mta_command("serve", "--config", str(config_path)), stdout=log,
-                                stderr=subprocess.STDOUT, env=subprocess_env(NOTIFY_SOCKET=address, **env))
-        log.close()
+        proc = start_daemon(config_path, tmp_path / "mta.log", NOTIFY_SOCKET=address, **env)
         procs.append(proc)
         return proc
 

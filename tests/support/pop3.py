@@ -12,18 +12,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from unittest import mock
 
-import trustme
-
-from mta import passwords
 from mta.config import Config, build_config
 from mta.mailbox.store import MailboxCopy, MailboxStore, insert_copies
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import POP3Listener
 from mta.queue.store import QueueStore, new_queue_id
-from tests.conftest import free_port
+from tests.support.ports import free_port
+from tests.support.users import write_users
 
 USERS = {"alice@lab.test": "alice pw", "bob@lab.test": "b0b secret"}
 
@@ -34,34 +31,6 @@ ONE = (b"From: carol@remote.test\r\nTo: alice@lab.test\r\nSubject: one\r\n\r\n"
 TWO = b"Subject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"
 THREE = b"Subject: three\r\n\r\nno line end at the end"
 ALICE = [ONE, TWO, THREE]
-
-
-def write_users(path: Path, users: dict[str, str]) -> None:
-    """The users file through mta.passwords.set_password, with scrypt made cheap
-    (the cost parameters are stored in each hash), so logins take microseconds."""
-    with mock.patch.object(passwords, "SCRYPT_N", 2**4), mock.patch.object(passwords, "SCRYPT_R", 1):
-        for user, password in users.items():
-            passwords.set_password(path, user, password)
-
-
-@dataclass
-class TLSFiles:
-    cert: str
-    key: str
-    ca_file: str
-    client: ssl.SSLContext
-
-
-def make_tls(directory: Path) -> TLSFiles:
-    ca = trustme.CA()
-    issued = ca.issue_cert("relay.lab.test", "127.0.0.1")
-    cert, key, ca_file = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
-    issued.private_key_pem.write_to_path(key)
-    cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-    ca.cert_pem.write_to_path(ca_file)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return TLSFiles(str(cert), str(key), str(ca_file), client)
 
 
 @dataclass

@@ -11,9 +11,9 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import free_port
-from tests.test_crash import start_daemon, wait_listening
-from tests.wire import Wire
+from tests.support.daemon import start_daemon, wait_listening
+from tests.support.ports import free_port
+from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,7 +114,7 @@ async def test_sighup_reloads_relay_domains(tmp_path):
 def test_serve_refuses_bad_config(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("limits: {message_size: lots}\n")
-    from tests.conftest import mta_command, subprocess_env
+    from tests.support.daemon import mta_command, subprocess_env
     result = subprocess.run(mta_command("serve", "--config", str(path)), capture_output=True, text=True,
                             timeout=30, env=subprocess_env())
     assert result.returncode == 2
@@ -123,7 +123,8 @@ def test_serve_refuses_bad_config(tmp_path):
 
 def test_serve_reports_a_port_in_use(tmp_path):
     import socket
-    from tests.conftest import mta_command, subprocess_env
+
+    from tests.support.daemon import mta_command, subprocess_env
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -14,83 +14,19 @@ import sqlite3
 import time
 
 import pytest
-from fakedns import FakeDNS
-from smtp_peer import END_OF_DATA, RecordingPeer, free_port
 
-from tests.conftest import listener_port, running
-from tests.wire import Wire
+from tests.support.fakedns import mx
+from tests.support.in_process import DEFAULT_CONTENT as CONTENT
+from tests.support.in_process import queue_rows, running, submit
+from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-BODY = b"Subject: relay me\r\nFrom: lab@lab.test\r\n\r\nline one\r\n..dot line\r\n"  # dot-stuffed on the wire
-CONTENT = b"Subject: relay me\r\nFrom: lab@lab.test\r\n\r\nline one\r\n.dot line\r\n"
-
-
-@pytest.fixture
-def dns():
-    with FakeDNS(zones={}) as server:
-        yield server
-
-
-@pytest.fixture
-def port():
-    return free_port(("127.0.0.2", "127.0.0.3", "127.0.0.4"))
-
-
-@pytest.fixture
-def relay(make_config, dns, port):
-    """A config whose delivery uses the fake DNS and the peers' port."""
-
-    def make(**delivery):
-        doc = {
-            "port": port,
-            "dns": {"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": "2s"},
-            "retry": {"min_backoff": "5m", "max_backoff": "1h"},
-            "connection_cache": {"idle_timeout": "2s"},
-            "timeouts": {"connect": "2s", "command": "5s"},
-        }
-        for key, value in delivery.items():
-            if isinstance(value, dict) and isinstance(doc.get(key), dict):
-                doc[key] = {**doc[key], **value}
-            else:
-                doc[key] = value
-        return make_config(delivery=doc)
-
-    return make
-
-
-async def submit(config, recipients, body=BODY, sender="lab@lab.test"):
-    async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-        reply = await w.mail(sender, recipients, body)
-    assert reply.startswith("250 2.0.0 Ok: queued as "), reply
-    return reply.rsplit(" ", 1)[1]
-
-
-def queue_rows(config):
-    with sqlite3.connect(config.queue.path) as db:
-        return db.execute("SELECT m.id, r.address, r.state, r.attempts, r.last_error FROM recipients r"
-                          " JOIN messages m ON m.id = r.message_id ORDER BY m.arrival, r.rcpt_no").fetchall()
-
-
-async def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
-def mx(dns, domain, *hosts):
-    """hosts: (preference, name, ip)."""
-    dns.zones[domain] = {"MX": [(pref, name) for pref, name, _ in hosts]}
-    for _, name, ip in hosts:
-        dns.zones[name] = {"A": [ip]}
-
-
-async def test_one_message_relayed_with_envelope_and_body_intact(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay()
-    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+async def test_one_message_relayed_with_envelope_and_body_intact(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config()
+    async with RecordingPeer("127.0.0.2", peer_port) as peer, running(config, deliver=True):
         queue_id = await submit(config, ["bob@example.test"])
         [message] = await peer.wait_for_messages(1)
         await wait_until(lambda: queue_rows(config) == [])
@@ -108,10 +44,10 @@ async def test_one_message_relayed_with_envelope_and_body_intact(relay, dns, por
         in conn.batches
 
 
-async def test_ten_messages_share_one_connection_with_rset_and_quit(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay(connection_cache={"idle_timeout": "0.5s"}, per_destination_concurrency=1)
-    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True) as app:
+async def test_ten_messages_share_one_connection_with_rset_and_quit(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config(connection_cache={"idle_timeout": "0.5s"}, per_destination_concurrency=1)
+    async with RecordingPeer("127.0.0.2", peer_port) as peer, running(config, deliver=True) as app:
         for i in range(10):
             await submit(config, [f"user{i}@example.test"])
         await peer.wait_for_messages(10, timeout=10)
@@ -137,29 +73,29 @@ async def test_ten_messages_share_one_connection_with_rset_and_quit(relay, dns, 
     assert sorted(m.rcpts[0] for m in peer.messages) == sorted(f"user{i}@example.test" for i in range(10))
 
 
-async def test_quit_after_550_and_recipient_bounced(relay, dns, port, caplog):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+async def test_quit_after_550_and_recipient_bounced(relay_config, dns_server, peer_port, caplog):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
 
     def refuse(verb, arg, conn):
         return "550 5.1.1 <nobody@example.test>: Recipient address rejected" if verb == "RCPT" else None
 
-    config = relay(connection_cache={"idle_timeout": "0.3s"})
+    config = relay_config(connection_cache={"idle_timeout": "0.3s"})
     caplog.set_level(logging.INFO, logger="mta")
-    async with RecordingPeer("127.0.0.2", port, replies=refuse) as peer, running(config, deliver=True):
+    async with RecordingPeer("127.0.0.2", peer_port, replies=refuse) as peer, running(config, deliver=True):
         queue_id = await submit(config, ["nobody@example.test"])
         await wait_until(lambda: queue_rows(config) == [])
         await peer.wait_finished()
     [conn] = peer.connections
     assert conn.verbs[:3] == ["EHLO", "MAIL", "RCPT"] and conn.verbs[-1] == "QUIT"
     assert peer.messages == []
-    assert (f"{queue_id}: to=<nobody@example.test>, relay=mx1.example.test[127.0.0.2]:{port}, "
+    assert (f"{queue_id}: to=<nobody@example.test>, relay=mx1.example.test[127.0.0.2]:{peer_port}, "
             in caplog.text)
     assert ("dsn=5.1.1, status=bounced (550 5.1.1 <nobody@example.test>: Recipient address rejected)"
             in caplog.text)
 
 
-async def test_451_twice_then_delivered_once_with_growing_gaps(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+async def test_451_twice_then_delivered_once_with_growing_gaps(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
     attempts: list[float] = []
 
     def flaky(verb, arg, conn):
@@ -169,8 +105,8 @@ async def test_451_twice_then_delivered_once_with_growing_gaps(relay, dns, port)
                 return "451 4.3.0 Try again later"
         return None
 
-    config = relay(retry={"min_backoff": "0.4s", "max_backoff": "10s"}, connection_cache={"idle_timeout": "0.1s"})
-    async with RecordingPeer("127.0.0.2", port, replies=flaky) as peer, running(config, deliver=True):
+    config = relay_config(retry={"min_backoff": "0.4s", "max_backoff": "10s"}, connection_cache={"idle_timeout": "0.1s"})
+    async with RecordingPeer("127.0.0.2", peer_port, replies=flaky) as peer, running(config, deliver=True):
         queue_id = await submit(config, ["bob@example.test"])
         await wait_until(lambda: len(attempts) >= 1)
         seen: list = []   # the rows as read by the check that succeeded (one read per check)
@@ -193,11 +129,11 @@ async def test_451_twice_then_delivered_once_with_growing_gaps(relay, dns, port)
     assert all(conn.verbs[-1] == "QUIT" for conn in peer.connections)
 
 
-async def test_mx_preference_order_and_fallback(relay, dns, port):
-    mx(dns, "example.test", (20, "mx2.example.test", "127.0.0.3"), (10, "mx1.example.test", "127.0.0.2"))
-    config = relay()
-    first = RecordingPeer("127.0.0.2", port, greeting="421 4.3.2 mx1 is busy")
-    async with first, RecordingPeer("127.0.0.3", port) as second, running(config, deliver=True):
+async def test_mx_preference_order_and_fallback(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (20, "mx2.example.test", "127.0.0.3"), (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config()
+    first = RecordingPeer("127.0.0.2", peer_port, greeting="421 4.3.2 mx1 is busy")
+    async with first, RecordingPeer("127.0.0.3", peer_port) as second, running(config, deliver=True):
         await submit(config, ["bob@example.test"])
         await second.wait_for_messages(1)
         await wait_until(lambda: queue_rows(config) == [])
@@ -206,24 +142,24 @@ async def test_mx_preference_order_and_fallback(relay, dns, port):
     assert [m.rcpts for m in second.messages] == [["bob@example.test"]]
 
 
-async def test_connection_refused_falls_back(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
-    config = relay()
-    async with RecordingPeer("127.0.0.2", port, refuse=True), RecordingPeer("127.0.0.3", port) as second, \
+async def test_connection_refused_falls_back(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+    config = relay_config()
+    async with RecordingPeer("127.0.0.2", peer_port, refuse=True), RecordingPeer("127.0.0.3", peer_port) as second, \
             running(config, deliver=True):
         await submit(config, ["bob@example.test"])
         await second.wait_for_messages(1)
 
 
-async def test_5xx_at_mail_stops_the_search(relay, dns, port, caplog):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+async def test_5xx_at_mail_stops_the_search(relay_config, dns_server, peer_port, caplog):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
 
     def no(verb, arg, conn):
         return "554 5.7.1 Sender refused" if verb == "MAIL" else None
 
     caplog.set_level(logging.INFO, logger="mta")
-    config = relay(connection_cache={"idle_timeout": "0.2s"})
-    async with RecordingPeer("127.0.0.2", port, replies=no) as first, RecordingPeer("127.0.0.3", port) as second, \
+    config = relay_config(connection_cache={"idle_timeout": "0.2s"})
+    async with RecordingPeer("127.0.0.2", peer_port, replies=no) as first, RecordingPeer("127.0.0.3", peer_port) as second, \
             running(config, deliver=True):
         await submit(config, ["bob@example.test"])
         await wait_until(lambda: queue_rows(config) == [])
@@ -233,10 +169,10 @@ async def test_5xx_at_mail_stops_the_search(relay, dns, port, caplog):
     assert "status=bounced (554 5.7.1 Sender refused)" in caplog.text
 
 
-async def test_implicit_mx(relay, dns, port):
-    dns.zones["plain.test"] = {"A": ["127.0.0.3"]}
-    config = relay()
-    async with RecordingPeer("127.0.0.3", port) as peer, running(config, deliver=True):
+async def test_implicit_mx(relay_config, dns_server, peer_port):
+    dns_server.zones["plain.test"] = {"A": ["127.0.0.3"]}
+    config = relay_config()
+    async with RecordingPeer("127.0.0.3", peer_port) as peer, running(config, deliver=True):
         await submit(config, ["bob@plain.test"])
         await peer.wait_for_messages(1)
 
@@ -245,20 +181,20 @@ async def test_implicit_mx(relay, dns, port):
     ({"MX": [(0, ".")]}, "556 5.1.10"),
     (None, "550 5.1.2"),
 ])
-async def test_null_mx_and_nxdomain_bounce_at_once(relay, dns, zone, reply, caplog):
+async def test_null_mx_and_nxdomain_bounce_at_once(relay_config, dns_server, zone, reply, caplog):
     if zone is not None:
-        dns.zones["nomail.test"] = zone
+        dns_server.zones["nomail.test"] = zone
     caplog.set_level(logging.INFO, logger="mta")
-    config = relay()
+    config = relay_config()
     async with running(config, deliver=True):
         await submit(config, ["bob@nomail.test"])
         await wait_until(lambda: queue_rows(config) == [])
     assert f"status=bounced ({reply}" in caplog.text
 
 
-async def test_servfail_defers(relay, dns):
-    dns.zones["broken.test"] = "SERVFAIL"
-    config = relay()
+async def test_servfail_defers(relay_config, dns_server):
+    dns_server.zones["broken.test"] = "SERVFAIL"
+    config = relay_config()
     async with running(config, deliver=True):
         await submit(config, ["bob@broken.test"])
         await wait_until(lambda: queue_rows(config)[0][2] == "deferred")
@@ -266,8 +202,8 @@ async def test_servfail_defers(relay, dns):
     assert state == "deferred" and attempts == 1 and error.startswith("451 4.4.3")
 
 
-async def test_mixed_recipient_results(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+async def test_mixed_recipient_results(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
 
     def per_rcpt(verb, arg, conn):
         if verb == "RCPT" and "temp" in arg:
@@ -276,8 +212,8 @@ async def test_mixed_recipient_results(relay, dns, port):
             return "550 5.1.1 No such user"
         return None
 
-    config = relay()
-    async with RecordingPeer("127.0.0.2", port, replies=per_rcpt) as peer, running(config, deliver=True):
+    config = relay_config()
+    async with RecordingPeer("127.0.0.2", peer_port, replies=per_rcpt) as peer, running(config, deliver=True):
         await submit(config, ["ok@example.test", "temp@example.test", "gone@example.test"])
         [message] = await peer.wait_for_messages(1)
         # One read per check: two reads could straddle the commit that records the
@@ -296,20 +232,20 @@ async def test_mixed_recipient_results(relay, dns, port):
     ]
 
 
-async def test_smarthost_gets_everything_without_dns(make_config, dns, port):
-    config = make_config(delivery={"smarthost": f"127.0.0.4:{port}",
-                                   "dns": {"nameservers": ["127.0.0.1"], "port": dns.port}})
-    async with RecordingPeer("127.0.0.4", port) as peer, running(config, deliver=True):
+async def test_smarthost_gets_everything_without_dns(make_config, dns_server, peer_port):
+    config = make_config(delivery={"smarthost": f"127.0.0.4:{peer_port}",
+                                   "dns": {"nameservers": ["127.0.0.1"], "port": dns_server.port}})
+    async with RecordingPeer("127.0.0.4", peer_port) as peer, running(config, deliver=True):
         await submit(config, ["a@one.test", "b@two.test"])
         [message] = await peer.wait_for_messages(1)
     assert sorted(message.rcpts) == ["a@one.test", "b@two.test"]
-    assert dns.queries == {} or sum(dns.queries.values()) == 0
+    assert dns_server.queries == {} or sum(dns_server.queries.values()) == 0
 
 
-async def test_routes_send_a_domain_elsewhere(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay(routes={"routed.test": f"127.0.0.3:{port}"})
-    async with RecordingPeer("127.0.0.2", port) as mx_peer, RecordingPeer("127.0.0.3", port) as routed, \
+async def test_routes_send_a_domain_elsewhere(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config(routes={"routed.test": f"127.0.0.3:{peer_port}"})
+    async with RecordingPeer("127.0.0.2", peer_port) as mx_peer, RecordingPeer("127.0.0.3", peer_port) as routed, \
             running(config, deliver=True):
         await submit(config, ["a@routed.test", "b@example.test"])
         await routed.wait_for_messages(1)
@@ -318,23 +254,23 @@ async def test_routes_send_a_domain_elsewhere(relay, dns, port):
     assert mx_peer.messages[0].rcpts == ["b@example.test"]
 
 
-async def test_routes_win_over_the_smarthost(make_config, dns, port):
+async def test_routes_win_over_the_smarthost(make_config, dns_server, peer_port):
     """Postfix: transport_maps before relayhost. The routed domain goes to its route,
     everything else to the smarthost; DNS is asked nothing."""
-    config = make_config(delivery={"smarthost": f"127.0.0.4:{port}", "routes": {"routed.test": f"127.0.0.3:{port}"},
-                                   "dns": {"nameservers": ["127.0.0.1"], "port": dns.port}})
-    async with RecordingPeer("127.0.0.4", port) as smarthost, RecordingPeer("127.0.0.3", port) as routed, \
+    config = make_config(delivery={"smarthost": f"127.0.0.4:{peer_port}", "routes": {"routed.test": f"127.0.0.3:{peer_port}"},
+                                   "dns": {"nameservers": ["127.0.0.1"], "port": dns_server.port}})
+    async with RecordingPeer("127.0.0.4", peer_port) as smarthost, RecordingPeer("127.0.0.3", peer_port) as routed, \
             running(config, deliver=True):
         await submit(config, ["a@routed.test", "b@elsewhere.test"])
         await routed.wait_for_messages(1)
         await smarthost.wait_for_messages(1)
     assert [m.rcpts for m in routed.messages] == [["a@routed.test"]]
     assert [m.rcpts for m in smarthost.messages] == [["b@elsewhere.test"]]
-    assert sum(dns.queries.values()) == 0
+    assert sum(dns_server.queries.values()) == 0
 
 
 async def test_route_to_our_own_listener_is_a_loop(make_config, caplog):
-    from tests.conftest import free_port as free
+    from tests.support.ports import free_port as free
     own = free()
     caplog.set_level(logging.INFO, logger="mta")
     config = make_config(listeners=[{"name": "mta", "address": f"127.0.0.1:{own}", "mode": "relay"}],
@@ -347,10 +283,10 @@ async def test_route_to_our_own_listener_is_a_loop(make_config, caplog):
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
 
-async def test_quit_on_shutdown(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay(connection_cache={"idle_timeout": "60s"})
-    async with RecordingPeer("127.0.0.2", port) as peer:
+async def test_quit_on_shutdown(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config(connection_cache={"idle_timeout": "60s"})
+    async with RecordingPeer("127.0.0.2", peer_port) as peer:
         async with running(config, deliver=True):
             await submit(config, ["bob@example.test"])
             await peer.wait_for_messages(1)
@@ -360,10 +296,10 @@ async def test_quit_on_shutdown(relay, dns, port):
     assert peer.connections[0].verbs[-1] == "QUIT"
 
 
-async def test_quit_after_451_at_greeting_and_retry_later(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay()
-    async with RecordingPeer("127.0.0.2", port, greeting="451 4.3.2 not now") as peer, \
+async def test_quit_after_451_at_greeting_and_retry_later(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config()
+    async with RecordingPeer("127.0.0.2", peer_port, greeting="451 4.3.2 not now") as peer, \
             running(config, deliver=True):
         await submit(config, ["bob@example.test"])
         await wait_until(lambda: queue_rows(config)[0][2] == "deferred")
@@ -372,30 +308,30 @@ async def test_quit_after_451_at_greeting_and_retry_later(relay, dns, port):
     assert queue_rows(config)[0][4].startswith("451 4.3.2 not now")
 
 
-async def test_crash_recovery_makes_in_flight_recipients_due(relay, dns, port):
+async def test_crash_recovery_makes_in_flight_recipients_due(relay_config, dns_server, peer_port):
     """A recipient left 'active' by a killed daemon is delivered after restart."""
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay()
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config()
     async with running(config) as app:  # accept only
         queue_id = await submit(config, ["bob@example.test"])
         claimed = (await app.store.claim(time.time(), 10)).due
         assert [c.message_id for c in claimed] == [queue_id]
     assert queue_rows(config)[0][2] == "active"  # as a SIGKILL would leave it
-    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+    async with RecordingPeer("127.0.0.2", peer_port) as peer, running(config, deliver=True):
         await peer.wait_for_messages(1)
         await wait_until(lambda: queue_rows(config) == [])
     assert len(peer.messages) == 1
 
 
-async def test_backlog_of_deferred_mail_does_not_delay_fresh_mail(relay, dns, port):
-    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"))
-    config = relay()
+async def test_backlog_of_deferred_mail_does_not_delay_fresh_mail(relay_config, dns_server, peer_port):
+    mx(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.2"))
+    config = relay_config()
     async with running(config) as app:
         for i in range(300):  # a backlog: deferred, not due for an hour
             await submit(config, [f"old{i}@slow.test"])
         await app.store.db.execute("UPDATE recipients SET state='deferred', attempts=1, next_attempt=?",
                                    (time.time() + 3600,))
-    async with RecordingPeer("127.0.0.2", port) as peer, running(config, deliver=True):
+    async with RecordingPeer("127.0.0.2", peer_port) as peer, running(config, deliver=True):
         start = time.monotonic()
         await submit(config, ["fresh@example.test"])
         await peer.wait_for_messages(1)

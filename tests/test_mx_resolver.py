@@ -12,7 +12,7 @@ import pytest
 from mta.config import DNSConfig
 from mta.delivery.mx import MXHost, MXResolver
 from mta.errors import PermanentError, TransientError
-from fakedns import FakeDNS, fake_dns
+from tests.support.fakedns import FakeDNS, fake_dns
 
 ZONES: dict[str, Any] = {
     "example.test": {"MX": [(20, "mx2.example.test"), (10, "mx1.example.test")]},

@@ -40,7 +40,7 @@ _MAX_CNAME_CHAIN = 8
 
 
 class _Handler(socketserver.BaseRequestHandler):
-    server: "_UDPServer | _TCPServer"
+    server: _UDPServer | _TCPServer
 
     def handle(self) -> None:
         fake = self.server.fake
@@ -80,13 +80,13 @@ class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
     # Non-daemon threads joined by server_close(): stop() leaves nothing running.
     daemon_threads = False
     block_on_close = True
-    fake: "FakeDNS"
+    fake: FakeDNS
 
 
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = False
     block_on_close = True
-    fake: "FakeDNS"
+    fake: FakeDNS
 
 
 class FakeDNS:
@@ -107,14 +107,14 @@ class FakeDNS:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "FakeDNS":
+    def start(self) -> FakeDNS:
         self._stopping.clear()
         udp, tcp = self._bind()
         self.port = udp.server_address[1]
         for server in (udp, tcp):
             server.fake = self
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
-                                      name=f"fakedns-{server.socket_type.name}-{self.port}")
+                                      name=f"fakedns-{socket.SocketKind(server.socket_type).name}-{self.port}")
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)
@@ -144,7 +144,7 @@ class FakeDNS:
         self._servers.clear()
         self._threads.clear()
 
-    def __enter__(self) -> "FakeDNS":
+    def __enter__(self) -> FakeDNS:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -240,3 +240,10 @@ def fake_dns(zones: Zones | None = None, *, ttl: int = 300,
         yield server
     finally:
         server.stop()
+
+
+def mx(dns: FakeDNS, domain: str, *hosts: tuple[int, str, str]) -> None:
+    """MX records for ``domain`` and an A record for each host; hosts: (preference, name, ip)."""
+    dns.zones[domain] = {"MX": [(pref, name) for pref, name, _ in hosts]}
+    for _, name, ip in hosts:
+        dns.zones[name] = {"A": [ip]}

@@ -1,5 +1,6 @@
-"""Helpers for tests/test_faults.py: the real daemon as a subprocess, clients that
-tag every message with a unique X-Seq header, misbehaving SMTP peers, queue reads.
+"""Helpers for the fault tests (test_faults.py and the other real-daemon tests): a
+daemon config, clients that tag every message with a unique X-Seq header,
+misbehaving SMTP peers, queue reads. The daemon process itself is support.daemon.
 
 Everything here is asyncio-friendly: the recording peers run on the test's
 event loop, so nothing may block it (no ``proc.wait()`` without a timeout of 0).
@@ -12,101 +13,20 @@ import collections
 import contextlib
 import os
 import re
-import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tests.conftest import mta_command, subprocess_env
-from tests.wire import Wire
+from tests.support.daemon import Daemon
+from tests.support.wire import Wire
 
 # MTA_LONG_TESTS=1: the long versions (more SIGKILL rounds, more load).
 LONG = os.environ.get("MTA_LONG_TESTS", "") not in ("", "0", "no", "false")
 
 SEQ_HEADER = re.compile(rb"(?:^|\r\n)X-Seq: (\d+)\r\n")
-
-
-# --------------------------------------------------------------------------- the daemon
-
-class Daemon:
-    """`mta serve --config FILE` as a child process, its output appended to one log file."""
-
-    def __init__(self, tmp_path: Path, doc: dict[str, Any]):
-        self.doc = doc
-        self.config_path = tmp_path / "mta.yaml"
-        self.config_path.write_text(yaml.safe_dump(doc))
-        self.log_path = tmp_path / "mta.log"
-        self.port = int(doc["listeners"][0]["address"].rsplit(":", 1)[1])
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def queue_path(self) -> str:
-        return str(self.doc["queue"]["path"])
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"---- start {self.starts} ----\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(mta_command("serve", "--config", str(self.config_path)),
-                                         stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
-        self.starts += 1
-
-    async def started(self, timeout: float = 15.0) -> None:
-        self.start()
-        await self.wait_listening(timeout)
-
-    async def wait_listening(self, timeout: float = 15.0) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited during start-up:\n{self.log_tail()}")
-            try:
-                w = await Wire.connect("127.0.0.1", self.port)
-            except (OSError, ConnectionError, asyncio.TimeoutError):
-                await asyncio.sleep(0.05)
-                continue
-            await w.close()
-            return
-        raise AssertionError("daemon did not start listening")
-
-    async def wait_exit(self, timeout: float) -> int:
-        """The exit status, polled without blocking the event loop (the peers run on it)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while (rc := self.proc.poll()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon still running after {timeout}s:\n{self.log_tail()}")
-            await asyncio.sleep(0.02)
-        return rc
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.wait_exit(10)
-
-    async def terminate(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await self.wait_exit(timeout)
-
-    def ensure_dead(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 def daemon_doc(tmp_path: Path, port: int, *, queue: Path | None = None, **delivery: Any) -> dict[str, Any]:
@@ -171,7 +91,7 @@ async def send_tagged(port: int, seq: int, *, size: int = 0, rcpt: str | None = 
     attempt = Attempt(seq, "unknown", started=time.monotonic())
     try:
         w = await Wire.connect("127.0.0.1", port, greeting=False)
-    except (OSError, ConnectionError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, ConnectionError):
         attempt.outcome = "no-connect"
         return attempt
     try:
@@ -206,7 +126,7 @@ async def send_tagged(port: int, seq: int, *, size: int = 0, rcpt: str | None = 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(w.send("QUIT"), 1)
         return attempt
-    except (OSError, ConnectionError, asyncio.TimeoutError, UnicodeError):
+    except (TimeoutError, OSError, ConnectionError, UnicodeError):
         return attempt
     finally:
         with contextlib.suppress(Exception):
@@ -293,7 +213,7 @@ class BadPeer:
             writer.transport.abort()
             self._tasks.discard(task)
 
-    async def __aenter__(self) -> "BadPeer":
+    async def __aenter__(self) -> BadPeer:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

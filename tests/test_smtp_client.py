@@ -11,7 +11,8 @@ from mta.config import TimeoutsConfig
 from mta.delivery.client import ConnectFailed, ConnectionLost, Session, connect, parse_reply, to_wire
 from mta.errors import PermanentError, TransientError
 from mta.model import Reply
-from smtp_peer import END_OF_DATA, RecordingPeer, free_port
+from tests.support.ports import free_port
+from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -308,7 +309,7 @@ async def test_silent_peer_times_out_at_greeting() -> None:
 
 
 async def test_connection_refused_in_postfix_words() -> None:
-    port = free_port(["127.0.0.2"])
+    port = free_port("127.0.0.2")
     with pytest.raises(ConnectFailed) as info:
         await connect("127.0.0.2", port, server_name="mx.test", helo_name="relay.test", tls="may",
                       timeouts=TIMEOUTS)
