@@ -25,7 +25,7 @@ import yaml
 
 from mta import sendmail
 from mta.cli import _parser
-from tests.conftest import ROOT
+from tests.support.daemon import ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
