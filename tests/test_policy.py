@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mta.inbound import policy
-from mta.inbound.session import enhance_reply
+from mta.inbound.replies import enhance_reply
 
 
 @pytest.mark.parametrize("raw, clean", [
