@@ -15,14 +15,18 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import logging
 import re
 from email._header_value_parser import get_addr_spec, get_angle_addr  # what aiosmtpd uses
 from email.errors import HeaderParseError
-from typing import Any, AnyStr
+from typing import Any, AnyStr, Literal, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
+from mta.config import ListenerConfig
+from mta.inbound.envelope import NO_DSN, InboundEnvelope, InboundSession
+from mta.inbound.limiter import ConnectionLimiter
 from mta.inbound.policy import ATEXT, REPLIES, DSNParams, split_dsn_params
 from mta.inbound.replies import enhance_reply
 from mta.model import Reply
@@ -61,33 +65,37 @@ DATA_LINE_LIMIT = 65536
 CLOSE_GRACE = 5.0
 
 
-class ConnectionLimiter:
-    """Counts a listener's open sessions, in all and per client address."""
+class SessionHandler(Protocol):
+    """What InboundSMTP asks of its handler (mta.inbound.handler.InboundHandler)
+    besides the handle_* and auth_* hooks aiosmtpd calls."""
 
-    def __init__(self, max_total: int, max_per_ip: int):
-        self.max_total = max_total
-        self.max_per_ip = max_per_ip
-        self.total = 0
-        self.per_ip: collections.Counter[str] = collections.Counter()
+    listener: ListenerConfig
 
-    def admit(self, ip: str) -> bool:
-        if self.total >= self.max_total or self.per_ip[ip] >= self.max_per_ip:
-            return False
-        self.total += 1
-        self.per_ip[ip] += 1
-        return True
+    def note_reply(self, code: int) -> None:
+        """Every 4xx/5xx reply the session sends."""
 
-    def release(self, ip: str) -> None:
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+    def trusted(self, session: InboundSession) -> bool:
+        """The client may relay anywhere (mynetworks or authenticated)."""
+
+    def offers_dsn(self, session: InboundSession) -> bool:
+        """DSN belongs in the EHLO reply."""
+
+    def honours_dsn(self, session: InboundSession) -> bool:
+        """RFC 3461 parameters are taken on MAIL and RCPT (else refused as unknown)."""
+
+    async def log_reject(self, session: InboundSession, envelope: InboundEnvelope, stage: str, reply: object,
+                         sender: str | None = None, recipient: str | None = None,
+                         level: int = logging.INFO) -> None:
+        """Postfix's NOQUEUE reject line."""
 
 
 class InboundSMTP(SMTP):
     """One inbound SMTP session (aiosmtpd protocol object)."""
 
     line_length_limit = DATA_LINE_LIMIT
+    event_handler: SessionHandler
+    session: InboundSession | None
+    envelope: InboundEnvelope | None
     _dir_cache: list[str] | None = None
 
     def __dir__(self) -> list[str]:
@@ -100,7 +108,7 @@ class InboundSMTP(SMTP):
             cls._dir_cache = sorted(n for n in object.__dir__(self) if n.startswith(("smtp_", "auth_")))
         return cls._dir_cache
 
-    def __init__(self, handler: Any, *, limiter: ConnectionLimiter, implicit_tls: bool = False,
+    def __init__(self, handler: SessionHandler, *, limiter: ConnectionLimiter, implicit_tls: bool = False,
                  hard_error_limit: int = 20, junk_command_limit: int = 100, **kwargs: Any):
         super().__init__(handler, **kwargs)
         # Postfix's smtpd_hard_error_limit and smtpd_junk_command_limit: a client that
@@ -119,9 +127,16 @@ class InboundSMTP(SMTP):
         self._admitted_ip: str | None = None
         self.refused = False
         self._in_data = False
-        self.pending_dsn = DSNParams()  # RFC 3461 parameters of the MAIL/RCPT being handled
+        # The RFC 3461 parameters of the MAIL or RCPT being handled, for the handler's hook.
+        self.pending_dsn: DSNParams = NO_DSN
         self._replies: list[bytes] = []   # replies not yet written (see _send_reply)
         self._replies_size = 0
+
+    def _create_session(self) -> InboundSession:
+        return InboundSession(self.loop)
+
+    def _create_envelope(self) -> InboundEnvelope:
+        return InboundEnvelope()
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,9 +178,8 @@ class InboundSMTP(SMTP):
             # the connection itself after this and sends nothing.
             ip = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else "unknown"
             host = (self.session.host_name if self.session else None) or "unknown"
-            listener = getattr(getattr(self.event_handler, "listener", None), "name", "?")
             log.info("SSL_accept error from %s[%s]: %s (STARTTLS, listener %s)", host, ip,
-                     handshake_error(error.__cause__), listener)
+                     handshake_error(error.__cause__), self.event_handler.listener.name)
             return ""
         return await super().handle_exception(error)
 
@@ -190,11 +204,9 @@ class InboundSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2.7: tell the client why before closing.
         if self.transport is not None and not self.transport.is_closing():
-            try:
+            with contextlib.suppress(Exception):   # the socket may already be gone
                 self._writer.write(self._take_replies() + str(REPLIES["idle_timeout"]).encode() + b"\r\n")
-            except Exception:  # noqa: BLE001 - the socket may already be gone
-                pass
-        super()._timeout_cb()
+        super()._timeout_cb()   # type: ignore[no-untyped-call]
         # close() waits until the write buffer is flushed. A client that has stopped
         # reading ("slow read") never lets that happen, so connection_lost never came
         # and it kept its connection slot forever: drop it if still open a bit later.
@@ -204,7 +216,7 @@ class InboundSMTP(SMTP):
         if self.transport is not None:
             log.info("%s did not read the timeout reply; connection aborted",
                      self.session.peer if self.session else "?")
-            self.transport.abort()
+            cast(asyncio.Transport, self.transport).abort()
 
     def idle_between_transactions(self) -> bool:
         """No MAIL in progress and no reply being written (safe to close at shutdown)."""
@@ -212,10 +224,8 @@ class InboundSMTP(SMTP):
 
     def close_with(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            try:
+            with contextlib.suppress(Exception):   # the socket may already be gone
                 self._writer.write(self._take_replies() + reply)
-            except Exception:  # noqa: BLE001 - the socket may already be gone
-                pass
             self.transport.close()
 
     @syntax("DATA")
@@ -244,12 +254,12 @@ class InboundSMTP(SMTP):
         finally:
             self._in_data = False
         if content is None:
-            self._set_post_data_state()
+            self._set_post_data_state()   # type: ignore[no-untyped-call]
             await self.push("552 5.3.4 Message too big")
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()   # type: ignore[no-untyped-call]
         if status.startswith("250"):
             # Postfix: the hard limit is on errors "without delivering mail", and the
             # junk count "is reset after mail is delivered": an accepted message
@@ -263,9 +273,7 @@ class InboundSMTP(SMTP):
         reply = enhance_reply(raw)
         error = reply[:1] in (b"4", b"5") and reply[3:4] != b"-" and reply[:3].isdigit()
         if error:
-            note = getattr(self.event_handler, "note_reply", None)
-            if note is not None:
-                note(int(reply[:3]))
+            self.event_handler.note_reply(int(reply[:3]))
         await self._send_reply([reply])
         if error and not reply.startswith(_NOT_COUNTED):
             self._count_error()
@@ -404,10 +412,11 @@ class InboundSMTP(SMTP):
     def _getaddr_parsed(self, arg: str) -> tuple[str | None, str | None]:
         try:
             if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
+                angle, rest = get_angle_addr(arg)
+                addr = angle.addr_spec
             else:
-                address, rest = get_addr_spec(arg)
-            addr = address.addr_spec
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
         except (HeaderParseError, AttributeError, IndexError, ValueError):
             # Not only HeaderParseError: the stdlib parser raises AttributeError for
             # "<user@[" (found by tests/fuzz/fuzz_inbound.py), which aiosmtpd's own
@@ -432,7 +441,7 @@ class InboundSMTP(SMTP):
             return
         rebuilt = await self._take_dsn_params(arg, "FROM:", ("RET", "ENVID"))
         if rebuilt is not False:
-            await super().smtp_MAIL(rebuilt)  # type: ignore[arg-type]
+            await super().smtp_MAIL(rebuilt)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -442,36 +451,32 @@ class InboundSMTP(SMTP):
         rebuilt = await self._take_dsn_params(arg, "TO:", ("NOTIFY", "ORCPT"))
         if rebuilt is False or await self._refuse_unparsable_rcpt(rebuilt):
             return
-        await super().smtp_RCPT(rebuilt)  # type: ignore[arg-type]
+        await super().smtp_RCPT(rebuilt)
 
     async def _refuse_unparsable_rcpt(self, arg: str | None) -> bool:
         """554 5.7.1 (not aiosmtpd's 553 5.1.3) for an address aiosmtpd cannot parse
         (<user@remote@ourhost>), when the client may not relay: an untrusted client
         gets the relay refusal for anything but a plain local@relay_domain."""
-        trusted = getattr(self.event_handler, "_trusted", None)
-        if (trusted is None or not arg or self.session is None or self.envelope is None
-                or not self.envelope.mail_from):
+        if not arg or self.session is None or self.envelope is None or not self.envelope.mail_from:
             return False
         after = self._strip_command_keyword("TO:", arg)
-        if after is None or self._getaddr(after)[0] is not None or trusted(self.session):
+        if after is None or self._getaddr(after)[0] is not None or self.event_handler.trusted(self.session):
             return False
         # Postfix names the address as the client gave it: "554 5.7.1 <x>: Relay access denied".
         given = after.strip().split(" ", 1)[0].strip("<>")
         denied = REPLIES["relay_denied"]
         reply = f"{denied.code} {denied.enhanced} <{given}>: {denied.text}"
-        log_reject = getattr(self.event_handler, "_log_reject", None)
-        if log_reject is not None:
-            await log_reject(self.session, self.envelope, "RCPT", reply, recipient=given)
+        await self.event_handler.log_reject(self.session, self.envelope, "RCPT", reply, recipient=given)
         await self.push(reply)
         return True
 
-    async def _take_dsn_params(self, arg: str | None, keyword: str, allowed: tuple[str, ...]) -> str | None | bool:
+    async def _take_dsn_params(self, arg: str | None, keyword: str,
+                               allowed: tuple[str, ...]) -> str | None | Literal[False]:
         """The command argument without its DSN parameters (False: refused here)."""
-        self.pending_dsn = DSNParams()
+        self.pending_dsn = NO_DSN
         if not arg or self.session is None or not self.session.extended_smtp:
             return arg
-        honours = getattr(self.event_handler, "honours_dsn", None)
-        if honours is not None and not honours(self.session):
+        if not self.event_handler.honours_dsn(self.session):
             return arg   # left for aiosmtpd, which refuses unknown parameters with 555
         after = self._strip_command_keyword(keyword, arg)
         if after is None:
@@ -493,7 +498,7 @@ class InboundSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
-        self._set_rset_state()
+        self._set_rset_state()   # type: ignore[no-untyped-call]
         assert self.session is not None
         self.session.extended_smtp = False
         self.session.host_name = hostname
@@ -504,19 +509,17 @@ class InboundSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()
+        self._set_rset_state()   # type: ignore[no-untyped-call]
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
-        offers_dsn = getattr(self.event_handler, "offers_dsn", None)
         lines += ["8BITMIME", "SMTPUTF8"]
-        if offers_dsn is None or offers_dsn(self.session):
+        if self.event_handler.offers_dsn(self.session):
             lines.append("DSN")
         lines.append("ENHANCEDSTATUSCODES")
-        lines += getattr(self.event_handler, "extra_ehlo_keywords", [])
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
         if self._auth_methods and (not self._auth_require_tls or self._tls_protocol):
