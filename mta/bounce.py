@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
+from mta.message import header_section
 from mta.model import Reply, default_enhanced
 
 MAX_LINE = 998          # octets per line, without the CRLF (RFC 5322 §2.1.1)
@@ -380,12 +381,8 @@ def _break_line(line: bytes) -> bytes:
 
 def _header_section(data: bytes) -> bytes:
     """Everything up to the first empty line (all of it when there is none), CRLF-terminated."""
-    if data.startswith(b"\r\n"):
-        return b""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
-    return data[:end + 2]
+    header = header_section(data)
+    return header if not header or header.endswith(b"\r\n") else header + b"\r\n"
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -33,6 +33,7 @@ from mta.errors import ConfigError, QueueDamagedError, StartupError, StoreError
 from mta.health import Health
 from mta.log import setup_logging
 from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
+from mta.message import header_bounds
 from mta.passwords import check_users_file, delete_user, set_password
 from mta.queue.damage import RECOVERY_HINT, damage_reason, is_corruption
 from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
@@ -498,10 +499,9 @@ async def _show(store: QueueStore, given: str, body: bool) -> int:
 
 def header_section(data: bytes) -> bytes:
     """The message's header lines, up to and without the empty line that ends them."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        end = data.find(sep)
-        if end >= 0:
-            return data[:end + len(sep) // 2]
+    end = header_bounds(data)[0]
+    if end < len(data):
+        return data[:end]
     return data if data.endswith(b"\n") or not data else data + b"\n"
 
 

@@ -39,6 +39,7 @@ from typing import BinaryIO
 
 from mta.config import Config, ListenerConfig, load_config
 from mta.errors import ConfigError, StoreError
+from mta.message import header_bounds
 from mta.model import NewMessage, Recipient, normalize_line_ends
 
 EX_OK = 0
@@ -171,10 +172,10 @@ def read_message(stream: BinaryIO, dots_end_input: bool) -> bytes:
 
 def _split(data: bytes) -> tuple[list[bytes], bytes]:
     """(header lines with their continuation lines joined, CRLF kept; the rest)."""
-    end = data.find(b"\r\n\r\n")
-    if data.startswith(b"\r\n"):
-        return [], data
-    head, body = (data, b"") if end < 0 else (data[:end + 2], data[end + 2:])
+    end = header_bounds(data)[0]
+    if end == 0 and data:
+        return [], data   # it starts with the empty line: no header fields
+    head, body = data[:end], data[end:]
     fields: list[bytes] = []
     for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from mta.config import build_config
 from mta.inbound import policy
-from mta.inbound.session import _DEFAULT_ENHANCED, _HAS_ENHANCED, enhance_reply
+from mta.inbound.replies import _DEFAULT_ENHANCED, _HAS_ENHANCED, enhance_reply
 from mta.passwords import AuthThrottle, set_password
 from tests.fuzz import fuzz_inbound
 from tests.support.in_process import listener_port, running

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mta.inbound import policy
-from mta.inbound.session import enhance_reply
+from mta.inbound.replies import enhance_reply
 
 
 @pytest.mark.parametrize("raw, clean", [
@@ -90,7 +90,8 @@ def test_session_setup_finds_the_same_commands_hooks_and_mechanisms():
 
     from mta.config import build_config
     from mta.inbound.handler import InboundHandler
-    from mta.inbound.session import ConnectionLimiter, InboundSMTP
+    from mta.inbound.limiter import ConnectionLimiter
+    from mta.inbound.session import InboundSMTP
 
     config = build_config({})
     handler = InboundHandler(config, config.listeners[0], None)  # type: ignore[arg-type]

@@ -12,17 +12,20 @@ import dataclasses
 import logging
 import time
 from base64 import b64decode
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, AuthResult
 
 from mta.config import Config, ListenerConfig
 from mta.errors import StoreError
 from mta.inbound import policy
+from mta.inbound.envelope import InboundEnvelope, InboundSession
 from mta.inbound.peername import PeerNames
 from mta.inbound.policy import REPLIES
+from mta.inbound.session import InboundSMTP
 from mta.mailbox.users import MailboxUsers
-from mta.model import NewMessage, Recipient
+from mta.model import NewMessage, Recipient, Reply, normalize_line_ends
 from mta.passwords import AuthThrottle, UsersFile, UsersFileUnavailable
 from mta.queue.store import QueueStore, new_queue_id
 
@@ -33,7 +36,8 @@ queue_log = logging.getLogger("mta.cleanup")
 
 
 class InboundHandler:
-    """The hooks aiosmtpd calls for one listener."""
+    """The hooks aiosmtpd calls for one listener, and what InboundSMTP asks of its
+    handler (mta.inbound.session.SessionHandler)."""
 
     def __dir__(self) -> list[str]:
         # aiosmtpd scans dir(handler) for handle_* and auth_* on every connection
@@ -56,16 +60,16 @@ class InboundHandler:
         self.on_rejected = on_rejected or (lambda listener, code: None)
 
     # ------------------------------------------------------------------ helpers
-    def _client_ip(self, session: Session) -> str:
+    def _client_ip(self, session: InboundSession) -> str:
         peer = session.peer
         return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
-    async def _client(self, session: Session) -> str:
+    async def _client(self, session: InboundSession) -> str:
         """``name[ip]`` as Postfix logs a client: the verified reverse-DNS name, or unknown."""
         ip = self._client_ip(session)
         return f"{await self.peer_names.name(ip)}[{ip}]"
 
-    async def _log_reject(self, session: Session, envelope: Envelope, stage: str, reply: object,
+    async def log_reject(self, session: InboundSession, envelope: InboundEnvelope, stage: str, reply: object,
                           sender: str | None = None, recipient: str | None = None,
                           level: int = logging.INFO) -> None:
         """Postfix's reject line, which log parsers (pflogsumm) count:
@@ -77,18 +81,18 @@ class InboundHandler:
                 await self._client(session), reply, "" if sender in (None, "<>") else sender, to,
                 "ESMTP" if session.extended_smtp else "SMTP", session.host_name or "")
 
-    def _trusted(self, session: Session) -> bool:
+    def trusted(self, session: InboundSession) -> bool:
         return bool(session.authenticated) or self.config.in_mynetworks(self._client_ip(session))
 
-    def offers_dsn(self, session: Session) -> bool:
+    def offers_dsn(self, session: InboundSession) -> bool:
         """DSN in the EHLO reply (dsn.offer_to_untrusted): to trusted clients always, and on a
         listener with AUTH too, where the client may still authenticate before MAIL."""
-        return self.config.dsn.offer_to_untrusted or self._trusted(session) or self.users is not None
+        return self.config.dsn.offer_to_untrusted or self.trusted(session) or self.users is not None
 
-    def honours_dsn(self, session: Session) -> bool:
+    def honours_dsn(self, session: InboundSession) -> bool:
         """RFC 3461 parameters on MAIL/RCPT: refused (555, as an unknown parameter)
         for an untrusted client when dsn.offer_to_untrusted is false."""
-        return self.config.dsn.offer_to_untrusted or self._trusted(session)
+        return self.config.dsn.offer_to_untrusted or self.trusted(session)
 
     def _refuse(self, reply: Any) -> str:
         return str(reply)
@@ -98,13 +102,13 @@ class InboundHandler:
         self.on_rejected(self.listener.name, code)
 
     # ------------------------------------------------------------------ hooks
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+    async def handle_MAIL(self, server: InboundSMTP, session: InboundSession, envelope: InboundEnvelope,
                           address: str, mail_options: list[str]) -> str:
         if (damaged := self.store.damaged) is not None:
             # The queue file is known to be damaged: this transaction cannot end in a 250, so
             # say so before the client sends the message. Postfix's smtpd likewise asks for a
             # queue file at MAIL FROM and answers 451 4.3.0 when it cannot have one.
-            await self._log_reject(session, envelope, "MAIL", REPLIES["store_failed"], address,
+            await self.log_reject(session, envelope, "MAIL", REPLIES["store_failed"], address,
                                    level=logging.WARNING)
             log.warning("queue %s", damaged)
             return self._refuse(REPLIES["store_failed"])
@@ -112,16 +116,16 @@ class InboundHandler:
         # (an empty mail_from would read as "no MAIL yet"); it is "" in the queue.
         refusal = policy.check_sender("" if address == "<>" else address, smtputf8=envelope.smtp_utf8)
         if refusal is not None:
-            await self._log_reject(session, envelope, "MAIL", refusal, address)
+            await self.log_reject(session, envelope, "MAIL", refusal, address)
             return self._refuse(refusal)
         if address != "<>" and "@" not in address:
             address = f"{address}@{self.config.hostname}"  # Postfix's append_at_myorigin (see check_sender)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        envelope.dsn = getattr(server, "pending_dsn", None)
+        envelope.mail_dsn = server.pending_dsn
         return str(REPLIES["sender_ok"])
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+    async def handle_RCPT(self, server: InboundSMTP, session: InboundSession, envelope: InboundEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
             return self._refuse(REPLIES["too_many_rcpts"])
@@ -131,17 +135,13 @@ class InboundHandler:
             # RFC 5321 §4.5.1: <Postmaster> and postmaster@ each of our domains are always
             # accepted, from anyone; the mail goes to the configured postmaster address,
             # and X-Original-To (ORCPT) keeps the address the client gave.
-            dsn = getattr(server, "pending_dsn", None) or policy.DSNParams()
+            dsn = server.pending_dsn
             if dsn.orcpt is None:
                 dsn = dataclasses.replace(dsn, orcpt=f"rfc822;{address}")
-            envelope.rcpt_tos.append(postmaster)
-            envelope.rcpt_options.extend(rcpt_options)
-            if not hasattr(envelope, "rcpt_dsn"):
-                envelope.rcpt_dsn = []
-            envelope.rcpt_dsn.append(dsn)
+            envelope.add_recipient(postmaster, rcpt_options, dsn)
             return str(REPLIES["rcpt_ok"])
         # Anyone may send to a local domain, as to a relay domain (Postfix: mydestination).
-        refusal = policy.check_recipient(address, trusted=self._trusted(session),
+        refusal = policy.check_recipient(address, trusted=self.trusted(session),
                                          relay_domains=self.config.relay_domains + self.config.local_domains
                                          + self.config.mydestination,
                                          smtputf8=envelope.smtp_utf8)
@@ -153,28 +153,25 @@ class InboundHandler:
             # the message and tries again; a 550 would bounce it for good.
             reply = f"451 4.3.0 <{address}>: Temporary lookup failure"
             log.warning("%s: %s", address, exc)
-            await self._log_reject(session, envelope, "RCPT", reply, recipient=address, level=logging.WARNING)
+            await self.log_reject(session, envelope, "RCPT", reply, recipient=address, level=logging.WARNING)
             return reply
         if unknown_local:
             unknown = REPLIES["unknown_user"]
             reply = f"{unknown.code} {unknown.enhanced} <{address}>: {unknown.text}"
-            await self._log_reject(session, envelope, "RCPT", reply, recipient=address)
+            await self.log_reject(session, envelope, "RCPT", reply, recipient=address)
             return reply
         if refusal is not None:
+            refused: Reply | str = refusal
             if refusal == REPLIES["relay_denied"]:   # Postfix names the address: "<x@remote>: Relay access denied"
-                refusal = f"{refusal.code} {refusal.enhanced} <{address}>: {refusal.text}"
-            await self._log_reject(session, envelope, "RCPT", refusal, recipient=address)
-            return self._refuse(refusal)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        if not hasattr(envelope, "rcpt_dsn"):
-            envelope.rcpt_dsn = []
-        envelope.rcpt_dsn.append(getattr(server, "pending_dsn", None) or policy.DSNParams())
+                refused = f"{refusal.code} {refusal.enhanced} <{address}>: {refusal.text}"
+            await self.log_reject(session, envelope, "RCPT", refused, recipient=address)
+            return self._refuse(refused)
+        envelope.add_recipient(address, rcpt_options, server.pending_dsn)
         return str(REPLIES["rcpt_ok"])
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: InboundSMTP, session: InboundSession, envelope: InboundEnvelope) -> str:
         now = time.time()
-        data = policy.normalize_line_ends(envelope.original_content or b"")
+        data = normalize_line_ends(envelope.original_content or b"")
         refusal = None
         if b"\x00" in data:
             refusal = REPLIES["nul_in_data"]
@@ -183,7 +180,7 @@ class InboundHandler:
             refusal = REPLIES["too_many_hops"]
         if refusal is not None:
             # Postfix logs a refusal at the end of DATA as END-OF-MESSAGE.
-            await self._log_reject(session, envelope, "END-OF-MESSAGE", refusal,
+            await self.log_reject(session, envelope, "END-OF-MESSAGE", refusal,
                                    recipient=envelope.rcpt_tos[0] if envelope.rcpt_tos else None)
             return self._refuse(refusal)
         queue_id = new_queue_id()
@@ -206,13 +203,11 @@ class InboundHandler:
             recipients=list(envelope.rcpt_tos), now=now)
         data = received + data
         auth_user = session.auth_data if isinstance(session.auth_data, str) else None
-        mail_dsn = getattr(envelope, "dsn", None) or policy.DSNParams()
-        rcpt_dsn = list(getattr(envelope, "rcpt_dsn", []))
-        rcpt_dsn += [policy.DSNParams()] * (len(envelope.rcpt_tos) - len(rcpt_dsn))
+        mail_dsn = envelope.mail_dsn
         message = NewMessage(
             id=queue_id, sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             recipients=tuple(Recipient(address=r, notify=d.notify, orcpt=d.orcpt)
-                             for r, d in zip(envelope.rcpt_tos, rcpt_dsn)),
+                             for r, d in zip(envelope.rcpt_tos, envelope.rcpt_dsn, strict=True)),
             ret=mail_dsn.ret, envid=mail_dsn.envid,
             data=data, arrival=now, client=client_ip, listener=self.listener.name,
             helo=session.host_name or "", auth_user=auth_user, smtputf8=bool(envelope.smtp_utf8),
@@ -227,7 +222,7 @@ class InboundHandler:
             return self._refuse(reply)
         sasl = ""
         if auth_user:
-            sasl = f", sasl_method={getattr(session, 'sasl_method', 'PLAIN')}, sasl_username={auth_user}"
+            sasl = f", sasl_method={session.sasl_method or 'PLAIN'}, sasl_username={auth_user}"
         log.info("%s: client=%s[%s]%s, listener=%s", queue_id, client_name, client_ip, sasl, self.listener.name)
         queue_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", queue_id, message.sender, len(data),
                        len(message.recipients))
@@ -241,7 +236,7 @@ class InboundHandler:
         return str(REPLIES["local_error"])
 
     # ------------------------------------------------------------------ AUTH (RFC 4954)
-    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+    async def auth_PLAIN(self, server: InboundSMTP, args: list[str]) -> AuthResult:
         if len(args) > 1:
             blob: Any = _b64(args[1])
         else:
@@ -257,7 +252,7 @@ class InboundHandler:
             return AuthResult(success=False, handled=True)
         return await self._check(server, parts[1], parts[2], "PLAIN")
 
-    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+    async def auth_LOGIN(self, server: InboundSMTP, args: list[str]) -> AuthResult:
         if len(args) > 1:
             user: Any = _b64(args[1])
             if user is None:
@@ -272,7 +267,7 @@ class InboundHandler:
             return AuthResult(success=False, handled=True)
         return await self._check(server, user, password, "LOGIN")
 
-    async def _check(self, server: SMTP, user_b: bytes, password_b: bytes, method: str) -> AuthResult:
+    async def _check(self, server: InboundSMTP, user_b: bytes, password_b: bytes, method: str) -> AuthResult:
         session = server.session
         assert session is not None
         ip = self._client_ip(session)

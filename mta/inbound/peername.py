@@ -50,7 +50,7 @@ async def _verified_name(ip: str) -> str:
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError, UnicodeError, ValueError):
         return UNKNOWN
-    if host == ip or not any(_same_address(info[4][0], ip) for info in infos):
+    if host == ip or not any(_same_address(str(info[4][0]), ip) for info in infos):
         return UNKNOWN   # not forward-confirmed: the PTR record alone proves nothing
     return host
 

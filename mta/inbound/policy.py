@@ -12,6 +12,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mta.message import header_bounds
 from mta.model import Reply, normalize_line_ends, notify_wants  # noqa: F401 - re-exported for inbound callers
 
 REPLIES = {
@@ -134,22 +135,19 @@ class HeaderFacts:
     received_count: int
     has_message_id: bool
     has_date: bool
-    header_end: int  # offset where the header section ends (before the empty line), or len(data)
+    header_end: int  # offset where the header section ends (see mta.message.header_bounds)
 
 
 def inspect_headers(data: bytes) -> HeaderFacts:
     """Read the header section only (RFC 5322 §2.2), without a MIME parse."""
-    end = data.find(b"\r\n\r\n")
-    if data.startswith(b"\r\n"):
-        end = 0
-    header = data[:end] if end >= 0 else data
+    end = header_bounds(data)[0]
     names = [line.split(b":", 1)[0].strip().lower()
-             for line in header.split(b"\r\n") if line and line[:1] not in (b" ", b"\t")]
+             for line in data[:end].split(b"\r\n") if line and line[:1] not in (b" ", b"\t")]
     return HeaderFacts(
         received_count=names.count(b"received"),
         has_message_id=b"message-id" in names,
         has_date=b"date" in names,
-        header_end=end if end >= 0 else len(data),
+        header_end=end,
     )
 
 
@@ -158,11 +156,9 @@ def add_headers(data: bytes, facts: HeaderFacts, lines: list[bytes]) -> bytes:
     if not lines:
         return data
     extra = b"".join(line + b"\r\n" for line in lines)
-    if facts.header_end == 0 and data.startswith(b"\r\n"):
-        return extra + data  # no header section at all
     if facts.header_end < len(data):
-        cut = facts.header_end + 2  # keep the last header's CRLF, insert before the empty line
-        return data[:cut] + extra + data[cut:]
+        # The empty line follows (at 0: no header section at all): insert before it.
+        return data[:facts.header_end] + extra + data[facts.header_end:]
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"  # all headers, no body
     return data + extra

@@ -13,7 +13,8 @@ from typing import Any
 
 from mta.config import Config, ListenerConfig, TLSConfig
 from mta.inbound.handler import InboundHandler
-from mta.inbound.session import ConnectionLimiter, InboundSMTP
+from mta.inbound.limiter import ConnectionLimiter
+from mta.inbound.session import InboundSMTP
 from mta.tls import ImplicitTLS, handshake_error
 
 log = logging.getLogger("mta.smtpd")

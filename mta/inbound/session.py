@@ -5,8 +5,8 @@ aiosmtpd 1.4.6 answers many errors without an enhanced status code
 clients silently, keeps its command size limits in a class-level dict shared by
 every session, and cannot tell an implicit-TLS socket from a plain one. This
 subclass fixes those in one place: every reply leaves through :meth:`push`,
-which adds the RFC 3463 code a reply lacks (RFC 2034 §3 exempts the greeting,
-the EHLO/HELO replies and AUTH challenges).
+which adds the RFC 3463 code a reply lacks (:mod:`mta.inbound.replies`; RFC 2034
+§3 exempts the greeting, the EHLO/HELO replies and AUTH challenges).
 """
 
 from __future__ import annotations
@@ -15,68 +15,25 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import logging
 import re
 from email._header_value_parser import get_addr_spec, get_angle_addr  # what aiosmtpd uses
 from email.errors import HeaderParseError
-from typing import Any, AnyStr
+from typing import Any, AnyStr, Literal, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, syntax
 
+from mta.config import ListenerConfig
+from mta.inbound.envelope import NO_DSN, InboundEnvelope, InboundSession
+from mta.inbound.limiter import ConnectionLimiter
 from mta.inbound.policy import ATEXT, REPLIES, DSNParams, split_dsn_params
+from mta.inbound.replies import enhance_reply
 from mta.model import Reply
 from mta.tls import handshake_error
 
 log = logging.getLogger("mta.smtpd")
 
-# aiosmtpd ("mail.log") logs the text clients send: every command line (INFO and
-# DEBUG), an unrecognised command word (WARNING, which the daemon keeps) and an
-# AUTH response that is not base64 (DEBUG). It only masks "AUTH <mech> <response>",
-# so the base64 credentials of a client that sends its AUTH responses blindly
-# (after a 503/504/538, or pipelined) and a password sent unencoded were logged.
-# This filter logs such text as its length only; known commands stay readable.
-_KNOWN_COMMAND = re.compile(rb"(?i)(?:HELO|EHLO|MAIL|RCPT|DATA|RSET|NOOP|QUIT|VRFY|EXPN|HELP|AUTH|STARTTLS)(?:[ \r\n]|$)")
-_CLIENT_TEXT_RECORDS = {"%r >> %r", "_handle_client readline: %r", "%r unrecognised: %s",
-                        "%r can't decode base64: %s"}
-
-
-# aiosmtpd warns about our own choices on every session: AUTH without TLS where the operator
-# allowed it (allow_insecure_auth), and its own use of the deprecated Session.login_data.
-_NOISE = ("auth_required == True but auth_require_tls == False",
-          "Session.login_data is deprecated and will be removed in version 2.0")
-
-
-def _redact_client_text(record: logging.LogRecord) -> bool:
-    if record.msg in _NOISE:
-        return False
-    if record.msg in _CLIENT_TEXT_RECORDS and isinstance(record.args, tuple) and record.args:
-        text = record.args[-1]
-        raw = text if isinstance(text, bytes) else str(text).encode("utf-8", "surrogateescape")
-        if not (record.msg.endswith(">> %r") or record.msg.endswith("readline: %r")) \
-                or not _KNOWN_COMMAND.match(raw):
-            record.args = (*record.args[:-1], f"<{len(raw)} bytes not logged>")
-    return True
-
-
-logging.getLogger("mail.log").addFilter(_redact_client_text)
-
-_HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:[ \r]|$)")
-# Generic codes for replies aiosmtpd sends without one (RFC 3463 §3.3 / RFC 5321 §4.2).
-_DEFAULT_ENHANCED = {
-    b"221": b"2.0.0", b"235": b"2.7.0", b"250": b"2.0.0", b"251": b"2.1.5", b"252": b"2.5.0",
-    b"421": b"4.7.0", b"432": b"4.7.12", b"451": b"4.3.0", b"452": b"4.3.1", b"454": b"4.7.0",
-    b"500": b"5.5.2", b"501": b"5.5.4", b"502": b"5.5.1", b"503": b"5.5.1", b"504": b"5.5.4",
-    b"530": b"5.7.0", b"534": b"5.7.9", b"535": b"5.7.8", b"538": b"5.7.11", b"550": b"5.0.0",
-    b"552": b"5.3.4", b"553": b"5.1.3", b"554": b"5.0.0", b"555": b"5.5.4",
-}
-# Specific aiosmtpd literals that deserve a more precise code or wording.
-_REWRITES = {
-    b"552 Error: Too much mail data": b"552 5.3.4 Message too big",
-    b"500 Command line too long": b"500 5.5.2 Error: line too long",
-    b"500 Line too long (see RFC5321 4.5.3.1.6)": b"500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6)",
-    b"220 Ready to start TLS": b"220 2.0.0 Ready to start TLS",
-}
-_UNRECOGNISED = re.compile(rb'^500 Error: command ".*" not recognized$')
 _CR_NUL = re.compile(r"[\r\x00]")
 # The everyday address, <dot-atom@host.name> (RFC 5321 §4.1.2) and the parameters
 # after it: read without the stdlib's RFC 5322 parser, which costs ~50 µs per
@@ -108,33 +65,37 @@ DATA_LINE_LIMIT = 65536
 CLOSE_GRACE = 5.0
 
 
-class ConnectionLimiter:
-    """Counts a listener's open sessions, in all and per client address."""
+class SessionHandler(Protocol):
+    """What InboundSMTP asks of its handler (mta.inbound.handler.InboundHandler)
+    besides the handle_* and auth_* hooks aiosmtpd calls."""
 
-    def __init__(self, max_total: int, max_per_ip: int):
-        self.max_total = max_total
-        self.max_per_ip = max_per_ip
-        self.total = 0
-        self.per_ip: collections.Counter[str] = collections.Counter()
+    listener: ListenerConfig
 
-    def admit(self, ip: str) -> bool:
-        if self.total >= self.max_total or self.per_ip[ip] >= self.max_per_ip:
-            return False
-        self.total += 1
-        self.per_ip[ip] += 1
-        return True
+    def note_reply(self, code: int) -> None:
+        """Every 4xx/5xx reply the session sends."""
 
-    def release(self, ip: str) -> None:
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+    def trusted(self, session: InboundSession) -> bool:
+        """The client may relay anywhere (mynetworks or authenticated)."""
+
+    def offers_dsn(self, session: InboundSession) -> bool:
+        """DSN belongs in the EHLO reply."""
+
+    def honours_dsn(self, session: InboundSession) -> bool:
+        """RFC 3461 parameters are taken on MAIL and RCPT (else refused as unknown)."""
+
+    async def log_reject(self, session: InboundSession, envelope: InboundEnvelope, stage: str, reply: object,
+                         sender: str | None = None, recipient: str | None = None,
+                         level: int = logging.INFO) -> None:
+        """Postfix's NOQUEUE reject line."""
 
 
 class InboundSMTP(SMTP):
     """One inbound SMTP session (aiosmtpd protocol object)."""
 
     line_length_limit = DATA_LINE_LIMIT
+    event_handler: SessionHandler
+    session: InboundSession | None
+    envelope: InboundEnvelope | None
     _dir_cache: list[str] | None = None
 
     def __dir__(self) -> list[str]:
@@ -147,7 +108,7 @@ class InboundSMTP(SMTP):
             cls._dir_cache = sorted(n for n in object.__dir__(self) if n.startswith(("smtp_", "auth_")))
         return cls._dir_cache
 
-    def __init__(self, handler: Any, *, limiter: ConnectionLimiter, implicit_tls: bool = False,
+    def __init__(self, handler: SessionHandler, *, limiter: ConnectionLimiter, implicit_tls: bool = False,
                  hard_error_limit: int = 20, junk_command_limit: int = 100, **kwargs: Any):
         super().__init__(handler, **kwargs)
         # Postfix's smtpd_hard_error_limit and smtpd_junk_command_limit: a client that
@@ -166,9 +127,16 @@ class InboundSMTP(SMTP):
         self._admitted_ip: str | None = None
         self.refused = False
         self._in_data = False
-        self.pending_dsn = DSNParams()  # RFC 3461 parameters of the MAIL/RCPT being handled
+        # The RFC 3461 parameters of the MAIL or RCPT being handled, for the handler's hook.
+        self.pending_dsn: DSNParams = NO_DSN
         self._replies: list[bytes] = []   # replies not yet written (see _send_reply)
         self._replies_size = 0
+
+    def _create_session(self) -> InboundSession:
+        return InboundSession(self.loop)
+
+    def _create_envelope(self) -> InboundEnvelope:
+        return InboundEnvelope()
 
     # ------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -210,9 +178,8 @@ class InboundSMTP(SMTP):
             # the connection itself after this and sends nothing.
             ip = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else "unknown"
             host = (self.session.host_name if self.session else None) or "unknown"
-            listener = getattr(getattr(self.event_handler, "listener", None), "name", "?")
             log.info("SSL_accept error from %s[%s]: %s (STARTTLS, listener %s)", host, ip,
-                     handshake_error(error.__cause__), listener)
+                     handshake_error(error.__cause__), self.event_handler.listener.name)
             return ""
         return await super().handle_exception(error)
 
@@ -237,11 +204,9 @@ class InboundSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2.7: tell the client why before closing.
         if self.transport is not None and not self.transport.is_closing():
-            try:
+            with contextlib.suppress(Exception):   # the socket may already be gone
                 self._writer.write(self._take_replies() + str(REPLIES["idle_timeout"]).encode() + b"\r\n")
-            except Exception:  # noqa: BLE001 - the socket may already be gone
-                pass
-        super()._timeout_cb()
+        super()._timeout_cb()   # type: ignore[no-untyped-call]
         # close() waits until the write buffer is flushed. A client that has stopped
         # reading ("slow read") never lets that happen, so connection_lost never came
         # and it kept its connection slot forever: drop it if still open a bit later.
@@ -251,7 +216,7 @@ class InboundSMTP(SMTP):
         if self.transport is not None:
             log.info("%s did not read the timeout reply; connection aborted",
                      self.session.peer if self.session else "?")
-            self.transport.abort()
+            cast(asyncio.Transport, self.transport).abort()
 
     def idle_between_transactions(self) -> bool:
         """No MAIL in progress and no reply being written (safe to close at shutdown)."""
@@ -259,10 +224,8 @@ class InboundSMTP(SMTP):
 
     def close_with(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            try:
+            with contextlib.suppress(Exception):   # the socket may already be gone
                 self._writer.write(self._take_replies() + reply)
-            except Exception:  # noqa: BLE001 - the socket may already be gone
-                pass
             self.transport.close()
 
     @syntax("DATA")
@@ -291,12 +254,12 @@ class InboundSMTP(SMTP):
         finally:
             self._in_data = False
         if content is None:
-            self._set_post_data_state()
+            self._set_post_data_state()   # type: ignore[no-untyped-call]
             await self.push("552 5.3.4 Message too big")
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()   # type: ignore[no-untyped-call]
         if status.startswith("250"):
             # Postfix: the hard limit is on errors "without delivering mail", and the
             # junk count "is reset after mail is delivered": an accepted message
@@ -310,9 +273,7 @@ class InboundSMTP(SMTP):
         reply = enhance_reply(raw)
         error = reply[:1] in (b"4", b"5") and reply[3:4] != b"-" and reply[:3].isdigit()
         if error:
-            note = getattr(self.event_handler, "note_reply", None)
-            if note is not None:
-                note(int(reply[:3]))
+            self.event_handler.note_reply(int(reply[:3]))
         await self._send_reply([reply])
         if error and not reply.startswith(_NOT_COUNTED):
             self._count_error()
@@ -451,10 +412,11 @@ class InboundSMTP(SMTP):
     def _getaddr_parsed(self, arg: str) -> tuple[str | None, str | None]:
         try:
             if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
+                angle, rest = get_angle_addr(arg)
+                addr = angle.addr_spec
             else:
-                address, rest = get_addr_spec(arg)
-            addr = address.addr_spec
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
         except (HeaderParseError, AttributeError, IndexError, ValueError):
             # Not only HeaderParseError: the stdlib parser raises AttributeError for
             # "<user@[" (found by tests/fuzz/fuzz_inbound.py), which aiosmtpd's own
@@ -479,7 +441,7 @@ class InboundSMTP(SMTP):
             return
         rebuilt = await self._take_dsn_params(arg, "FROM:", ("RET", "ENVID"))
         if rebuilt is not False:
-            await super().smtp_MAIL(rebuilt)  # type: ignore[arg-type]
+            await super().smtp_MAIL(rebuilt)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -489,36 +451,32 @@ class InboundSMTP(SMTP):
         rebuilt = await self._take_dsn_params(arg, "TO:", ("NOTIFY", "ORCPT"))
         if rebuilt is False or await self._refuse_unparsable_rcpt(rebuilt):
             return
-        await super().smtp_RCPT(rebuilt)  # type: ignore[arg-type]
+        await super().smtp_RCPT(rebuilt)
 
     async def _refuse_unparsable_rcpt(self, arg: str | None) -> bool:
         """554 5.7.1 (not aiosmtpd's 553 5.1.3) for an address aiosmtpd cannot parse
         (<user@remote@ourhost>), when the client may not relay: an untrusted client
         gets the relay refusal for anything but a plain local@relay_domain."""
-        trusted = getattr(self.event_handler, "_trusted", None)
-        if (trusted is None or not arg or self.session is None or self.envelope is None
-                or not self.envelope.mail_from):
+        if not arg or self.session is None or self.envelope is None or not self.envelope.mail_from:
             return False
         after = self._strip_command_keyword("TO:", arg)
-        if after is None or self._getaddr(after)[0] is not None or trusted(self.session):
+        if after is None or self._getaddr(after)[0] is not None or self.event_handler.trusted(self.session):
             return False
         # Postfix names the address as the client gave it: "554 5.7.1 <x>: Relay access denied".
         given = after.strip().split(" ", 1)[0].strip("<>")
         denied = REPLIES["relay_denied"]
         reply = f"{denied.code} {denied.enhanced} <{given}>: {denied.text}"
-        log_reject = getattr(self.event_handler, "_log_reject", None)
-        if log_reject is not None:
-            await log_reject(self.session, self.envelope, "RCPT", reply, recipient=given)
+        await self.event_handler.log_reject(self.session, self.envelope, "RCPT", reply, recipient=given)
         await self.push(reply)
         return True
 
-    async def _take_dsn_params(self, arg: str | None, keyword: str, allowed: tuple[str, ...]) -> str | None | bool:
+    async def _take_dsn_params(self, arg: str | None, keyword: str,
+                               allowed: tuple[str, ...]) -> str | None | Literal[False]:
         """The command argument without its DSN parameters (False: refused here)."""
-        self.pending_dsn = DSNParams()
+        self.pending_dsn = NO_DSN
         if not arg or self.session is None or not self.session.extended_smtp:
             return arg
-        honours = getattr(self.event_handler, "honours_dsn", None)
-        if honours is not None and not honours(self.session):
+        if not self.event_handler.honours_dsn(self.session):
             return arg   # left for aiosmtpd, which refuses unknown parameters with 555
         after = self._strip_command_keyword(keyword, arg)
         if after is None:
@@ -540,7 +498,7 @@ class InboundSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
-        self._set_rset_state()
+        self._set_rset_state()   # type: ignore[no-untyped-call]
         assert self.session is not None
         self.session.extended_smtp = False
         self.session.host_name = hostname
@@ -551,39 +509,22 @@ class InboundSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()
+        self._set_rset_state()   # type: ignore[no-untyped-call]
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
-        offers_dsn = getattr(self.event_handler, "offers_dsn", None)
         lines += ["8BITMIME", "SMTPUTF8"]
-        if offers_dsn is None or offers_dsn(self.session):
+        if self.event_handler.offers_dsn(self.session):
             lines.append("DSN")
         lines.append("ENHANCEDSTATUSCODES")
-        lines += getattr(self.event_handler, "extra_ehlo_keywords", [])
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
         if self._auth_methods and (not self._auth_require_tls or self._tls_protocol):
             lines.append("AUTH " + " ".join(sorted(self._auth_methods)))
         await self.push_raw([f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"])
-
-
-def enhance_reply(raw: bytes) -> bytes:
-    """Add the enhanced status code (RFC 3463) that an aiosmtpd reply lacks."""
-    if raw in _REWRITES:
-        return _REWRITES[raw]
-    if _HAS_ENHANCED.match(raw):
-        return raw
-    if _UNRECOGNISED.match(raw):
-        return b"500 5.5.1 Error: command not recognized"
-    code, sep = raw[:3], raw[3:4]
-    enhanced = _DEFAULT_ENHANCED.get(code)
-    if enhanced is None or sep not in (b" ", b"-", b""):
-        return raw
-    return code + (sep or b" ") + enhanced + b" " + raw[4:]
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int | None) -> bytes | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mta.mailbox.store import MailboxCopy
 from mta.mailbox.users import MailboxUsers
+from mta.message import header_section
 from mta.model import LOCAL_RELAY, Outcome, Reply, normalize_line_ends
 from mta.passwords import UsersFileUnavailable
 
@@ -89,9 +90,7 @@ def _header_safe(line: str) -> str:
 
 def subject_of(data: bytes) -> str:
     """The Subject of the header section, RFC 2047 words decoded, for `mta mailbox list`."""
-    end = data.find(b"\r\n\r\n")
-    header = data[: end + 2] if end >= 0 else data
-    m = _SUBJECT.search(header)
+    m = _SUBJECT.search(header_section(data))
     if not m:
         return ""
     raw = re.sub(rb"\r\n[ \t]", b" ", m.group(1)).decode("utf-8", "replace")

@@ -14,8 +14,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from mta.config import Config, ListenerConfig
+from mta.inbound.limiter import ConnectionLimiter
 from mta.inbound.server import BoundServer, make_tls_context
-from mta.inbound.session import ConnectionLimiter
 from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle

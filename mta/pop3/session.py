@@ -28,6 +28,7 @@ from enum import StrEnum
 from mta.config import Config, ListenerConfig
 from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
 from mta.mailbox.users import MailboxUsers
+from mta.message import header_bounds
 from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
 from mta.tls import HANDSHAKE_ERRORS, handshake_error
@@ -169,17 +170,9 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _header_end(data: bytes) -> int:
-    """Offset just past the blank line ending the header (or the end of a header-only message)."""
-    if data.startswith((b"\r\n", b"\n")):
-        return data.index(b"\n") + 1
-    ends = [i + len(sep) for sep in (b"\n\r\n", b"\n\n") if (i := data.find(sep)) >= 0]
-    return min(ends) if ends else len(data)
-
-
 def top_of(data: bytes, lines: int) -> bytes:
     """RFC 1939 §7 TOP: the header, the blank line, then ``lines`` lines of the body."""
-    start = _header_end(data)
+    start = header_bounds(data)[1]   # past the empty line
     end = start
     for _ in range(lines):
         newline = data.find(b"\n", end)
