@@ -28,6 +28,7 @@ import asyncio
 import email.utils
 import os
 import pwd
+import re
 import select
 import smtplib
 import socket
@@ -39,7 +40,6 @@ from typing import BinaryIO
 
 from mta.config import Config, ListenerConfig, load_config
 from mta.errors import ConfigError, StoreError
-from mta.message import header_bounds
 from mta.model import NewMessage, Recipient, normalize_line_ends
 
 EX_OK = 0
@@ -170,19 +170,29 @@ def read_message(stream: BinaryIO, dots_end_input: bool) -> bytes:
     return b"".join(lines)
 
 
+_FIELD = re.compile(rb"[!-9;-~]+:")   # RFC 5322 §2.2: a field name, then a colon
+
+
 def _split(data: bytes) -> tuple[list[bytes], bytes]:
-    """(header lines with their continuation lines joined, CRLF kept; the rest)."""
-    end = header_bounds(data)[0]
-    if end == 0 and data:
-        return [], data   # it starts with the empty line: no header fields
-    head, body = data[:end], data[end:]
+    """(header fields with their continuation lines joined, CRLF kept; the body).
+
+    As Postfix's cleanup reads local submissions: the header section ends at the
+    empty line, or at the first line that is no header field (``echo text |
+    sendmail user`` sends a body only), and the body then starts with that line."""
     fields: list[bytes] = []
-    for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
+    offset = 0
+    while offset < len(data):
+        end = data.find(b"\r\n", offset)
+        end = len(data) if end < 0 else end + 2
+        line = data[offset:end]
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line + b"\r\n"
+            fields[-1] += line
+        elif _FIELD.match(line):
+            fields.append(line if line.endswith(b"\r\n") else line + b"\r\n")
         else:
-            fields.append(line + b"\r\n")
-    return fields, body
+            break   # the empty line, or body text: no more header fields
+        offset = end
+    return fields, data[offset:]
 
 
 def _name(field_line: bytes) -> str:

@@ -9,6 +9,7 @@ wrapper over that path in a private mount namespace (root and unshare needed).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import shutil
 import sqlite3
@@ -216,3 +217,19 @@ async def test_bsd_mailx_mail_through_our_sendmail(relay, daemon, tmp_path):
     assert header(received.data, "Subject") == ["from mailx"]
     assert header(received.data, "To") == ["bob@example.org"]
     assert received.data.endswith(b"\r\n\r\nbody from mail(1)\r\n")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # `echo text | sendmail user`: no header at all; the added fields go first, the text is the body.
+    (b"hello body only\n", b"From: me@x.test\r\nDATE\r\nMSGID\r\n\r\nhello body only\r\n"),
+    (b"", b"From: me@x.test\r\nDATE\r\nMSGID\r\n\r\n"),
+    (b"Subject: s\n folded\nTo: a@b.test\n\nbody\n",
+     b"Subject: s\r\n folded\r\nTo: a@b.test\r\nFrom: me@x.test\r\nDATE\r\nMSGID\r\n\r\nbody\r\n"),
+    (b"Subject: s\nnot a field\nmore\n", b"Subject: s\r\nFrom: me@x.test\r\nDATE\r\nMSGID\r\n\r\nnot a field\r\nmore\r\n"),
+])
+def test_prepare_reads_the_header_as_postfix_cleanup_does(raw, expected):
+    from mta.sendmail import prepare
+    data, rcpts = prepare(raw, Options(recipients=["a@b.test"]), "me@x.test", "x.test", 0.0, "Q1")
+    date = b"Date: " + email.utils.formatdate(0.0, localtime=True).encode()
+    assert data == expected.replace(b"DATE", date).replace(b"MSGID", b"Message-ID: <19700101000000.Q1@x.test>")
+    assert rcpts == ["a@b.test"]
