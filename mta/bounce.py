@@ -100,31 +100,11 @@ def build_dsn(*, hostname: str, original_queue_id: str, sender: str, original: b
     kind = _dominant(r.action for r in reports)
 
     text = _text_part(hostname, kind, reports, arrival, now)
-    text_8bit = not text.isascii()
     status = _status_part(hostname, original_queue_id, sender, arrival, envid, reports)
-    if ret_full:
-        returned = original
-        description = "Undelivered Message" if kind == "failed" else (
-            "Delayed Message" if kind == "delayed" else "Delivered Message")
-        returned_type = "message/rfc822"
-    else:
-        returned = _header_section(original)
-        description = "Undelivered Message Headers" if kind == "failed" else (
-            "Delayed Message Headers" if kind == "delayed" else "Message Headers")
-        returned_type = "text/rfc822-headers"
-    returned_8bit = not returned.isascii()
-
-    parts = [
-        (["Content-Description: Notification",
-          f"Content-Type: text/plain; charset={'utf-8' if text_8bit else 'us-ascii'}"]
-         + (["Content-Transfer-Encoding: 8bit"] if text_8bit else []),
-         _encode(text)),
-        (["Content-Description: Delivery report", "Content-Type: message/delivery-status"],
-         _encode(status)),
-        ([f"Content-Description: {description}", f"Content-Type: {returned_type}"]
-         + (["Content-Transfer-Encoding: 8bit"] if returned_8bit else []),
-         returned),
-    ]
+    parts = [_notification_part(text), (["Content-Description: Delivery report",
+                                         "Content-Type: message/delivery-status"], _encode(status)),
+             _returned_part(original, kind, ret_full)]
+    eight_bit = any("Content-Transfer-Encoding: 8bit" in headers for headers, _ in parts)
     boundary = _boundary(original_queue_id, hostname, now, [body for _, body in parts])
 
     headers = [
@@ -136,7 +116,7 @@ def build_dsn(*, hostname: str, original_queue_id: str, sender: str, original: b
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
     ]
-    if text_8bit or returned_8bit:
+    if eight_bit:
         headers.append("Content-Transfer-Encoding: 8bit")
     headers.append(_fold("Message-ID", _msg_id(message_id, original_queue_id, hostname, now)))
 
@@ -147,6 +127,33 @@ def build_dsn(*, hostname: str, original_queue_id: str, sender: str, original: b
         out.append(body if not body or body.endswith(b"\r\n") else body + b"\r\n")
     out.append(b"\r\n--" + boundary.encode() + b"--\r\n")
     return b"".join(out)
+
+
+_Part = tuple[list[str], bytes]   # (MIME part header lines, body bytes)
+
+
+def _notification_part(text: str) -> _Part:
+    """Part 1: the human-readable explanation, 8-bit only when an address needs it."""
+    eight_bit = not text.isascii()
+    return (["Content-Description: Notification",
+             f"Content-Type: text/plain; charset={'utf-8' if eight_bit else 'us-ascii'}"]
+            + (["Content-Transfer-Encoding: 8bit"] if eight_bit else []), _encode(text))
+
+
+def _returned_part(original: bytes, kind: str, ret_full: bool) -> _Part:
+    """Part 3: the whole original (RET=FULL, message/rfc822) or its header section."""
+    if ret_full:
+        returned = original
+        description = "Undelivered Message" if kind == "failed" else (
+            "Delayed Message" if kind == "delayed" else "Delivered Message")
+        returned_type = "message/rfc822"
+    else:
+        returned = _header_section(original)
+        description = "Undelivered Message Headers" if kind == "failed" else (
+            "Delayed Message Headers" if kind == "delayed" else "Message Headers")
+        returned_type = "text/rfc822-headers"
+    return ([f"Content-Description: {description}", f"Content-Type: {returned_type}"]
+            + (["Content-Transfer-Encoding: 8bit"] if not returned.isascii() else []), returned)
 
 
 # ----------------------------------------------------------------------------- per recipient
