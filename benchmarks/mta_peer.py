@@ -114,14 +114,14 @@ class MtaDaemon:
 def create_backlog_db(path: Path, count: int, *, size: int = 1024, domain: str = "backlog.test") -> float:
     """A queue.db holding ``count`` deferred messages (one recipient each) due in 1-2 hours.
 
-    Written through mta's own QueueStore.enqueue (so it follows whatever the
+    Written through mta's own queue enqueue (so it follows whatever the
     schema is today), 5,000 messages per group commit; then the recipients'
     attempts and last error are set as a first failed attempt would leave
     them. Returns the seconds it took.
     """
     sys.path.insert(0, str(ROOT))
     from mta.model import NewMessage, RcptState, Recipient
-    from mta.queue.store import QueueStore
+    from mta.store.sqlite.store import SQLiteStore
 
     t0 = time.monotonic()
     now = time.time()
@@ -138,14 +138,14 @@ def create_backlog_db(path: Path, count: int, *, size: int = 1024, domain: str =
             arrival=now - 1800 + i * 1e-3, client="127.0.0.1", listener="bench", helo="backlog")
 
     async def fill() -> None:
-        store = QueueStore(path)
+        store = SQLiteStore(path)
         await store.open()  # creates the schema (migrations)
         try:
-            await store.db.execute("PRAGMA synchronous = OFF")  # a fixture, not mail
+            await store.engine.db.execute("PRAGMA synchronous = OFF")  # a fixture, not mail
             for start in range(0, count, 5000):
                 # Concurrent enqueues share one commit (the store's group commit).
                 chunk = range(start, min(count, start + 5000))
-                await asyncio.gather(*(store.enqueue(message(i)) for i in chunk))
+                await asyncio.gather(*(store.queue.enqueue(message(i)) for i in chunk))
         finally:
             await store.close()
 
@@ -164,14 +164,15 @@ def create_backlog_db(path: Path, count: int, *, size: int = 1024, domain: str =
 def _fill_fast(path: Path, count: int, message) -> bool:
     """The same rows, faster: the store's own insert function run on a plain
     sqlite3 connection in one transaction. False (and nothing written) if the
-    store's internals no longer fit; the caller then uses QueueStore.enqueue."""
-    from mta.queue import store as store_module
+    store's internals no longer fit; the caller then uses the queue's enqueue."""
+    from mta.store.sqlite import queue as store_module
+    from mta.store.sqlite.store import SQLiteStore
     insert = getattr(store_module, "_insert_message", None)
     if insert is None:
         return False
 
     async def make_schema() -> None:
-        store = store_module.QueueStore(path)
+        store = SQLiteStore(path)
         await store.open()
         await store.close()
 

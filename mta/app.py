@@ -23,16 +23,16 @@ from mta.health import Health
 from mta.inbound.handler import InboundHandler
 from mta.inbound.peername import PeerNames
 from mta.inbound.server import Listener
-from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
 from mta.metrics import Metrics
 from mta.notify import Notifier
 from mta.passwords import AuthThrottle, UsersFile
 from mta.qmgr import DeliveryService
-from mta.queue.lock import QueueLock, acquire as acquire_queue_lock
 from mta.queue.scheduler import Scheduler
-from mta.queue.store import QueueStore
 from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
+from mta.store.api import Store
+from mta.store.factory import make_store
+from mta.store.sqlite.lock import QueueLock, acquire as acquire_queue_lock
 from mta.worker import DeliveryProcess
 
 log = logging.getLogger("mta.master")
@@ -46,7 +46,7 @@ class App:
                  delivery_process: bool = False, log_level: str = "INFO",
                  queue_lock: QueueLock | None = None):
         self.config = config
-        # One daemon per queue (mta/queue/lock.py): serve() takes it in its preflight, else start().
+        # One daemon per queue (mta/store/sqlite/lock.py): serve() takes it in its preflight, else start().
         self.queue_lock = queue_lock
         self.deliver = deliver  # False: accept and queue only (inbound tests)
         # True: the queue manager runs in a child process (mta/worker.py), on the second core.
@@ -58,10 +58,9 @@ class App:
         # writes: new mail is refused with 452 4.3.1 before the disk is really full.
         # Every fault either heals by itself or shows here: /healthz, mta_health_status, the log.
         self.health = Health()
-        self.store = QueueStore(config.queue.path, reserve=int(1.5 * config.limits.message_size),
-                                health=self.health)
+        self.store: Store = make_store(config, role="inbound", health=self.health)
         self.listeners: list[Any] = []   # SMTP Listener and POP3Listener: start/sockets/stop_accepting/drain
-        self.mailboxes = MailboxStore(self.store)
+        self.mailboxes = self.store.mailboxes
         self.mailbox_users = MailboxUsers(config, health=self.health)
         self.auth_users: UsersFile | None = None
         self._tables_task: asyncio.Task[None] | None = None
@@ -89,7 +88,7 @@ class App:
                                                    locks=self.mailbox_locks, throttle=throttle,
                                                    metrics=self.metrics))
                 continue
-            handler = InboundHandler(self.config, lc, self.store, users=users, throttle=throttle,
+            handler = InboundHandler(self.config, lc, self.store.queue, users=users, throttle=throttle,
                                      on_received=self.metrics.message_received,
                                      on_rejected=self.metrics.rejected, mailbox_users=self.mailbox_users,
                                      peer_names=peer_names)
@@ -102,7 +101,7 @@ class App:
         try:
             await self.store.open()   # a file that cannot be opened at all: QueueDamagedError, exit 2
             # Damage inside a file that opens: start anyway, refuse new mail with 451 and say so
-            # (mta/queue/damage.py); what is queued stays where `mta queue check` and a repair can reach it.
+            # (mta/store/sqlite/damage.py); what is queued stays where `mta queue check` and a repair can reach it.
             await self.store.check_at_start()
             self._build_listeners()
             for listener in self.listeners:
@@ -140,9 +139,9 @@ class App:
                                             config=self.config,
                                             inherit_fds=() if lock_fd is None else (lock_fd,))
             await self.delivery.start()
-            self.store.add_listener(self.delivery.wake)   # new mail: wake the child at once
+            self.store.queue.add_listener(self.delivery.wake)   # new mail: wake the child at once
         else:
-            service = DeliveryService(self.config, self.store, self.metrics, own)
+            service = DeliveryService(self.config, self.store.queue, self.metrics, own)
             self.pool, self.router, self.scheduler = service.pool, service.router, service.scheduler
             self.delivery = service
             service.start().add_done_callback(self._scheduler_ended)
@@ -180,7 +179,7 @@ class App:
 
     async def _refresh_queue_metrics(self) -> None:
         now = time.time()
-        self.metrics.update_queue(await self.store.queue_summary(now), now)
+        self.metrics.update_queue(await self.store.admin.queue_summary(now), now)
 
     def own_sockets(self) -> frozenset[tuple[str, int]]:
         return frozenset(sock for listener in self.listeners for sock in listener.sockets())

@@ -21,7 +21,6 @@ import getpass
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -29,14 +28,23 @@ from pathlib import Path
 
 import mta
 from mta.config import Config, load_config
-from mta.errors import ConfigError, QueueDamagedError, StartupError, StoreError
+from mta.errors import RECOVERY_HINT, ConfigError, QueueDamagedError, StartupError, StoreError, damage_reason
 from mta.health import Health
 from mta.log import setup_logging
-from mta.mailbox.store import MailboxStore, MailboxSummary, MessageSummary, mailbox_key
 from mta.message import header_bounds
 from mta.passwords import check_users_file, delete_user, set_password
-from mta.queue.damage import RECOVERY_HINT, damage_reason, is_corruption
-from mta.queue.store import AdminResult, MessageDetail, QueueEntry, QueueStore
+from mta.store.api import (
+    AdminResult,
+    Mailboxes,
+    MailboxSummary,
+    MessageDetail,
+    MessageSummary,
+    QueueAdmin,
+    QueueEntry,
+    Store,
+    mailbox_key,
+)
+from mta.store.factory import make_store
 
 EXIT_USAGE = 2
 
@@ -202,12 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "queue" and args.queue_command == "delete" and bool(args.ids) == bool(args.all):
         parser.error("queue delete: give message ids or --all (not both)")
-    queue_path = "queue"
     try:
         if args.command == "passwd":
             return _passwd(args)
         config, path = _load(args)
-        queue_path = str(config.queue.path)
         if args.command == "check-config":
             from mta.preflight import check
             check(config)   # what would keep `mta serve` from starting, not only the syntax
@@ -244,18 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except QueueDamagedError as exc:
-        # A file that cannot be opened at all (serve, queue …, mailbox …): one line, no traceback.
+        # A file that cannot be opened at all (serve, queue …, mailbox …), or a damaged page
+        # met while reading (queue list, show, mailbox …): one line, no traceback.
         print(f"queue: {exc}; {RECOVERY_HINT}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:
         print(f"mta: queue: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:
-        if not is_corruption(exc):
-            raise
-        # A damaged page met while reading (queue list, show, mailbox …).
-        print(f"queue: {damage_reason(queue_path, exc)}; {RECOVERY_HINT}", file=sys.stderr)
-        return EXIT_USAGE
     except _NoQueue as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -304,10 +305,10 @@ class _NoQueue(Exception):
 
 
 @contextlib.asynccontextmanager
-async def _opened_queue(config: Config, command: str) -> AsyncIterator[QueueStore]:
+async def _opened_queue(config: Config, command: str) -> AsyncIterator[Store]:
     if not os.path.exists(config.queue.path):
         raise _NoQueue(f"mta: {command}: {config.queue.path}: no queue database (has the daemon run?)")
-    store = QueueStore(config.queue.path, health=Health())
+    store = make_store(config, role="admin", health=Health())
     # A command says what is wrong in its own one line (main()); Health's log line would repeat it.
     quiet = logging.getLogger("mta.health")
     hush = logging.Filter("nothing")   # passes only records of a logger named "nothing"
@@ -324,7 +325,7 @@ async def _opened_queue(config: Config, command: str) -> AsyncIterator[QueueStor
 
 async def _mailbox(args: argparse.Namespace, config: Config) -> int:
     async with _opened_queue(config, "mailbox") as store:
-        mailboxes = MailboxStore(store)
+        mailboxes = store.mailboxes
         if args.mailbox_command == "show":
             return await _mailbox_show(mailboxes, args.user, args.message)
         if args.mailbox_command == "purge":
@@ -364,7 +365,7 @@ def _has_mailbox(config: Config, user: str) -> bool:
         return True   # cannot tell: an empty purge is no error then
 
 
-async def _mailbox_show(mailboxes: MailboxStore, user: str, wanted: str) -> int:
+async def _mailbox_show(mailboxes: Mailboxes, user: str, wanted: str) -> int:
     """Postfix's postcat for a mailbox message: the stored bytes, with LF line ends."""
     messages = await mailboxes.messages(mailbox_key(user))
     if wanted.isdigit():
@@ -407,17 +408,18 @@ def format_mailbox(name: str, messages: Sequence[MessageSummary]) -> str:
 async def _queue(args: argparse.Namespace, config: Config) -> int:
     async with _opened_queue(config, "queue") as store:
         command = args.queue_command
+        admin = store.admin
         if command == "list":
-            await _list(store, args.json)
+            await _list(admin, args.json)
             return 0
         if command == "show":
-            return await _show(store, args.id, args.body)
+            return await _show(admin, args.id, args.body)
         if command == "check":
-            return await _check(store, config.queue.path)
-        return await _admin(store, command, args)
+            return await _check(admin, config.queue.path)
+        return await _admin(admin, command, args)
 
 
-async def _list(store: QueueStore, as_json: bool) -> None:
+async def _list(store: QueueAdmin, as_json: bool) -> None:
     write = sys.stdout.write
     # aclosing: if writing fails (`mta queue list | head`), the query ends before the store closes.
     async with contextlib.aclosing(store.iter_queue()) as batches:
@@ -484,7 +486,7 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
 
 
-async def _show(store: QueueStore, given: str, body: bool) -> int:
+async def _show(store: QueueAdmin, given: str, body: bool) -> int:
     detail = await store.message_detail(given.upper())
     if detail is None:
         print(f"mta: queue: {given}: no such message", file=sys.stderr)
@@ -531,14 +533,9 @@ def format_show(d: MessageDetail) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _check(store: QueueStore, path: str) -> int:
+async def _check(store: QueueAdmin, path: str) -> int:
     """`mta queue check`: SQLite's findings on stdout, the verdict in one line."""
-    try:
-        problems = await store.integrity_problems()
-    except sqlite3.DatabaseError as exc:
-        if not is_corruption(exc):
-            raise
-        problems = [str(exc)]   # some damage stops the check itself
+    problems = await store.check()
     if not problems:
         print(f"queue: {path}: ok")
         return 0
@@ -549,9 +546,9 @@ async def _check(store: QueueStore, path: str) -> int:
 
 
 def _repair(path: str, output: str | None) -> int:
-    """`mta queue repair`: mta/queue/repair.py does the copying."""
-    from mta.queue.repair import RepairError, repair
-    from mta.queue.store import SCHEMA_VERSION, create_schema
+    """`mta queue repair`: mta/store/sqlite/repair.py does the copying (a SQLite file's own tool)."""
+    from mta.store.sqlite.repair import RepairError, repair
+    from mta.store.sqlite.schema import SCHEMA_VERSION, create_schema, schema_version
 
     target = output or f"{path}.repaired"
     if not os.path.exists(path):
@@ -559,10 +556,8 @@ def _repair(path: str, output: str | None) -> int:
     if os.path.exists(target):
         print(f"queue: {target} exists already; remove it or give --output", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    except sqlite3.DatabaseError:
+    version = schema_version(path)
+    if version is None:
         version = SCHEMA_VERSION   # the header is unreadable: repair() says so
     if version != SCHEMA_VERSION:
         print(f"queue: {path} has schema version {version}, this mta has {SCHEMA_VERSION}: repair it with"
@@ -599,7 +594,7 @@ def _operator() -> str:
 _DONE = {"hold": "held", "release": "released", "flush": "flushed", "requeue": "requeued"}
 
 
-async def _admin(store: QueueStore, command: str, args: argparse.Namespace) -> int:
+async def _admin(store: QueueAdmin, command: str, args: argparse.Namespace) -> int:
     given: list[str] = list(args.ids)
     ids: list[str] | None = [i.upper() for i in given] or None
     now = time.time()

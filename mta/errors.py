@@ -51,4 +51,13 @@ class StoreError(Exception):
 
 class QueueDamagedError(StoreError):
     """The queue file is damaged (SQLite reports corruption); str() is one line naming the
-    file: "/var/lib/mta/queue.db is damaged: file is not a database"."""
+    file: "/var/lib/mta/queue.db is damaged: file is not a database" (damage_reason)."""
+
+
+# Where the README tells how to recover a damaged queue: said after every damage line.
+RECOVERY_HINT = 'see README "Recovering a damaged queue"'
+
+
+def damage_reason(path: object, what: object) -> str:
+    """The one line naming the file: "/var/lib/mta/queue.db is damaged: file is not a database"."""
+    return f"{path} is damaged: {' '.join(str(what).split())}"

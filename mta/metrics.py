@@ -97,7 +97,7 @@ _REASONS = {
 
 
 class QueueSummaryLike(Protocol):
-    """What :meth:`Metrics.update_queue` reads (``QueueStore.queue_summary``)."""
+    """What :meth:`Metrics.update_queue` reads (``QueueAdmin.queue_summary``)."""
 
     @property
     def active(self) -> int: ...

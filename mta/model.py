@@ -59,6 +59,19 @@ LOCAL_RELAY = "local"   # relay= of a delivery to a lab mailbox, as Postfix's lo
 
 
 @dataclass(frozen=True, slots=True)
+class MailboxCopy:
+    """One recipient's copy, headers added, made by local delivery for the store to keep."""
+
+    mailbox: str
+    queue_id: str
+    sender: str
+    subject: str
+    data: bytes
+    arrival: float | None = None   # the message's arrival in the queue (else now): mailboxes are in this order
+    max_messages: int = 10_000     # the mailbox keeps its newest this many (mailboxes.max_messages)
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What one delivery attempt did for one recipient (SMTP next hop or local mailbox)."""
 
@@ -70,6 +83,9 @@ class Outcome:
     # TLS, AUTH; 0 for a cached session) and of the transaction itself.
     setup: float = 0.0
     transmission: float = 0.0
+    # Local delivery's copy for the recipient's mailbox: stored in the commit that records
+    # this outcome, so a crash can neither lose a delivered message nor store it twice.
+    mailbox_copy: MailboxCopy | None = None
 
     @property
     def delivered(self) -> bool:

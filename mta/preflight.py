@@ -9,7 +9,7 @@ creating or binding anything for good), so `check-config && systemctl restart`
 finds them before the restart does.
 
 In order: the queue directory, the queue lock (serve only: one daemon per
-queue, mta/queue/lock.py), TLS certificates and keys, the users files, then
+queue, mta/store/sqlite/lock.py), TLS certificates and keys, the users files, then
 the listening addresses (a test bind, the way the daemon binds).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mta.config import Config, ListenerConfig, TLSConfig
 from mta.errors import StartupError
-from mta.queue import lock as queue_lock
+from mta.store.sqlite import lock as queue_lock
 
 
 def startup(config: Config) -> queue_lock.QueueLock:

@@ -1,6 +1,7 @@
-"""The delivery side of the daemon: queue manager, router and connection cache.
+"""The delivery side of the daemon: queue manager, its couriers and the connection cache.
 
-Postfix's qmgr with its smtp clients and local(8), composed in one object so
+Postfix's qmgr with its smtp clients and local(8) (here the couriers: local
+mailboxes first, then the SMTP router), composed in one object so
 that the daemon can run it on its own event loop in the same process (tests,
 one core) or in a process of its own (``mta/worker.py``) while the listeners
 keep the first core busy.
@@ -18,13 +19,13 @@ from mta import bounce
 from mta.config import Config
 from mta.delivery.mx import MXResolver
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.router import Delivery, Router
-from mta.mailbox.local import LocalDelivery
+from mta.delivery.router import Router
+from mta.mailbox.local import LocalCourier
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient
 from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
 from mta.queue.scheduler import Job, RecipientResult, Scheduler
-from mta.queue.store import QueueStore, new_queue_id
+from mta.store.api import Queue, new_queue_id
 
 log = logging.getLogger("mta.qmgr")
 
@@ -38,7 +39,7 @@ class DeliveryMetrics(Protocol):
 
 
 class DeliveryService:
-    def __init__(self, config: Config, store: QueueStore, metrics: DeliveryMetrics,
+    def __init__(self, config: Config, store: Queue, metrics: DeliveryMetrics,
                  own_sockets: frozenset[tuple[str, int]]):
         self.config = config
         self.store = store
@@ -53,10 +54,10 @@ class DeliveryService:
         self.router = Router(delivery, config.hostname, MXResolver(delivery.dns), self.pool,
                              own_sockets=own_sockets)
         metrics.attach_pool(self.pool)
-        self.scheduler = Scheduler(store, self.router, delivery, make_delivery,
-                                   make_report=self.make_report, on_result=metrics.recipient_result,
-                                   local=LocalDelivery(MailboxUsers(config, health=store.health)),
-                                   max_mailbox_messages=config.mailboxes.max_messages)
+        # Mail for local_domains goes into mailboxes; the users are replaced on reload.
+        self.local = LocalCourier(MailboxUsers(config, health=store.health), config.mailboxes.max_messages)
+        self.scheduler = Scheduler(store, [self.local, self.router], delivery,
+                                   make_report=self.make_report, on_result=metrics.recipient_result)
         store.add_listener(self.scheduler.wake)   # our own bounces wake us too
         self.task: asyncio.Task[None] | None = None
 
@@ -83,8 +84,8 @@ class DeliveryService:
         self.config = replace(config, delivery=new)
         self.router.config = new
         self.scheduler.config = new
-        self.scheduler.local = LocalDelivery(users)
-        self.scheduler.max_mailbox_messages = config.mailboxes.max_messages
+        self.local.users = users
+        self.local.max_messages = config.mailboxes.max_messages
 
     async def stop(self, grace: float) -> None:
         """Let running deliveries finish within ``grace``; then QUIT every cached
@@ -128,10 +129,3 @@ class DeliveryService:
                           arrival=now, client="127.0.0.1", listener=listener, helo=hostname,
                           body_8bit=not dsn.isascii())
 
-
-def make_delivery(job: Job, data: bytes) -> Delivery:
-    first = job.recipients[0]
-    return Delivery(message_id=job.message_id, sender=first.sender,
-                    recipients=tuple(r.address for r in job.recipients), data=data,
-                    smtputf8=first.smtputf8, body_8bit=first.body_8bit, ret=first.ret, envid=first.envid,
-                    notify=tuple(r.notify for r in job.recipients), orcpt=tuple(r.orcpt for r in job.recipients))

@@ -295,12 +295,12 @@ def _xtext(value: str) -> str:
 
 async def enqueue_directly(config: Config, message: NewMessage) -> None:
     """Commit to the queue file as the daemon would (the daemon delivers it when it starts)."""
-    from mta.queue.store import QueueStore   # only on this path: the SMTP path stays light
+    from mta.store.factory import make_store   # only on this path: the SMTP path stays light
 
-    store = QueueStore(config.queue.path, reserve=int(1.5 * config.limits.message_size))
+    store = make_store(config, role="inbound")
     await store.open()
     try:
-        await store.enqueue(message)
+        await store.queue.enqueue(message)
     finally:
         await store.close()
 
@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _send(opts: Options, config: Config) -> int:
-    from mta.queue.store import new_queue_id
+    from mta.store.api import new_queue_id
 
     now = time.time()
     queue_id = new_queue_id()

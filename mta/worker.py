@@ -51,7 +51,7 @@ from mta.errors import ConfigError
 from mta.health import Health
 from mta.mailbox.users import MailboxUsers
 from mta.model import LOCAL_RELAY, RcptState
-from mta.queue.store import QueueStore
+from mta.store.factory import make_store
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics, RecipientResultLike
@@ -92,7 +92,7 @@ class DeliveryProcess:
     def __init__(self, config_path: str | None, metrics: Metrics, own_sockets: frozenset[tuple[str, int]],
                  log_level: str = "INFO", *, config: Config | None = None, inherit_fds: tuple[int, ...] = ()):
         self.config_path = config_path
-        # Descriptors the child keeps open for its whole life: the queue lock (mta/queue/lock.py).
+        # Descriptors the child keeps open for its whole life: the queue lock (mta/store/sqlite/lock.py).
         self.inherit_fds = inherit_fds
         # The main process's configuration as started: a child started later (after a
         # crash) keeps its restart-only keys too, whatever the file says by then.
@@ -306,9 +306,6 @@ def _child_command() -> list[str]:
 # ----------------------------------------------------------------------------- the child
 
 FORWARD_INTERVAL = 0.1   # seconds the child gathers metrics events before one write
-# A delivery's outcome waits up to this long for the next claim to share its commit
-# (QueueStore.commit_delay): the main process's commits are never delayed.
-COMMIT_DELAY = 0.002
 
 
 class _Forwarder:
@@ -379,15 +376,13 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
 
     _die_with_parent(parent_pid)
     health = Health()
-    # The main process's reserve (app.py): below it the queue manager keeps its own writes small.
-    store = QueueStore(config.queue.path, health=health, reserve=int(1.5 * config.limits.message_size))
-    store.commit_delay = COMMIT_DELAY
-    store.inline_writes = True   # claims and outcomes commit on this loop's thread (QueueStore._run_inline)
+    # The main process's reserve; claims and outcomes commit on this loop's thread (mta/store/factory.py).
+    store = make_store(config, role="delivery", health=health)
     await store.open()
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd))
     forwarder = _Forwarder(writer)
     health.on_change = forwarder.health_changed
-    service = DeliveryService(config, store, forwarder, own_sockets)
+    service = DeliveryService(config, store.queue, forwarder, own_sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -398,8 +393,7 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
             log.error("delivery: reload failed, keeping the old configuration: config: %s", exc)
             return
         new, _ = reloaded(service.config, new)   # the main process logs what needs a restart
-        local = service.scheduler.local
-        service.reconfigure(new, MailboxUsers(new, health=health, previous=local.users if local else None))
+        service.reconfigure(new, MailboxUsers(new, health=health, previous=service.local.users))
         log.info("delivery: reload: configuration re-read from %s", config_path or "built-in defaults")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)

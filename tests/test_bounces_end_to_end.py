@@ -11,7 +11,8 @@ import time
 import pytest
 
 from mta.model import NewMessage, RcptState, Recipient
-from mta.queue.store import QueueStore, RecipientUpdate
+from mta.store.api import RecipientUpdate
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.fakedns import mx
 from tests.support.in_process import queue_rows, submit
 from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
@@ -202,10 +203,10 @@ async def test_max_lifetime_bounces_with_last_error(relay_config, dns_server, pe
     """Time by data: a row that arrived six days ago fails at its next 4xx."""
     zones(dns_server, peer_port)
     config = relay_config(retry={"max_lifetime": "5d"})
-    store = QueueStore(config.queue.path)
+    store = SQLiteStore(config.queue.path)
     await store.open()
     old = time.time() - 6 * 86400
-    await store.enqueue(NewMessage(id="0000OLD00001", sender="lab@lab.test",
+    await store.queue.enqueue(NewMessage(id="0000OLD00001", sender="lab@lab.test",
                                    recipients=(Recipient("a@example.test"),), data=BODY, arrival=old))
     await store.close()
 
@@ -223,24 +224,24 @@ async def test_max_lifetime_bounces_with_last_error(relay_config, dns_server, pe
 
 async def test_failure_and_bounce_are_one_commit(tmp_path):
     """If the commit that records a failure fails, neither the failure nor its bounce exists."""
-    store = QueueStore(tmp_path / "queue.db")
+    store = SQLiteStore(tmp_path / "queue.db")
     await store.open()
-    await store.enqueue(NewMessage(id="AAAA00000001", sender="lab@lab.test",
+    await store.queue.enqueue(NewMessage(id="AAAA00000001", sender="lab@lab.test",
                                    recipients=(Recipient("a@example.test"),), data=BODY, arrival=time.time()))
-    [claimed] = (await store.claim(time.time(), 10)).due
+    [claimed] = (await store.queue.claim(time.time(), 10)).due
     bounce = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("lab@lab.test"),),
                         data=b"dsn", arrival=time.time())  # same id: the insert fails inside the commit
     failed = RecipientUpdate(claimed.rcpt_no, RcptState.BOUNCED, 1, time.time(), "550 5.1.1 nope")
     with pytest.raises(Exception):
-        await store.record_outcomes("AAAA00000001", [failed], time.time(), new_messages=[bounce])
+        await store.queue.record_outcomes("AAAA00000001", [failed], time.time(), new_messages=[bounce])
     await store.close()
     with sqlite3.connect(tmp_path / "queue.db") as db:
         assert db.execute("SELECT id, sender FROM messages").fetchall() == [("AAAA00000001", "lab@lab.test")]
         assert db.execute("SELECT state, attempts FROM recipients").fetchall() == [("active", 0)]
     # After a restart the recipient is due again: the failure and its bounce will be made once, together.
-    store = QueueStore(tmp_path / "queue.db")
+    store = SQLiteStore(tmp_path / "queue.db")
     await store.open()
-    assert await store.recover_in_flight() == 1
+    assert await store.queue.recover_in_flight() == 1
     await store.close()
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from mta.model import NewMessage, RcptState, Recipient
 from mta.passwords import read_users, verify_password
-from mta.queue.store import QueueStore, RecipientUpdate
+from mta.store.api import RecipientUpdate
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import mta_command, subprocess_env
 
 pytestmark = pytest.mark.timeout(30)
@@ -38,13 +39,13 @@ def queue_config(tmp_path: Path) -> tuple[Path, Path]:
 async def make_queue(db: Path, *messages: NewMessage,
                      deferrals: tuple[tuple[str, int, str], ...] = ()) -> None:
     """A queue file holding ``messages``; each deferral (queue id, rcpt no, reply) is one failed attempt."""
-    store = QueueStore(db)
+    store = SQLiteStore(db)
     await store.open()
     try:
         for m in messages:
-            await store.enqueue(m)
+            await store.queue.enqueue(m)
         for queue_id, rcpt_no, reply in deferrals:
-            await store.record_outcomes(
+            await store.queue.record_outcomes(
                 queue_id, [RecipientUpdate(rcpt_no, RcptState.DEFERRED, 1, ARRIVAL + 300, reply)],
                 ARRIVAL + 1)
     finally:
@@ -346,10 +347,10 @@ def test_queue_list_without_a_queue_file(queue_config):
 async def test_queue_list_while_the_daemon_holds_the_queue(queue_config):
     """mailq must work while the daemon has the database open and keeps committing."""
     config, db = queue_config
-    store = QueueStore(db)
+    store = SQLiteStore(db)
     await store.open()
     try:
-        await store.enqueue(TWO_MESSAGES[0])
+        await store.queue.enqueue(TWO_MESSAGES[0])
         proc = await asyncio.create_subprocess_exec(
             *mta_command("queue", "list", "--json", "--config", str(config)),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env())
@@ -357,7 +358,7 @@ async def test_queue_list_while_the_daemon_holds_the_queue(queue_config):
         n = 0
         while not communicate.done():  # keep writing for as long as the CLI runs
             n += 1
-            await store.enqueue(message(f"0B{n:010X}", "load@lab.test", [Recipient("x@remote.test")],
+            await store.queue.enqueue(message(f"0B{n:010X}", "load@lab.test", [Recipient("x@remote.test")],
                                         size=100, arrival=ARRIVAL + 1000 + n))
             await asyncio.sleep(0.005)
         stdout, stderr = await asyncio.wait_for(communicate, 30)

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from mta.model import NewMessage, RcptState, Recipient
-from mta.queue.store import QueueStore, new_queue_id
+from mta.store.api import new_queue_id
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import mta_command, start_daemon, subprocess_env
 from tests.support.ports import free_port
 from tests.support.waiting import wait_until
@@ -45,7 +46,7 @@ async def build_queue(path: Path, messages: int = 68, *, deferred_for: float = 0
     """A real queue file holding ``messages`` messages of about 6 kB, one recipient each
     (deferred for ``deferred_for`` seconds if given); closed, so everything is in the
     database file and nothing in a WAL."""
-    store = QueueStore(path)
+    store = SQLiteStore(path)
     await store.open()
     ids = []
     now = time.time()
@@ -56,7 +57,7 @@ async def build_queue(path: Path, messages: int = 68, *, deferred_for: float = 0
                              next_attempt=now + deferred_for if deferred_for else 0.0)
             message = NewMessage(id=new_queue_id(), sender="lab@lab.test", recipients=(rcpt,),
                                  data=b"Subject: stuck\r\n\r\n" + (b"%06d" % i) * 1000 + b"\r\n", arrival=now)
-            await store.enqueue(message)
+            await store.queue.enqueue(message)
             ids.append(message.id)
     finally:
         await store.close()

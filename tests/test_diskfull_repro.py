@@ -277,7 +277,7 @@ async def test_queue_storage_fault_lasts_while_an_outcome_cannot_be_recorded(mak
                                        "retry": {"min_backoff": "200ms", "max_backoff": "1s"}})
         app = App(config, deliver=True)
         seen: list[dict[str, str]] = []   # the faults at each try of the outcome write
-        real = app.store.record_outcomes
+        real = app.store.queue.record_outcomes
 
         async def failing(*args: Any, **kwargs: Any) -> Any:
             seen.append(app.health.faults())
@@ -285,7 +285,7 @@ async def test_queue_storage_fault_lasts_while_an_outcome_cannot_be_recorded(mak
                 raise StoreError("database or disk is full", disk_full=True)
             return await real(*args, **kwargs)
 
-        app.store.record_outcomes = failing  # type: ignore[method-assign]
+        app.store.queue.record_outcomes = failing  # type: ignore[method-assign]
         await app.start()
         try:
             assert (await send_tagged(listener_port(config), 1)).outcome == "accepted"

@@ -32,7 +32,8 @@ import pytest
 from mta.app import App
 from mta.errors import StoreError
 from mta.model import NewMessage, Recipient
-from mta.queue.store import QueueStore, new_queue_id
+from mta.store.api import new_queue_id
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import Daemon
 from tests.support.fakedns import FakeDNS
 from tests.support.faults import (
@@ -256,7 +257,7 @@ async def test_store_reserve_refuses_early_and_counts_pages_freed_inside_the_que
     """The reserve without root: with little free space (faked) a message that would eat
     into the reserve is refused as disk full, before any write; pages freed inside the
     queue file by removed mail count as free again, though the file does not shrink."""
-    store = QueueStore(tmp_path / "queue.db", reserve=100_000)
+    store = SQLiteStore(tmp_path / "queue.db", reserve=100_000)
     await store.open()
     try:
         def message(n: int) -> NewMessage:
@@ -265,16 +266,16 @@ async def test_store_reserve_refuses_early_and_counts_pages_freed_inside_the_que
 
         first = [message(n) for n in range(10)]
         for m in first:
-            await store.enqueue(m)
-        monkeypatch.setattr(store, "_free_space", lambda: 150_000)   # < reserve + 2 x 50 kB
+            await store.queue.enqueue(m)
+        monkeypatch.setattr(store.engine, "free_space", lambda: 150_000)   # < reserve + 2 x 50 kB
         with pytest.raises(StoreError) as refused:
-            await store.enqueue(message(10))
+            await store.queue.enqueue(message(10))
         assert refused.value.disk_full
-        assert await store.count_recipients() == {"queued": 10}
-        await store.delete([m.id for m in first[:5]])          # as if delivered
-        await store.enqueue(message(11))                       # fits in the freed pages
-        assert await store.count_recipients() == {"queued": 6}
-        assert await store.integrity_check() == "ok"
+        assert await store.admin.count_recipients() == {"queued": 10}
+        await store.admin.delete([m.id for m in first[:5]])          # as if delivered
+        await store.queue.enqueue(message(11))                       # fits in the freed pages
+        assert await store.admin.count_recipients() == {"queued": 6}
+        assert await store.admin.integrity_check() == "ok"
     finally:
         await store.close()
 
@@ -289,7 +290,7 @@ async def test_queue_manager_rides_out_failing_queue_writes(make_config):
         app = App(config, deliver=True)
         failures = {"claim": 2, "record_outcomes": 2}
         for name in failures:
-            real = getattr(app.store, name)
+            real = getattr(app.store.queue, name)
 
             async def failing(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
                 if failures[_name]:
@@ -297,7 +298,7 @@ async def test_queue_manager_rides_out_failing_queue_writes(make_config):
                     raise StoreError("database or disk is full", disk_full=True)
                 return await _real(*args, **kwargs)
 
-            setattr(app.store, name, failing)
+            setattr(app.store.queue, name, failing)
         await app.start()
         try:
             assert (await send_tagged(listener_port(config), 1)).outcome == "accepted"

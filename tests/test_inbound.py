@@ -267,10 +267,10 @@ async def test_store_failure_answers_451_and_keeps_running(make_config):
     config = make_config()
     async with running(config) as app:
         async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            await app.store.db.execute("PRAGMA query_only = ON")  # every write now fails for real
+            await app.store.engine.db.execute("PRAGMA query_only = ON")  # every write now fails for real
             reply = await w.mail("a@lab.test", ["b@example.org"], BODY)
             assert reply == "451 4.3.0 Error: queue file write error"
-            await app.store.db.execute("PRAGMA query_only = OFF")
+            await app.store.engine.db.execute("PRAGMA query_only = OFF")
             reply = await w.mail("a@lab.test", ["b@example.org"], BODY, ehlo=False)
             assert reply.startswith("250 2.0.0 Ok: queued as")
     assert rows(config, "SELECT count(*) FROM messages") == [(1,)]
@@ -292,7 +292,7 @@ async def test_group_commit_batches_concurrent_sessions(make_config):
         replies = await asyncio.gather(*(w.reply() for w in wires))
         assert all(r[-1].startswith("250 2.0.0 Ok: queued as") for r in replies)
         assert len({r[-1] for r in replies}) == 20
-        assert app.store.commits < 20
+        assert app.store.engine.commits < 20
         for w in wires:
             await w.close()
     assert rows(config, "SELECT count(*) FROM messages") == [(20,)]

@@ -13,10 +13,10 @@ import pytest
 
 from mta.config import build_config
 from mta.errors import ConfigError
-from mta.mailbox.store import MailboxCopy
-from mta.model import NewMessage, RcptState, Recipient
+from mta.model import MailboxCopy, NewMessage, RcptState, Recipient
 from mta.passwords import set_password
-from mta.queue.store import QueueStore, RecipientUpdate
+from mta.store.api import RecipientUpdate
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.in_process import listener_port, running
 from tests.support.ports import free_port
 from tests.support.smtp_peer import RecordingPeer
@@ -276,13 +276,13 @@ async def test_max_messages_keeps_the_newest(lab):
 
 async def test_max_age_prunes_old_mail(lab):
     config = lab(mailboxes={"max_age": "1d"})
-    store = QueueStore(config.queue.path)
+    store = SQLiteStore(config.queue.path)
     await store.open()
-    from mta.mailbox.store import insert_copies
+    from mta.store.sqlite.mailboxes import insert_copies
     copies = [MailboxCopy("alice@lab.test", "AAAA", "s@x.test", "old", b"Subject: old\r\n\r\n\r\n")]
-    await store._write(lambda conn: insert_copies(conn, copies, time.time() - 2 * 86400, 100))
+    await store.engine.write(lambda conn: insert_copies(conn, copies, time.time() - 2 * 86400))
     copies = [MailboxCopy("alice@lab.test", "BBBB", "s@x.test", "new", b"Subject: new\r\n\r\n\r\n")]
-    await store._write(lambda conn: insert_copies(conn, copies, time.time() - 3600, 100))
+    await store.engine.write(lambda conn: insert_copies(conn, copies, time.time() - 3600))
     await store.close()
     async with running(config):
         await wait_until(lambda: len(mailbox_rows(config, "id")) == 1)
@@ -297,12 +297,12 @@ async def test_max_age_waits_for_a_pop3_session_holding_the_mailbox(lab, monkeyp
     pop3 = {"name": "pop3", "address": f"127.0.0.1:{free_port()}", "mode": "pop3", "allow_insecure_auth": True}
     smtp = {"name": "mta", "address": f"127.0.0.1:{free_port()}", "mode": "relay"}
     config = lab(listeners=[smtp, pop3], mailboxes={"max_age": "1d"})
-    store = QueueStore(config.queue.path)
+    store = SQLiteStore(config.queue.path)
     await store.open()
-    from mta.mailbox.store import insert_copies
+    from mta.store.sqlite.mailboxes import insert_copies
     for mailbox, received in (("alice@lab.test", 86400 - 3.0), ("bob@lab.test", 86400 - 3.0)):
         copies = [MailboxCopy(mailbox, "AAAA", "s@x.test", "ageing", b"Subject: ageing\r\n\r\nbody\r\n")]
-        await store._write(lambda conn, c=copies, r=received: insert_copies(conn, c, time.time() - r, 100))
+        await store.engine.write(lambda conn, c=copies, r=received: insert_copies(conn, c, time.time() - r))
     await store.close()
     async with running(config):
         reader, writer = await asyncio.open_connection("127.0.0.1", listener_port(config, "pop3"))
@@ -325,17 +325,17 @@ async def test_max_age_waits_for_a_pop3_session_holding_the_mailbox(lab, monkeyp
 
 async def test_mailbox_copy_and_delivered_state_are_one_commit(tmp_path):
     """If the commit that marks a local recipient delivered fails, no copy is kept either."""
-    store = QueueStore(tmp_path / "queue.db")
+    store = SQLiteStore(tmp_path / "queue.db")
     await store.open()
-    await store.enqueue(NewMessage(id="AAAA00000001", sender="s@example.test",
+    await store.queue.enqueue(NewMessage(id="AAAA00000001", sender="s@example.test",
                                    recipients=(Recipient("alice@lab.test"),), data=BODY, arrival=time.time()))
-    [claimed] = (await store.claim(time.time(), 10)).due
+    [claimed] = (await store.queue.claim(time.time(), 10)).due
     delivered = RecipientUpdate(claimed.rcpt_no, RcptState.DELIVERED, 1, time.time(), None)
     copy = MailboxCopy("alice@lab.test", "AAAA00000001", "s@example.test", "t", BODY)
     clash = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("s@example.test"),),
                        data=b"dsn", arrival=time.time())   # same id: fails inside the commit
     with pytest.raises(Exception):
-        await store.record_outcomes("AAAA00000001", [delivered], time.time(), new_messages=[clash],
+        await store.queue.record_outcomes("AAAA00000001", [delivered], time.time(), new_messages=[clash],
                                     mailbox_copies=[copy])
     await store.close()
     with sqlite3.connect(tmp_path / "queue.db") as db:

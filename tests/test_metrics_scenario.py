@@ -86,7 +86,7 @@ async def test_queue_gauges_match_the_queue(make_config):
     async with running(config) as app:
         await submit(config, ["a@example.org"])
         await submit(config, ["b@example.org"])
-        await app.store.db.execute("UPDATE recipients SET state='deferred' WHERE address='b@example.org'")
+        await app.store.engine.db.execute("UPDATE recipients SET state='deferred' WHERE address='b@example.org'")
         await asyncio.sleep(0.2)
         m = await scrape(metrics_port)
     assert m[("mta_queue_messages", (("state", "active"),))] == 1

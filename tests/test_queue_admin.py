@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from mta.model import NewMessage, RcptState, Recipient
-from mta.queue.store import QueueStore, QueueSummary, classify_message
+from mta.store.api import QueueSummary, classify_message
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import mta_command, start_daemon, subprocess_env, wait_listening
 from tests.support.ports import free_port
 from tests.support.smtp_peer import RecordingPeer
@@ -449,15 +450,15 @@ async def test_queue_summary_agrees_with_the_list(tmp_path):
 
     Q, A, D, H, S = (RcptState.QUEUED, RcptState.ACTIVE, RcptState.DEFERRED, RcptState.HELD,
                      RcptState.DELIVERED)
-    store = QueueStore(tmp_path / "queue.db")
+    store = SQLiteStore(tmp_path / "queue.db")
     await store.open()
     try:
-        assert await store.queue_summary(time.time()) == QueueSummary(0, 0, 0, None)
+        assert await store.admin.queue_summary(time.time()) == QueueSummary(0, 0, 0, None)
         # 1 hold, 2 hold (held wins over queued), 3 active, 4 active, 5 deferred, 6 deferred (+ delivered)
         for n, states in enumerate([(H,), (Q, H), (Q, D), (A,), (D,), (S, D)], start=1):
-            await store.enqueue(msg(n, *states))
-        listed = [e for batch in [b async for b in store.iter_queue(batch=2)] for e in batch]
-        summary = await store.queue_summary(time.time())
+            await store.queue.enqueue(msg(n, *states))
+        listed = [e for batch in [b async for b in store.admin.iter_queue(batch=2)] for e in batch]
+        summary = await store.admin.queue_summary(time.time())
     finally:
         await store.close()
     assert [e.queue_name for e in listed] == ["hold", "hold", "active", "active", "deferred", "deferred"]

@@ -314,7 +314,7 @@ async def test_crash_recovery_makes_in_flight_recipients_due(relay_config, dns_s
     config = relay_config()
     async with running(config) as app:  # accept only
         queue_id = await submit(config, ["bob@example.test"])
-        claimed = (await app.store.claim(time.time(), 10)).due
+        claimed = (await app.store.queue.claim(time.time(), 10)).due
         assert [c.message_id for c in claimed] == [queue_id]
     assert queue_rows(config)[0][2] == "active"  # as a SIGKILL would leave it
     async with RecordingPeer("127.0.0.2", peer_port) as peer, running(config, deliver=True):
@@ -329,7 +329,7 @@ async def test_backlog_of_deferred_mail_does_not_delay_fresh_mail(relay_config, 
     async with running(config) as app:
         for i in range(300):  # a backlog: deferred, not due for an hour
             await submit(config, [f"old{i}@slow.test"])
-        await app.store.db.execute("UPDATE recipients SET state='deferred', attempts=1, next_attempt=?",
+        await app.store.engine.db.execute("UPDATE recipients SET state='deferred', attempts=1, next_attempt=?",
                                    (time.time() + 3600,))
     async with RecordingPeer("127.0.0.2", peer_port) as peer, running(config, deliver=True):
         start = time.monotonic()

@@ -1,6 +1,6 @@
 """Start-up, run as an operator would: real `mta serve` and `mta check-config` processes.
 
-One daemon per queue (mta/queue/lock.py): a second `mta serve` on the same queue
+One daemon per queue (mta/store/sqlite/lock.py): a second `mta serve` on the same queue
 is refused in one line while the first keeps delivering and serving; the queue
 CLI works beside the daemon; a restart right after SIGKILL is not kept out by
 the lock. Every problem that keeps the daemon from starting (mta/preflight.py)

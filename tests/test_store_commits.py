@@ -12,8 +12,9 @@ from contextlib import closing
 import pytest
 
 from mta.model import RcptState
-from mta.queue import store as store_module
-from mta.queue.store import QueueStore, RecipientUpdate
+from mta.store.api import RecipientUpdate
+from mta.store.sqlite import engine as engine_module
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.messages import message
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,10 +27,10 @@ def synchronous_now(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA synchronous").fetchone()[0]
 
 
-async def inline_store(path) -> QueueStore:
+async def inline_store(path) -> SQLiteStore:
     """A store as the delivery process opens it (worker.run_child)."""
-    store = QueueStore(path)
-    store.inline_writes = True
+    store = SQLiteStore(path)
+    store.engine.inline_writes = True
     await store.open()
     return store
 
@@ -40,20 +41,20 @@ def states(path) -> dict[str, str]:
 
 
 async def test_mail_is_committed_with_fsync_and_bookkeeping_without(tmp_path):
-    store = QueueStore(tmp_path / "queue.db")
+    store = SQLiteStore(tmp_path / "queue.db")
     await store.open()
-    assert await store._write(synchronous_now) == FULL
-    assert await store._write(synchronous_now, durable=False) == NORMAL
+    assert await store.engine.write(synchronous_now) == FULL
+    assert await store.engine.write(synchronous_now, durable=False) == NORMAL
     # New mail sharing a commit with bookkeeping makes the whole commit durable.
-    before = store.commits
-    _, seen = await asyncio.gather(store.enqueue(message(1)), store._write(synchronous_now, durable=False))
-    assert seen == FULL and store.commits == before + 1
+    before = store.engine.commits
+    _, seen = await asyncio.gather(store.queue.enqueue(message(1)), store.engine.write(synchronous_now, durable=False))
+    assert seen == FULL and store.engine.commits == before + 1
     # Claims and outcomes alone are not fsynced; the next mail is again.
-    claimed = await store.claim(2e9, 10)
+    claimed = await store.queue.claim(2e9, 10)
     assert [d.address for d in claimed.due] == ["b@example.org"]
-    assert await store._write(synchronous_now, durable=False) == NORMAL
-    await store.enqueue(message(2))
-    assert await store._write(synchronous_now) == FULL
+    assert await store.engine.write(synchronous_now, durable=False) == NORMAL
+    await store.queue.enqueue(message(2))
+    assert await store.engine.write(synchronous_now) == FULL
     await store.close()
 
 
@@ -61,16 +62,16 @@ async def test_inline_writes_commit_claims_and_outcomes(tmp_path):
     path = tmp_path / "queue.db"
     store = await inline_store(path)
     first, second = message(1), message(2)
-    await store.enqueue(first)
-    await store.enqueue(second)
-    claimed = await store.claim(2e9, 10, prefetch_bytes=1 << 20)
+    await store.queue.enqueue(first)
+    await store.queue.enqueue(second)
+    claimed = await store.queue.claim(2e9, 10, prefetch_bytes=1 << 20)
     assert sorted(d.message_id for d in claimed.due) == sorted([first.id, second.id])
     assert claimed.bodies[first.id] == first.data
     assert states(path) == {first.id: "active", second.id: "active"}   # seen by another connection
-    finished = await store.record_outcomes(
+    finished = await store.queue.record_outcomes(
         first.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9)
     assert finished
-    await store.record_outcomes(second.id, [RecipientUpdate(0, RcptState.DEFERRED, 1, 3e9, "451 4.4.1 later")], 2e9)
+    await store.queue.record_outcomes(second.id, [RecipientUpdate(0, RcptState.DEFERRED, 1, 3e9, "451 4.4.1 later")], 2e9)
     assert states(path) == {second.id: "deferred"}
     await store.close()
 
@@ -79,10 +80,10 @@ async def test_inline_write_waits_for_another_writer_without_blocking_the_loop(t
     path = tmp_path / "queue.db"
     store = await inline_store(path)
     m = message(1)
-    await store.enqueue(m)
+    await store.queue.enqueue(m)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")    # e.g. the main process committing new mail
-    claim = asyncio.create_task(store.claim(2e9, 10))
+    claim = asyncio.create_task(store.queue.claim(2e9, 10))
     ticks = 0
     for _ in range(20):
         await asyncio.sleep(0.01)       # the loop keeps running meanwhile
@@ -98,16 +99,16 @@ async def test_inline_write_waits_for_another_writer_without_blocking_the_loop(t
 async def test_inline_writes_keep_the_wal_checkpointed(tmp_path, monkeypatch):
     # The inline connection never checkpoints by itself; without the store's own
     # passive checkpoints the WAL would grow by every claim and outcome.
-    monkeypatch.setattr(store_module, "INLINE_CHECKPOINT_EVERY", 10)
+    monkeypatch.setattr(engine_module, "INLINE_CHECKPOINT_EVERY", 10)
     path = tmp_path / "queue.db"
     store = await inline_store(path)
     messages = [message(i) for i in range(300)]
-    await asyncio.gather(*(store.enqueue(m) for m in messages))
-    await store._checkpoint()               # start from an empty WAL
+    await asyncio.gather(*(store.queue.enqueue(m) for m in messages))
+    await store.engine.checkpoint()               # start from an empty WAL
     for m in messages:
-        [due] = (await store.claim(2e9, 1)).due
+        [due] = (await store.queue.claim(2e9, 1)).due
         assert due.message_id == m.id
-        await store.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9)
+        await store.queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9)
         await asyncio.sleep(0)              # let a checkpoint that was asked for run
     assert states(path) == {}
     wal = os.path.getsize(f"{path}-wal")

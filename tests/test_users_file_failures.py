@@ -28,7 +28,8 @@ import pytest
 from mta.health import Health
 from mta.model import NewMessage, Recipient
 from mta.passwords import UsersFile, UsersFileError, UsersFileUnavailable, load_users
-from mta.queue.store import QueueStore, new_queue_id
+from mta.store.api import new_queue_id
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import Daemon, mta_command, subprocess_env
 from tests.support.ports import free_port
 from tests.support.users import write_users
@@ -133,11 +134,11 @@ def enqueue(queue_path: str, to: str, tag: str, sender: str = "bob@lab.test") ->
     """Mail already in the queue, as an earlier run of the daemon accepted it."""
 
     async def put() -> str:
-        store = QueueStore(queue_path)
+        store = SQLiteStore(queue_path)
         await store.open()
         try:
             queue_id = new_queue_id()
-            await store.enqueue(NewMessage(
+            await store.queue.enqueue(NewMessage(
                 id=queue_id, sender=sender, recipients=(Recipient(address=to),),
                 data=f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n{tag}\r\n".encode(), arrival=time.time(),
                 client="127.0.0.1", listener="mta", helo="lab1.lab.test"))

@@ -26,6 +26,7 @@ from mta.delivery.client import ConnectFailed, ConnectionLost, Session, connect
 from mta.delivery.pool import ConnectionPool
 from mta.errors import PermanentError, TransientError
 from mta.model import Outcome, Reply, domain_of
+from mta.queue.courier import Delivery
 
 if TYPE_CHECKING:
     from mta.delivery.mx import MXHost, MXResolver
@@ -33,34 +34,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("mta.delivery")
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    message_id: str
-    sender: str
-    recipients: tuple[str, ...]
-    data: bytes
-    smtputf8: bool = False
-    body_8bit: bool = False
-    # RFC 3461 parameters, passed on when the next hop offers DSN (§5.2).
-    ret: str | None = None
-    envid: str | None = None
-    notify: tuple[str | None, ...] = ()   # per recipient, aligned with ``recipients``
-    orcpt: tuple[str | None, ...] = ()
+def _mail_params(delivery: Delivery) -> str:
+    """RFC 3461 RET and ENVID for MAIL FROM."""
+    return " ".join(p for p in (f"RET={delivery.ret}" if delivery.ret else "",
+                                f"ENVID={delivery.envid}" if delivery.envid else "") if p)
 
-    def mail_params(self) -> str:
-        return " ".join(p for p in (f"RET={self.ret}" if self.ret else "",
-                                    f"ENVID={self.envid}" if self.envid else "") if p)
 
-    def rcpt_params(self) -> dict[str, str]:
-        params = {}
-        for i, rcpt in enumerate(self.recipients):
-            notify = self.notify[i] if i < len(self.notify) else None
-            orcpt = self.orcpt[i] if i < len(self.orcpt) else None
-            text = " ".join(p for p in (f"NOTIFY={notify}" if notify else "",
-                                        f"ORCPT={orcpt}" if orcpt else "") if p)
-            if text:
-                params[rcpt] = text
-        return params
+def _rcpt_params(delivery: Delivery) -> dict[str, str]:
+    """RFC 3461 NOTIFY and ORCPT per recipient, for RCPT TO."""
+    params = {}
+    for i, rcpt in enumerate(delivery.recipients):
+        notify = delivery.notify[i] if i < len(delivery.notify) else None
+        orcpt = delivery.orcpt[i] if i < len(delivery.orcpt) else None
+        text = " ".join(p for p in (f"NOTIFY={notify}" if notify else "",
+                                    f"ORCPT={orcpt}" if orcpt else "") if p)
+        if text:
+            params[rcpt] = text
+    return params
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +106,9 @@ def _is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
 
 
 class Router:
+    """The SMTP courier (mta.queue.courier.Courier): it takes every recipient, so the
+    queue manager asks it last."""
+
     def __init__(self, config: DeliveryConfig, hostname: str, resolver: MXResolver, pool: ConnectionPool,
                  own_sockets: frozenset[tuple[str, int]] = frozenset()):
         self.config = config
@@ -267,8 +260,8 @@ class Router:
             dsn = session.has("DSN")
             results = await session.send(delivery.sender, list(delivery.recipients), delivery.data,
                                          smtputf8=delivery.smtputf8, body_8bit=delivery.body_8bit,
-                                         mail_params=delivery.mail_params() if dsn else "",
-                                         rcpt_params=delivery.rcpt_params() if dsn else None)
+                                         mail_params=_mail_params(delivery) if dsn else "",
+                                         rcpt_params=_rcpt_params(delivery) if dsn else None)
         except ConnectionLost as exc:
             await self.pool.release(key, session, reusable=False)
             raise _Next(exc.reply, session.peer, lost=True) from None

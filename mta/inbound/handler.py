@@ -27,7 +27,7 @@ from mta.inbound.session import InboundSMTP
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient, Reply, normalize_line_ends
 from mta.passwords import AuthThrottle, UsersFile, UsersFileUnavailable
-from mta.queue.store import QueueStore, new_queue_id
+from mta.store.api import Queue, new_queue_id
 
 log = logging.getLogger("mta.smtpd")
 # The line that takes a message into the queue, under the name of Postfix's daemon for
@@ -44,7 +44,7 @@ class InboundHandler:
         # (see InboundSMTP.__dir__): only those names matter to it.
         return [n for n in type(self).__dict__ if n.startswith(("handle_", "auth_"))]
 
-    def __init__(self, config: Config, listener: ListenerConfig, store: QueueStore,
+    def __init__(self, config: Config, listener: ListenerConfig, store: Queue,
                  users: UsersFile | None = None, throttle: AuthThrottle | None = None,
                  on_received: Callable[[str], None] | None = None,
                  on_rejected: Callable[[str, int], None] | None = None,

@@ -1,9 +1,11 @@
 """Local delivery: a copy of the message for each local recipient's mailbox.
 
-Postfix's local(8) for lab domains. Nothing here does I/O: it decides each
-recipient's outcome and builds the copies; the queue manager stores them in
-the same commit that marks the recipients delivered, so a crash can neither
-lose a delivered message nor store it twice.
+Postfix's local(8) for lab domains, as a courier (mta.queue.courier): the
+queue manager asks it first whether it takes a recipient, and hands it the
+jobs of LOCAL_DESTINATION. Nothing here does I/O: it decides each
+recipient's outcome and puts the copy on the outcome; the queue manager
+stores the copies in the same commit that marks the recipients delivered,
+so a crash can neither lose a delivered message nor store it twice.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import email.errors
 import email.header
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 
-from mta.mailbox.store import MailboxCopy
 from mta.mailbox.users import MailboxUsers
 from mta.message import header_section
-from mta.model import LOCAL_RELAY, Outcome, Reply, normalize_line_ends
+from mta.model import LOCAL_RELAY, MailboxCopy, Outcome, Reply, normalize_line_ends
 from mta.passwords import UsersFileUnavailable
+from mta.queue.courier import Delivery
 
 LOCAL_DESTINATION = "local:mailbox"   # the queue manager's grouping key for local mail
 
@@ -29,44 +31,43 @@ UNKNOWN_USER = Reply(550, "5.1.1", "unknown user: no such mailbox")
 _SUBJECT = re.compile(rb"^subject:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 
 
-@dataclass(frozen=True, slots=True)
-class LocalRecipient:
-    address: str
-    orcpt: str | None = None
+class LocalCourier:
+    """mta.queue.courier.Courier for the lab mailboxes (local_domains, mydestination, postmaster)."""
 
+    def __init__(self, users: MailboxUsers, max_messages: int = 10_000):
+        self.users = users                 # replaced on reload
+        self.max_messages = max_messages   # mailboxes.max_messages: each mailbox keeps its newest
 
-class LocalDelivery:
-    def __init__(self, users: MailboxUsers):
-        self.users = users
+    def destination(self, recipient: str) -> str | None:
+        return LOCAL_DESTINATION if self.users.is_local(recipient) else None
 
-    def handles(self, address: str) -> bool:
-        return self.users.is_local(address)
-
-    def deliver(self, queue_id: str, sender: str, recipients: Sequence[LocalRecipient], data: bytes,
-                arrival: float) -> tuple[list[MailboxCopy], list[Outcome]]:
-        body = normalize_line_ends(data)
+    async def deliver(self, delivery: Delivery) -> list[Outcome]:
+        started = time.monotonic()
+        body = normalize_line_ends(delivery.data)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         subject = subject_of(body)
-        copies: list[MailboxCopy] = []
         outcomes: list[Outcome] = []
-        for rcpt in recipients:
+        for i, address in enumerate(delivery.recipients):
             try:
-                known = self.users.exists(rcpt.address)
+                known = self.users.exists(address)
             except UsersFileUnavailable as exc:
                 # The users file cannot be read: whether the mailbox exists is unknown,
                 # so the mail waits for the file (Postfix defers on a table lookup
                 # error); a bounce here lost mail for every lab mailbox.
-                outcomes.append(Outcome(rcpt.address, Reply(451, "4.3.0", f"temporary lookup failure: {exc}"),
+                outcomes.append(Outcome(address, Reply(451, "4.3.0", f"temporary lookup failure: {exc}"),
                                         LOCAL_RELAY))
                 continue
             if not known:
-                outcomes.append(Outcome(rcpt.address, UNKNOWN_USER, LOCAL_RELAY))
+                outcomes.append(Outcome(address, UNKNOWN_USER, LOCAL_RELAY))
                 continue
-            copies.append(MailboxCopy(rcpt.address, queue_id, sender, subject,
-                                      delivery_headers(sender, rcpt.address, rcpt.orcpt) + body, arrival))
-            outcomes.append(Outcome(rcpt.address, DELIVERED, LOCAL_RELAY))
-        return copies, outcomes
+            orcpt = delivery.orcpt[i] if i < len(delivery.orcpt) else None
+            copy = MailboxCopy(address, delivery.message_id, delivery.sender, subject,
+                               delivery_headers(delivery.sender, address, orcpt) + body, delivery.arrival,
+                               self.max_messages)
+            outcomes.append(Outcome(address, DELIVERED, LOCAL_RELAY, mailbox_copy=copy))
+        took = time.monotonic() - started   # delays= d: the time it took to make the copies
+        return [replace(o, transmission=took) for o in outcomes]
 
 
 def delivery_headers(sender: str, recipient: str, orcpt: str | None) -> bytes:

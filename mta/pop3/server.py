@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 from mta.config import Config, ListenerConfig
 from mta.inbound.limiter import ConnectionLimiter
 from mta.inbound.server import BoundServer, make_tls_context
-from mta.mailbox.store import MailboxStore
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle
 from mta.pop3 import replies as R
 from mta.pop3.session import POP3Session, SessionContext
+from mta.store.api import Mailboxes
 from mta.tls import ImplicitTLS, handshake_error
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ ABORT_WAIT = 2.0
 class POP3Listener(BoundServer):
     """One configured POP3 listening socket and the sessions it spawns."""
 
-    def __init__(self, config: Config, listener: ListenerConfig, store: MailboxStore, users: MailboxUsers,
+    def __init__(self, config: Config, listener: ListenerConfig, store: Mailboxes, users: MailboxUsers,
                  *, locks: set[str] | None = None, throttle: AuthThrottle | None = None, metrics: Metrics | None = None):
         self.config = config        # replaced by the app on reload; each new session reads it
         self.listener = listener

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 from enum import StrEnum
 
 from mta.config import Config, ListenerConfig
-from mta.mailbox.store import MailboxStore, StoredMessage, mailbox_key
 from mta.mailbox.users import MailboxUsers
 from mta.message import header_bounds
 from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
+from mta.store.api import Mailboxes, StoredMessage, mailbox_key
 from mta.tls import HANDSHAKE_ERRORS, handshake_error
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class SessionContext:
 
     config: Config
     listener: ListenerConfig
-    store: MailboxStore
+    store: Mailboxes
     users: MailboxUsers
     locks: set[str]                 # mailbox keys in TRANSACTION, shared by every POP3 listener
     throttle: AuthThrottle          # login failures per client IP, shared likewise

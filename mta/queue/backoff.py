@@ -14,7 +14,7 @@ def next_delay(attempts: int, retry: RetryConfig, rng: random.Random | None = No
     minimal/maximal_backoff_time, with ±10% jitter so that a restart or an
     outage does not make every deferred message retry in the same second.
     """
-    base = retry.min_backoff * (2 ** max(0, attempts - 1))
+    base: float = retry.min_backoff * (2 ** max(0, attempts - 1))   # int ** int is Any to mypy
     delay = min(base, retry.max_backoff)
     jitter = (rng or random).uniform(0.9, 1.1)
     return max(0.0, min(delay * jitter, retry.max_backoff))

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mta.config import RetryConfig
-from mta.mailbox.local import LOCAL_RELAY
-from mta.model import RcptState, Reply, notify_wants
-from mta.queue.store import DueRecipient
+from mta.model import LOCAL_RELAY, RcptState, Reply, notify_wants
+from mta.store.api import DueRecipient
 
 BOUNCE_LISTENER = "bounce"
 DOUBLE_BOUNCE_LISTENER = "double-bounce"

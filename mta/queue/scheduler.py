@@ -1,8 +1,9 @@
-"""The queue manager: claims due recipients, hands them to delivery, records outcomes.
+"""The queue manager: claims due recipients, hands them to couriers, records outcomes.
 
 Like Postfix's qmgr it owns the retry schedule and the concurrency limits, and
-it alone writes delivery results to the queue; the delivery side only returns
-one outcome per recipient. Fresh mail wakes it at once (the store calls
+it alone writes delivery results to the queue; its couriers (mta/queue/courier.py:
+SMTP, local mailboxes) only return one outcome per recipient. It sees the store
+through mta.store.api.Queue only. Fresh mail wakes it at once (the store calls
 :meth:`Scheduler.wake` after each commit); deferred mail is picked up when its
 next attempt time comes. Claimed work is grouped by destination (one SMTP
 transaction per message and destination) and runs with at most
@@ -15,21 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from mta.config import DeliveryConfig
 from mta.errors import StoreError
-from mta.mailbox.local import LOCAL_DESTINATION, LOCAL_RELAY, LocalDelivery, LocalRecipient
-from mta.mailbox.store import MailboxCopy
-from mta.model import NewMessage, Outcome, RcptState, Reply
+from mta.model import LOCAL_RELAY, NewMessage, Outcome, RcptState, Reply
 from mta.queue.backoff import expired, next_delay
+from mta.queue.courier import Courier, Delivery
 from mta.queue.reports import AttemptResult, Report, reports_for
-from mta.queue.store import DueRecipient, HistoryEntry, QueueStore, RecipientUpdate
+from mta.store.api import Claimed, DueRecipient, HistoryEntry, Queue, RecipientUpdate
 
 log = logging.getLogger("mta.qmgr")
 
@@ -45,23 +47,13 @@ STORE_RETRY_MIN, STORE_RETRY_MAX = 0.2, 5.0
 T = TypeVar("T")
 
 
-class Delivering(Protocol):
-    """What the scheduler needs of delivery.router.Router."""
-
-    def destination(self, recipient: str) -> str: ...
-    async def deliver(self, delivery: "DeliveryLike") -> Sequence[Outcome]: ...
-
-
-class DeliveryLike(Protocol):
-    message_id: str
-
-
 @dataclass(slots=True)
 class Job:
-    """One message to one destination: one SMTP transaction."""
+    """One message to one destination: one courier call (one SMTP transaction)."""
 
     destination: str
     message_id: str
+    courier: Courier | None = None   # the courier that took the destination (None: none did)
     recipients: list[DueRecipient] = field(default_factory=list)
     claimed: float = 0.0   # when the queue manager took it (delays= a ends, b starts)
     started: float = 0.0   # when a delivery slot took it up (delays= b ends)
@@ -120,23 +112,18 @@ class _SharedBodies:
 
 
 class Scheduler:
-    def __init__(self, store: QueueStore, router: Delivering, config: DeliveryConfig,
-                 make_delivery: Callable[[Job, bytes], DeliveryLike], *,
+    def __init__(self, store: Queue, couriers: Sequence[Courier], config: DeliveryConfig, *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
                  on_result: Callable[[RecipientResult], None] | None = None,
-                 make_report: Callable[[Job, bytes, Sequence[Report], float], NewMessage | None] | None = None,
-                 local: LocalDelivery | None = None, max_mailbox_messages: int = 10_000):
+                 make_report: Callable[[Job, bytes, Sequence[Report], float], NewMessage | None] | None = None):
         self.store = store
-        self.router = router
+        # Asked in order which one takes a recipient: the local mailboxes, then SMTP (takes all).
+        self.couriers = tuple(couriers)
         self.config = config
-        self.make_delivery = make_delivery
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_result = on_result or (lambda result: None)
         self.make_report = make_report or (lambda job, data, reports, now: None)
-        # Mail for local_domains goes into mailboxes (replaced on reload).
-        self.local = local
-        self.max_mailbox_messages = max_mailbox_messages
         self._queues: dict[str, collections.deque[Job]] = {}
         self._running: collections.Counter[str] = collections.Counter()
         self._workers: set[asyncio.Task[None]] = set()
@@ -173,10 +160,8 @@ class Scheduler:
             room = CLAIM_LIMIT - self._claimed
             next_due: float | None = None
             if room > 0:
-                claimed = await self._until_stored(
-                    "claiming due recipients",
-                    lambda room=room: self.store.claim(self.clock(), room, prefetch_bytes=PREFETCH_BYTES),
-                    while_stopping=False)
+                claimed = await self._until_stored("claiming due recipients", partial(self._claim, room),
+                                                   while_stopping=False)
                 if claimed is None:
                     break   # stopping
                 if claimed.due:
@@ -187,6 +172,9 @@ class Scheduler:
             else:
                 next_due = await self.store.next_due_time()
             await self._sleep_until_due(next_due)
+
+    def _claim(self, room: int) -> Awaitable[Claimed]:
+        return self.store.claim(self.clock(), room, prefetch_bytes=PREFETCH_BYTES)
 
     async def _until_stored(self, what: str, write: Callable[[], Awaitable[T]], *,
                             while_stopping: bool) -> T | None:
@@ -223,10 +211,8 @@ class Scheduler:
         timeout = POLL_INTERVAL
         if next_due is not None:
             timeout = min(timeout, max(0.0, next_due - self.clock()))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; let deliveries in progress finish for up to ``grace`` s."""
@@ -263,13 +249,10 @@ class Scheduler:
                 log.debug("%s: recipient %d is already being delivered", rcpt.message_id, rcpt.rcpt_no)
                 continue
             self._in_flight.add((rcpt.message_id, rcpt.rcpt_no))
-            if self.local is not None and self.local.handles(rcpt.address):
-                destination = LOCAL_DESTINATION
-            else:
-                destination = self.router.destination(rcpt.address)
+            courier, destination = self._courier_for(rcpt.address)
             key = (rcpt.message_id, destination)
             if key not in jobs:
-                jobs[key] = Job(destination, rcpt.message_id, claimed=claimed)
+                jobs[key] = Job(destination, rcpt.message_id, courier, claimed=claimed)
             jobs[key].recipients.append(rcpt)
         for job in jobs.values():
             queue = self._queues.setdefault(job.destination, collections.deque())
@@ -284,6 +267,13 @@ class Scheduler:
         for message_id, data in bodies.items():
             self._bodies.preload(message_id, data)
         self._dispatch()
+
+    def _courier_for(self, address: str) -> tuple[Courier | None, str]:
+        for courier in self.couriers:
+            destination = courier.destination(address)
+            if destination is not None:
+                return courier, destination
+        return None, "none"
 
     def _dispatch(self) -> None:
         for destination, queue in list(self._queues.items()):
@@ -323,22 +313,16 @@ class Scheduler:
         data = await self._bodies.get(job.message_id)
         if data is None:
             return  # deleted by an operator meanwhile
-        if job.destination == LOCAL_DESTINATION and self.local is not None:
-            first = job.recipients[0]
-            copies, local_outcomes = self.local.deliver(
-                job.message_id, first.sender, [LocalRecipient(r.address, r.orcpt) for r in job.recipients], data,
-                first.arrival)
-            took = self.clock() - job.started
-            await self._record(job, [replace(o, transmission=took) for o in local_outcomes], data, copies)
+        if job.courier is None:   # no courier takes these recipients: a configuration fault, retried
+            reply = Reply(451, "4.3.0", "no delivery method for this recipient")
+            await self._record(job, [Outcome(r.address, reply, "none") for r in job.recipients], data)
             return
-        delivery = self.make_delivery(job, data)
         try:
-            outcomes = await self.router.deliver(delivery)
+            outcomes = await job.courier.deliver(_delivery(job, data))
         except asyncio.CancelledError:
-            try:
+            # A failure leaves them 'active': recover_in_flight() makes them due at the next start.
+            with contextlib.suppress(StoreError):
                 await asyncio.shield(self.store.give_back(job.message_id, [r.rcpt_no for r in job.recipients]))
-            except StoreError:
-                pass   # left 'active': recover_in_flight() makes them due at the next start
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in delivery defers; it never loses mail
             log.exception("%s: delivery to %s failed unexpectedly", job.message_id, job.destination)
@@ -346,8 +330,7 @@ class Scheduler:
             outcomes = [Outcome(r.address, reply, "none") for r in job.recipients]
         await self._record(job, outcomes, data)
 
-    async def _record(self, job: Job, outcomes: Sequence[Outcome], data: bytes,
-                      mailbox_copies: Sequence[MailboxCopy] = ()) -> None:
+    async def _record(self, job: Job, outcomes: Sequence[Outcome], data: bytes) -> None:
         now = self.clock()
         by_address: dict[str, Outcome] = {o.recipient: o for o in outcomes}
         updates: list[RecipientUpdate] = []
@@ -367,9 +350,12 @@ class Scheduler:
         history = [HistoryEntry(now, r.recipient, _STATUS[r.state], f"relay={r.relay} ({r.reply})")
                    for r in results]
         attempts = [AttemptResult(rcpt, res.state, res.reply, res.relay, outcome.dsn_passed)
-                    for rcpt, res, outcome in zip(job.recipients, results, used)]
+                    for rcpt, res, outcome in zip(job.recipients, results, used, strict=True)]
         reports = reports_for(attempts, self.config.retry, now)
         report = self.make_report(job, data, reports, now) if reports else None
+        # Local delivery's copies go in the commit that marks their recipients delivered. From
+        # every outcome, not by address: rewritten recipients (postmaster) share one address.
+        mailbox_copies = [o.mailbox_copy for o in outcomes if o.mailbox_copy is not None]
         # Until it is written, the outcome exists only here: keep trying (a full disk frees
         # up as deliveries remove mail). Giving up would leave the recipients 'active', to
         # be sent again after a restart -- a duplicate for every delivered one.
@@ -378,7 +364,7 @@ class Scheduler:
             lambda: self.store.record_outcomes(
                 job.message_id, updates, now, history=history, new_messages=[report] if report else [],
                 delay_warned=any(r.action == "delayed" for r in reports),
-                mailbox_copies=mailbox_copies, max_mailbox_messages=self.max_mailbox_messages),
+                mailbox_copies=mailbox_copies),
             while_stopping=True)
         for result in results:
             _log_result(result)
@@ -402,6 +388,16 @@ class Scheduler:
 
 
 _STATUS = {RcptState.DELIVERED: "sent", RcptState.DEFERRED: "deferred", RcptState.BOUNCED: "bounced"}
+
+
+def _delivery(job: Job, data: bytes) -> Delivery:
+    """What a courier is handed for ``job``: the envelope of its recipients and the bytes."""
+    first = job.recipients[0]
+    return Delivery(message_id=job.message_id, sender=first.sender,
+                    recipients=tuple(r.address for r in job.recipients), data=data,
+                    smtputf8=first.smtputf8, body_8bit=first.body_8bit, ret=first.ret, envid=first.envid,
+                    notify=tuple(r.notify for r in job.recipients), orcpt=tuple(r.orcpt for r in job.recipients),
+                    arrival=first.arrival)
 
 
 def seconds(value: float) -> str:

@@ -81,7 +81,7 @@ class _Users:
 class _Store:
     """Stands in for the queue: takes any message, keeps nothing."""
 
-    damaged = None   # QueueStore.damaged: never
+    damaged = None   # Queue.damaged: never
 
     async def enqueue(self, message: Any) -> None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mta.model import NewMessage, Recipient
-from mta.queue.store import new_queue_id
+from mta.store.api import new_queue_id
 
 
 def message(n: int = 0, rcpts: Sequence[str] = ("b@example.org",)) -> NewMessage:

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, Self
 
 from mta.config import Config, build_config
-from mta.mailbox.store import MailboxCopy, MailboxStore, insert_copies
 from mta.mailbox.users import MailboxUsers
+from mta.model import MailboxCopy
 from mta.passwords import AuthThrottle
 from mta.pop3 import POP3Listener
-from mta.queue.store import QueueStore, new_queue_id
+from mta.store.api import Mailboxes, new_queue_id
+from mta.store.sqlite.mailboxes import insert_copies
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.ports import free_port
 from tests.support.users import write_users
 
@@ -36,8 +38,8 @@ ALICE = [ONE, TWO, THREE]
 @dataclass
 class Lab:
     config: Config
-    queue: QueueStore
-    mailboxes: MailboxStore
+    queue: SQLiteStore
+    mailboxes: Mailboxes
     users: MailboxUsers
     listener: POP3Listener
     db_path: Path
@@ -50,7 +52,7 @@ class Lab:
     async def deliver(self, mailbox: str, *messages: bytes) -> None:
         """Store messages in one commit, as local delivery does (ids follow the order given)."""
         copies = [MailboxCopy(mailbox, new_queue_id(), "carol@remote.test", "", data) for data in messages]
-        await self.queue._write(lambda conn: insert_copies(conn, copies, time.time(), 10000))
+        await self.queue.engine.write(lambda conn: insert_copies(conn, copies, time.time()))
 
     def stored(self, mailbox: str) -> list[bytes]:
         """The mailbox as the queue file holds it, read with sqlite3 (oldest first)."""
@@ -96,10 +98,10 @@ async def pop3_lab(tmp_path: Path, *, listener: dict[str, Any] | None = None,
     }
     lc = Lab._listener_doc({"allow_insecure_auth": True, **(listener or {})})
     config = build_config({**doc, "listeners": [lc]})
-    queue = QueueStore(config.queue.path)
+    queue = SQLiteStore(config.queue.path)
     await queue.open()
     try:
-        mailboxes = MailboxStore(queue)
+        mailboxes = queue.mailboxes
         users = MailboxUsers(config)
         pop3 = POP3Listener(config, config.listeners[0], mailboxes, users,
                             throttle=throttle or AuthThrottle(max_delay=0.0))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mta.queue.damage import is_corruption
+from mta.store.sqlite.damage import is_corruption
 
 _MIN_ROWID = -(1 << 63)
 _MAX_ROWID = (1 << 63) - 1
@@ -89,7 +89,7 @@ def _copy(src: sqlite3.Connection, dst: sqlite3.Connection) -> RepairReport:
     history_cols = _columns(dst, "history")
     mailbox_cols = _columns(dst, "mailbox_messages")
     for row in _readable_rows(src, "messages", message_cols, report):
-        message = dict(zip(message_cols, row))
+        message = dict(zip(message_cols, row, strict=True))
         message_id, sender = message["id"], message["sender"]
         try:
             body = src.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchone()

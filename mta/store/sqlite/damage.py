@@ -23,10 +23,13 @@ connection.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from pathlib import Path
+
+from mta.errors import RECOVERY_HINT, damage_reason
+
+__all__ = ["RECOVERY_HINT", "damage_reason", "is_corruption", "quick_check"]
 
 log = logging.getLogger("mta.queue")
 
@@ -34,8 +37,6 @@ log = logging.getLogger("mta.queue")
 # in the low byte (SQLITE_CORRUPT_INDEX = 779 = 11 | 3 << 8).
 SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
-
-RECOVERY_HINT = 'see README "Recovering a damaged queue"'
 
 # How long `mta serve` may spend on PRAGMA quick_check before it starts anyway: the
 # check reads every page (about 0.3 s for 460 MB from the page cache, seconds from a
@@ -53,11 +54,6 @@ def is_corruption(exc: BaseException) -> bool:
         return code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text
-
-
-def damage_reason(path: str | os.PathLike[str], what: object) -> str:
-    """The one line naming the file: "/var/lib/mta/queue.db is damaged: file is not a database"."""
-    return f"{path} is damaged: {' '.join(str(what).split())}"
 
 
 def quick_check(conn: sqlite3.Connection, seconds: float = QUICK_CHECK_SECONDS) -> str | None:
