@@ -32,7 +32,8 @@ from mta.queue.scheduler import Scheduler
 from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
 from mta.store.api import Store
 from mta.store.factory import make_store
-from mta.store.sqlite.lock import QueueLock, acquire as acquire_queue_lock
+from mta.store.sqlite.lock import QueueLock
+from mta.store.sqlite.lock import acquire as acquire_queue_lock
 from mta.worker import DeliveryProcess
 
 log = logging.getLogger("mta.master")

@@ -32,7 +32,7 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from mta.message import header_section
@@ -174,7 +174,7 @@ class _Report:
     will_retry_until: float | None
 
     @classmethod
-    def of(cls, r: ReportedRecipient) -> "_Report":
+    def of(cls, r: ReportedRecipient) -> _Report:
         action = r.action if r.action in ACTIONS else "failed"
         reply = r.reply
         code = reply.code if isinstance(reply.code, int) else 0
@@ -413,7 +413,7 @@ def _token() -> str:
 
 def _date(when: float | None) -> str:
     """An RFC 5322 date-time in UTC; out-of-range or NaN times are clamped."""
-    return format_datetime(datetime.fromtimestamp(_clamp(when), timezone.utc))
+    return format_datetime(datetime.fromtimestamp(_clamp(when), UTC))
 
 
 def _clamp(when: object) -> float:
@@ -480,7 +480,9 @@ def _split_octets(word: str, limit: int) -> list[str]:
     """``word`` in pieces of at most ``limit`` octets of UTF-8 each."""
     if len(word) * 4 <= limit or len(_encode(word)) <= limit:
         return [word]
-    pieces, current, size = [], [], 0
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
     for char in word:
         n = len(_encode(char))
         if size + n > limit:

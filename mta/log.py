@@ -99,6 +99,6 @@ def setup_logging(level: str = "INFO", timestamps: bool | None = None) -> None:
     # HOWTO's "Optimization" section): no caller lookup (a walk up the stack for
     # every record), no thread or multiprocessing names. The pid stays: it is in
     # the format, as in Postfix's lines.
-    logging._srcfile = None   # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False

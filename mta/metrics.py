@@ -39,12 +39,12 @@ from urllib.parse import urlsplit
 
 from prometheus_client import (
     CollectorRegistry,
-    disable_created_metrics,
     Counter,
     Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -57,7 +57,7 @@ log = logging.getLogger("mta.metrics")
 
 # No *_created series: they double the output, and Prometheus reads counter resets from
 # the values themselves. (A process-wide setting of prometheus_client, >= 0.17.)
-disable_created_metrics()
+disable_created_metrics()   # type: ignore[no-untyped-call]   # (untyped in prometheus_client)
 
 # generate_latest() writes the classic text format; prometheus_client >= 0.22
 # names 1.0.0 as CONTENT_TYPE_LATEST, so spell out the version we really send.
@@ -157,7 +157,7 @@ class _PoolCollector:
         return self._last[0], self._last[1]
 
     def _families(self, opened: int | None, reused: int | None) -> list[Metric]:
-        out = []
+        out: list[Metric] = []
         for name, doc, value in (
             ("mta_smtp_connections_opened", "Outbound SMTP connections opened.", opened),
             ("mta_smtp_connections_reused", "Outbound SMTP connections reused from the cache.", reused),

@@ -40,7 +40,7 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ").strip()
 
     @classmethod
-    def parse(cls, line: str) -> "Reply":
+    def parse(cls, line: str) -> Reply:
         """Parse '550 5.1.1 No such user' (enhanced code optional) into a Reply."""
         code_text, _, rest = line.strip().partition(" ")
         code = int(code_text[:3]) if code_text[:3].isdigit() else 0

@@ -39,7 +39,7 @@ class Notifier:
         self._watchdog_usec = watchdog_usec
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Notifier":
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
         """$NOTIFY_SOCKET, and $WATCHDOG_USEC when $WATCHDOG_PID is unset or is this process."""
         return cls(environ.get("NOTIFY_SOCKET") or None, watchdog_usec=_watchdog_usec(environ))
 

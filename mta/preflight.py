@@ -78,8 +78,8 @@ def queue_directory(queue_path: str, *, create: bool) -> None:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                problem = exc.strerror or str(exc)
-                raise StartupError(f"queue.path: cannot create directory {directory}: {problem}") from None
+                reason = exc.strerror or str(exc)
+                raise StartupError(f"queue.path: cannot create directory {directory}: {reason}") from None
         else:
             return
     problem = _not_writable(directory)
@@ -96,11 +96,8 @@ def _creatable(directory: Path) -> None:
     ancestor = directory
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    problem = None
-    if not ancestor.is_dir():
-        problem = os.strerror(20)   # ENOTDIR: a file where a directory should be
-    else:
-        problem = _not_writable(ancestor)
+    # ENOTDIR: a file where a directory should be
+    problem = os.strerror(20) if not ancestor.is_dir() else _not_writable(ancestor)
     if problem:
         raise StartupError(f"queue.path: cannot create directory {directory}: {problem}")
 

@@ -26,5 +26,5 @@ def event_loop_factory(*, quiet: bool = False) -> Callable[[], asyncio.AbstractE
     except ImportError:
         return None
     if not quiet:
-        log.info("event loop: uvloop %s", uvloop.__version__)
+        log.info("event loop: uvloop %s", getattr(uvloop, "__version__", "?"))
     return uvloop.new_event_loop

@@ -295,7 +295,7 @@ def _xtext(value: str) -> str:
 
 async def enqueue_directly(config: Config, message: NewMessage) -> None:
     """Commit to the queue file as the daemon would (the daemon delivers it when it starts)."""
-    from mta.store.factory import make_store   # only on this path: the SMTP path stays light
+    from mta.store.factory import make_store  # only on this path: the SMTP path stays light
 
     store = make_store(config, role="inbound")
     await store.open()
@@ -334,30 +334,31 @@ def smtp_on_stdio(config: Config) -> int:
         sys.stdout.write(f"421 4.3.0 {config.hostname} mail system unavailable: {exc}\r\n")
         sys.stdout.flush()
         return EX_TEMPFAIL
-    stdin, stdout = sys.stdin.buffer.raw, sys.stdout.buffer   # type: ignore[attr-defined]
+    stdin_fd, stdout = sys.stdin.fileno(), sys.stdout.buffer
     with sock:
         sock.settimeout(None)
-        inputs: list[object] = [sock, stdin]
+        sock_fd = sock.fileno()
+        inputs = [sock_fd, stdin_fd]
         wait = config.limits.idle_timeout + 60
         while True:
             ready, _, _ = select.select(inputs, [], [], wait)
             if not ready:   # idle, or the replies after end of input have all come
-                return EX_OK if stdin not in inputs else EX_TEMPFAIL
-            if sock in ready:
+                return EX_OK if stdin_fd not in inputs else EX_TEMPFAIL
+            if sock_fd in ready:
                 chunk = sock.recv(65536)
                 if not chunk:
                     return EX_OK
                 stdout.write(chunk)
                 stdout.flush()
-            if stdin in ready:
-                chunk = os.read(stdin.fileno(), 65536)
+            if stdin_fd in ready:
+                chunk = os.read(stdin_fd, 65536)
                 if chunk:
                     sock.sendall(chunk)
                 else:
                     # End of input: a half-close would make the daemon drop the replies still
                     # owed (as to a client that went away), so keep reading them until the
                     # daemon closes after QUIT, or nothing more comes for a while.
-                    inputs, wait = [sock], EOF_LINGER
+                    inputs, wait = [sock_fd], EOF_LINGER
 
 
 # ----------------------------------------------------------------------------- main

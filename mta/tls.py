@@ -77,7 +77,7 @@ class ImplicitTLS:
         # started cannot take.
         pending = _Pending()
         tls = _ServerTLS(loop, pending, self.context, waiter, server_side=True, call_connection_made=False,
-                         ssl_handshake_timeout=self.timeout)
+                         ssl_handshake_timeout=self.timeout)   # type: ignore[arg-type]  # typeshed: int
         self.in_handshake.add(tls)
         waiter.add_done_callback(functools.partial(self._done, tls, pending))
         return tls
@@ -99,8 +99,9 @@ class ImplicitTLS:
     def abort_handshakes(self) -> None:
         """Shutdown: connections still in their handshake are dropped."""
         for tls in list(self.in_handshake):
-            if tls._transport is not None:
-                tls._transport.abort()
+            transport = tls._transport
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
 
 
 class _Pending(asyncio.Protocol):

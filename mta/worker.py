@@ -173,8 +173,8 @@ class DeliveryProcess:
         self._cancel_timers()
         self._timers.append(asyncio.get_running_loop().call_later(UP_AFTER, self._up, self.proc))
 
-    def _up(self, proc: asyncio.subprocess.Process) -> None:
-        if proc is self.proc and proc.returncode is None:
+    def _up(self, proc: asyncio.subprocess.Process | None) -> None:
+        if proc is not None and proc is self.proc and proc.returncode is None:
             self.metrics.delivery_process_running(True)
             self.metrics.health.clear("delivery_process")
 

@@ -120,7 +120,7 @@ class MXResolver:
                                        return_exceptions=True)
         hosts: list[MXHost] = []
         failure: TransientError | None = None
-        for (pref, host), result in zip(ordered, results):
+        for (pref, host), result in zip(ordered, results, strict=True):
             if isinstance(result, TransientError):
                 failure = failure or result  # try the hosts we can reach; keep the reason
             elif isinstance(result, BaseException):
@@ -200,7 +200,10 @@ class MXResolver:
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            response = exc.responses().get(qname) if "responses" in exc.kwargs else None
+            # dnspython's responses() is untyped; it maps each name asked to its answer.
+            responses: dict[dns.name.Name, dns.message.Message] = \
+                exc.responses() if "responses" in exc.kwargs else {}  # type: ignore[no-untyped-call]
+            response = responses.get(qname)
             result, ttl = _Lookup(True, ()), _negative_ttl(response)
         except (dns.exception.DNSException, OSError):
             # SERVFAIL/REFUSED from every server (NoNameservers), lifetime timeout
