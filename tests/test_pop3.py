@@ -14,7 +14,8 @@ import pytest
 
 from mta.errors import StoreError
 from mta.passwords import AuthThrottle
-from mta.pop3.session import POP3Session, top_of
+from mta.pop3.session import POP3Session
+from mta.pop3.transaction import top_of
 from tests.pop3_support import ALICE, ONE, THREE, TWO, USERS, Client, capa, make_tls, pop3_lab
 
 pytestmark = pytest.mark.timeout(60)
