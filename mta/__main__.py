@@ -1,5 +1,5 @@
 """`python -m mta` works like the `mta` command."""
 
-from mta.cli import main
+from mta.entry import main
 
 raise SystemExit(main())

@@ -1,5 +1,12 @@
 """Configuration: one YAML file turned into frozen dataclasses.
 
+This module says what the settings are and where they come from: the
+dataclasses below (each field's default is the built-in default, written only
+there), ``build_config`` (a parsed YAML document → Config, including the checks
+that involve several keys) and ``load_config`` (a file → Config). How a single
+value is written -- durations, sizes, host:port, domains, addresses -- is
+mta/config_values.py.
+
 The key names are the public interface (operators' files depend on them).
 Every problem is reported as a ConfigError whose text names the key path,
 e.g. ``delivery.retry.min_backoff: "5x" is not a duration``.
@@ -7,84 +14,43 @@ e.g. ``delivery.retry.min_backoff: "5x" is not a duration``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import os
-import re
 import socket
-import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import yaml
 
+from mta.config_values import (
+    HOST_NAME,
+    Converter,
+    Section,
+    boolean,
+    choice,
+    cipher_list,
+    domain_name,
+    host_name,
+    integer,
+    ip_address_text,
+    list_of,
+    mail_address,
+    network,
+    parse_duration,
+    parse_hostport,
+    parse_size,
+    port_number,
+    show,
+    string,
+)
 from mta.errors import ConfigError
 
-T = TypeVar("T")
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-}
 LISTENER_MODES = ("relay", "submission", "pop3")
 DELIVERY_TLS_MODES = ("may", "encrypt", "none")
-
-
-# --------------------------------------------------------------------------- value parsers
-
-def parse_duration(value: Any, path: str) -> float:
-    """'30s', '5m', '2h', '5d', '1w', '250ms' or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(path, f"{value!r} is not a duration")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(path, f"{value!r} is not a duration (negative)")
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*", value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
-    raise ConfigError(path, f"{_show(value)} is not a duration")
-
-
-def parse_size(value: Any, path: str) -> int:
-    """Bytes as an integer, or '10MB' (decimal: KB, MB, GB) / '10MiB' (binary)."""
-    if isinstance(value, bool):
-        raise ConfigError(path, f"{value!r} is not a size")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(path, f"{value!r} is not a size (negative)")
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise ConfigError(path, f"{_show(value)} is not a size")
-
-
-def parse_hostport(value: Any, path: str, default_port: int | None = None) -> tuple[str, int]:
-    """'host:port', '[::1]:port' (or 'host' when a default port applies)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(path, f"{_show(value)} is not an address (want host:port)")
-    text = value.strip()
-    # "[host]:port" as in Postfix's relayhost, and the only way to write an IPv6 literal.
-    m = re.fullmatch(r"\[([0-9A-Za-z:._-]+)\](?::(\d+))?", text) or re.fullmatch(
-        r"([^:\[\]\s]+)(?::(\d+))?", text
-    )
-    if not m or (m.group(2) is None and default_port is None):
-        raise ConfigError(path, f"{_show(value)} is not an address (want host:port)")
-    host = m.group(1)
-    port = int(m.group(2)) if m.group(2) is not None else int(default_port or 0)
-    if not 0 < port < 65536:
-        raise ConfigError(path, f"{_show(value)} has a port outside 1-65535")
-    return host, port
-
-
-def _show(value: Any) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+SMTP_PORT = 25   # delivery.port, and the port of a route or smarthost written without one
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -167,7 +133,7 @@ class SmarthostConfig:
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     smarthost: SmarthostConfig | None = None
-    port: int = 25
+    port: int = SMTP_PORT
     dns: DNSConfig = field(default_factory=DNSConfig)
     concurrency: int = 20
     per_destination_concurrency: int = 5
@@ -289,97 +255,21 @@ def _in_networks(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6
     return any(addr in net for net in networks if net.version == addr.version)
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- defaults
 
-class _Section:
-    """A mapping being read: remembers its key path and rejects unknown keys."""
-
-    def __init__(self, data: Any, path: str):
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(path or "(top level)", f"{_show(data)} is not a mapping")
-        self.data = data
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, default: T, convert: Callable[[Any, str], T]) -> T:
-        self.used.add(name)
-        if name not in self.data or self.data[name] is None and default is None:
-            return default
-        return convert(self.data[name], self.key(name))
-
-    def section(self, name: str) -> "_Section":
-        self.used.add(name)
-        return _Section(self.data.get(name), self.key(name))
-
-    def done(self) -> None:
-        for name in self.data:
-            if name not in self.used:
-                raise ConfigError(self.key(str(name)), "unknown key")
+DEFAULT_LISTENERS = (ListenerConfig(name="mta", host="127.0.0.1", port=2525, mode="relay"),)
+DEFAULT_MYNETWORKS = ("127.0.0.0/8", "::1/128")
 
 
-def _int(minimum: int = 0) -> Callable[[Any, str], int]:
-    def convert(value: Any, path: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"{_show(value)} is not an integer")
-        if value < minimum:
-            raise ConfigError(path, f"{value} is below the minimum of {minimum}")
-        return value
-    return convert
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(path, f"{_show(value)} is not true or false")
-    return value
-
-
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(path, f"{_show(value)} is not a string")
-    return value
-
-
-def _port(value: Any, path: str) -> int:
-    port = _int(1)(value, path)
-    if port > 65535:
-        raise ConfigError(path, f"{port} is not a port (1-65535)")
-    return port
-
-
-def _list(item: Callable[[Any, str], T]) -> Callable[[Any, str], tuple[T, ...]]:
-    def convert(value: Any, path: str) -> tuple[T, ...]:
-        if not isinstance(value, list):
-            raise ConfigError(path, f"{_show(value)} is not a list")
-        return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
-    return convert
-
-
-def _network(value: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(str(value), strict=False)
-    except ValueError:
-        raise ConfigError(path, f"{_show(value)} is not a CIDR network") from None
-
-
-def _domain(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+\.?", value) or value.startswith("."):
-        raise ConfigError(path, f"{_show(value)} is not a domain name")
-    return value.lower().rstrip(".")
-
-
-def _hostname(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
-        raise ConfigError(path, f"{_show(value)} is not a host name")
-    return value
-
-
-def _optional_path(value: Any, path: str) -> str:
-    return _str(value, path)
+def default_of(cls: type[Any], name: str) -> Any:
+    """The built-in default of setting ``name``: the default of that field of dataclass
+    ``cls``. The builders below ask for it, so each default is written once, in the class."""
+    [spec] = [spec for spec in dataclasses.fields(cls) if spec.name == name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")
 
 
 def default_hostname() -> str:
@@ -387,8 +277,7 @@ def default_hostname() -> str:
     "localhost", which getfqdn() answers when /etc/hosts maps the name to 127.0.0.1
     as "localhost" first: our Received: lines and greeting would all say localhost."""
     for name in (socket.getfqdn(), socket.gethostname()):
-        if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", name) and \
-                not name.lower().startswith("localhost"):
+        if HOST_NAME.fullmatch(name) and not name.lower().startswith("localhost"):
             return name
     return "localhost"
 
@@ -398,136 +287,73 @@ def default_queue_path() -> str:
     if state:
         # systemd may pass several directories separated by ':'; the first is ours.
         return str(Path(state.split(":")[0]) / "queue.db")
-    return "var/queue.db"
+    path: str = default_of(QueueConfig, "path")
+    return path
 
 
-def _listener(value: Any, path: str) -> ListenerConfig:
-    sec = _Section(value, path)
-    name = sec.get("name", None, _str)
-    if name is None:
-        raise ConfigError(sec.key("name"), "missing")
-    address = sec.get("address", None, parse_hostport)
-    if address is None:
-        raise ConfigError(sec.key("address"), "missing")
-    mode = sec.get("mode", "relay", _str)
-    if mode not in LISTENER_MODES:
-        raise ConfigError(sec.key("mode"), f"{_show(mode)} is not one of {', '.join(LISTENER_MODES)}")
-    tls = None
-    if sec.data.get("tls") is not None:
-        tsec = sec.section("tls")
-        cert = tsec.get("cert", None, _str)
-        key = tsec.get("key", None, _str)
-        if cert is None or key is None:
-            raise ConfigError(tsec.key("cert" if cert is None else "key"), "missing")
-        min_version = tsec.get("min_version", "TLSv1.2", _str)
-        if min_version not in TLS_VERSIONS:
-            raise ConfigError(tsec.key("min_version"), f"{_show(min_version)} is not one of {', '.join(TLS_VERSIONS)}")
-        ciphers = tsec.get("ciphers", DEFAULT_TLS_CIPHERS, _str)
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
-        except ssl.SSLError:
-            raise ConfigError(tsec.key("ciphers"), f"{_show(ciphers)} selects no cipher OpenSSL knows") from None
-        tls = TLSConfig(cert=cert, key=key, implicit=tsec.get("implicit", False, _bool),
-                        min_version=min_version, ciphers=ciphers)
-        tsec.done()
-    else:
-        sec.used.add("tls")
-    insecure = sec.get("allow_insecure_auth", False, _bool)
-    sec.done()
-    return ListenerConfig(name=name, host=address[0], port=address[1], mode=mode, tls=tls,
-                          allow_insecure_auth=insecure)
+# --------------------------------------------------------------------------- loading
+
+def _settings(sec: Section, cls: type[Any], **converters: Converter[Any]) -> dict[str, Any]:
+    """The keys of ``sec`` named as fields of ``cls``, read in the order given (so the
+    first mistake in a file is always the one reported); an absent key takes the field's default."""
+    return {name: sec.get(name, default_of(cls, name), convert) for name, convert in converters.items()}
 
 
-def _routes(value: Any, path: str) -> tuple[tuple[str, str, int], ...]:
-    if not isinstance(value, dict):
-        raise ConfigError(path, f"{_show(value)} is not a mapping of domain to host:port")
-    out = []
-    for domain, target in value.items():
-        d = _domain(domain, f"{path}.{domain}")
-        host, port = parse_hostport(target, f"{path}.{domain}", default_port=25)
-        out.append((d, host, port))
-    return tuple(out)
-
-
-def _smarthost(value: Any, path: str) -> SmarthostConfig:
-    if isinstance(value, str):
-        host, port = parse_hostport(value, path, default_port=25)
-        return SmarthostConfig(host, port)
-    sec = _Section(value, path)
-    address = sec.get("address", None, lambda v, p: parse_hostport(v, p, default_port=25))
-    if address is None:
-        raise ConfigError(sec.key("address"), "missing")
-    cfg = SmarthostConfig(address[0], address[1], sec.get("username", None, _str),
-                          sec.get("password", None, _str))
+def _section(parent: Section, name: str, cls: type[Any], **converters: Converter[Any]) -> Any:
+    """A section whose keys are exactly the fields of ``cls`` given in ``converters``."""
+    sec = parent.section(name)
+    cfg = cls(**_settings(sec, cls, **converters))
     sec.done()
     return cfg
-
-
-def _delivery(sec: _Section) -> DeliveryConfig:
-    dns = sec.section("dns")
-    dns_cfg = DNSConfig(
-        nameservers=dns.get("nameservers", (), _list(_ip_text)),
-        port=dns.get("port", 53, _port),
-        timeout=dns.get("timeout", 5.0, parse_duration),
-    )
-    dns.done()
-    cc = sec.section("connection_cache")
-    cc_cfg = ConnectionCacheConfig(
-        max_messages=cc.get("max_messages", 100, _int(1)),
-        idle_timeout=cc.get("idle_timeout", 2.0, parse_duration),
-    )
-    cc.done()
-    retry = sec.section("retry")
-    retry_cfg = RetryConfig(
-        min_backoff=retry.get("min_backoff", 300.0, parse_duration),
-        max_backoff=retry.get("max_backoff", 3600.0, parse_duration),
-        max_lifetime=retry.get("max_lifetime", 5 * 86400.0, parse_duration),
-        delay_warning=retry.get("delay_warning", None, parse_duration),
-    )
-    if retry_cfg.max_backoff < retry_cfg.min_backoff:
-        raise ConfigError(retry.key("max_backoff"), "is smaller than min_backoff")
-    retry.done()
-    timeouts = sec.section("timeouts")
-    timeouts_cfg = TimeoutsConfig(
-        connect=timeouts.get("connect", 30.0, parse_duration),
-        command=timeouts.get("command", 300.0, parse_duration),
-    )
-    timeouts.done()
-    tls = sec.get("tls", "may", _str)
-    if tls not in DELIVERY_TLS_MODES:
-        raise ConfigError(sec.key("tls"), f"{_show(tls)} is not one of {', '.join(DELIVERY_TLS_MODES)}")
-    cfg = DeliveryConfig(
-        smarthost=sec.get("smarthost", None, _smarthost),
-        port=sec.get("port", 25, _port),
-        dns=dns_cfg,
-        concurrency=sec.get("concurrency", 20, _int(1)),
-        per_destination_concurrency=sec.get("per_destination_concurrency", 5, _int(1)),
-        connection_cache=cc_cfg,
-        retry=retry_cfg,
-        timeouts=timeouts_cfg,
-        routes=sec.get("routes", (), _routes),
-        tls=tls,
-    )
-    sec.done()
-    return cfg
-
-
-def _ip_text(value: Any, path: str) -> str:
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise ConfigError(path, f"{_show(value)} is not an IP address") from None
-
-
-DEFAULT_LISTENERS = (ListenerConfig(name="mta", host="127.0.0.1", port=2525, mode="relay"),)
-DEFAULT_MYNETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     """Validate a parsed YAML document and return the Config it describes."""
-    top = _Section(data, "")
-    hostname = top.get("hostname", None, _hostname) or default_hostname()
-    listeners = top.get("listeners", DEFAULT_LISTENERS, _list(_listener))
+    top = Section(data, "")
+    hostname = top.get("hostname", None, host_name) or default_hostname()
+    listeners = _listeners(top)
+    mynetworks = top.get("mynetworks", None, list_of(network))
+    if mynetworks is None:
+        mynetworks = tuple(ipaddress.ip_network(n) for n in DEFAULT_MYNETWORKS)
+    relay_domains = top.get("relay_domains", (), list_of(domain_name))
+    local_domains = top.get("local_domains", default_of(Config, "local_domains"), list_of(domain_name))
+    _check_not_relayed("local_domains", local_domains, relay_domains)
+    mailboxes: MailboxesConfig = _section(top, "mailboxes", MailboxesConfig, users_file=string,
+                                          max_messages=integer(1), max_age=parse_duration, catch_all=boolean)
+    if local_domains and not (mailboxes.users_file or mailboxes.catch_all):
+        raise ConfigError("mailboxes.users_file", "missing (local_domains need mailbox users, or catch_all: true)")
+    mydestination = tuple(hostname.lower() if d == "$myhostname" else d
+                          for d in top.get("mydestination", default_of(Config, "mydestination"),
+                                           list_of(_destination)))
+    _check_not_relayed("mydestination", mydestination, relay_domains)
+    postmaster = top.get("postmaster", None, mail_address) or \
+        f"postmaster@{local_domains[0] if local_domains else hostname.lower()}"
+    if any(item.mode == "pop3" for item in listeners) and not mailboxes.users_file:
+        raise ConfigError("mailboxes.users_file", "missing (a pop3 listener needs mailbox passwords)")
+    auth: AuthConfig = _section(top, "auth", AuthConfig, users_file=string)
+    if any(item.mode == "submission" for item in listeners) and not auth.users_file:
+        raise ConfigError("auth.users_file", "missing (a submission listener needs credentials)")
+    queue = top.section("queue")
+    queue_cfg = QueueConfig(path=queue.get("path", default_queue_path(), string))
+    queue.done()
+    delivery = _delivery(top.section("delivery"))
+    limits: LimitsConfig = _section(
+        top, "limits", LimitsConfig, message_size=parse_size, max_recipients=integer(1),
+        max_connections=integer(1), max_connections_per_ip=integer(1), idle_timeout=parse_duration,
+        max_hops=integer(1), hard_error_limit=integer(1), junk_command_limit=integer(0))
+    bounce: BounceConfig = _section(top, "bounce", BounceConfig, double_bounce_to=mail_address)
+    dsn: DSNConfig = _section(top, "dsn", DSNConfig, offer_to_untrusted=boolean)
+    metrics = _metrics(top.section("metrics"), listeners)
+    top.done()
+    return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
+                  relay_domains=relay_domains, auth=auth, queue=queue_cfg,
+                  delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
+                  local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, mydestination=mydestination,
+                  postmaster=postmaster, source=source)
+
+
+def _listeners(top: Section) -> tuple[ListenerConfig, ...]:
+    listeners = top.get("listeners", DEFAULT_LISTENERS, list_of(_listener))
     if not listeners:
         raise ConfigError("listeners", "at least one listener is needed")
     names = [item.name for item in listeners]
@@ -536,65 +362,42 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
             raise ConfigError(f"listeners[{i}].name", f'"{name}" is used twice')
     for i, item in enumerate(listeners):
         _check_address_free(f"listeners[{i}].address", (item.host, item.port), listeners[:i])
-    mynetworks = top.get("mynetworks", None, _list(_network))
-    if mynetworks is None:
-        mynetworks = tuple(ipaddress.ip_network(n) for n in DEFAULT_MYNETWORKS)
-    relay_domains = top.get("relay_domains", (), _list(_domain))
-    local_domains = top.get("local_domains", (), _list(_domain))
-    for i, domain in enumerate(local_domains):
+    return listeners
+
+
+def _listener(value: Any, path: str) -> ListenerConfig:
+    sec = Section(value, path)
+    name = sec.get("name", None, string)
+    if name is None:
+        raise ConfigError(sec.key("name"), "missing")
+    address = sec.get("address", None, parse_hostport)
+    if address is None:
+        raise ConfigError(sec.key("address"), "missing")
+    mode = sec.get("mode", default_of(ListenerConfig, "mode"), choice(LISTENER_MODES))
+    tls_section = sec.section("tls")
+    tls = _tls(tls_section) if sec.data.get("tls") is not None else None
+    insecure = sec.get("allow_insecure_auth", default_of(ListenerConfig, "allow_insecure_auth"), boolean)
+    sec.done()
+    return ListenerConfig(name=name, host=address[0], port=address[1], mode=mode, tls=tls,
+                          allow_insecure_auth=insecure)
+
+
+def _tls(sec: Section) -> TLSConfig:
+    cert = sec.get("cert", None, string)
+    key = sec.get("key", None, string)
+    if cert is None or key is None:
+        raise ConfigError(sec.key("cert" if cert is None else "key"), "missing")
+    tls = TLSConfig(cert=cert, key=key, **_settings(sec, TLSConfig, min_version=choice(TLS_VERSIONS),
+                                                    ciphers=cipher_list, implicit=boolean))
+    sec.done()
+    return tls
+
+
+def _check_not_relayed(key: str, domains: tuple[str, ...], relay_domains: tuple[str, ...]) -> None:
+    for i, domain in enumerate(domains):
         if domain in relay_domains:
-            raise ConfigError(f"local_domains[{i}]", f'"{domain}" is also in relay_domains (mail for it is either kept here or relayed)')
-    mailboxes = _mailboxes(top.section("mailboxes"))
-    if local_domains and not (mailboxes.users_file or mailboxes.catch_all):
-        raise ConfigError("mailboxes.users_file", "missing (local_domains need mailbox users, or catch_all: true)")
-    mydestination = tuple(hostname.lower() if d == "$myhostname" else d
-                          for d in top.get("mydestination", (), _list(_destination)))
-    for i, domain in enumerate(mydestination):
-        if domain in relay_domains:
-            raise ConfigError(f"mydestination[{i}]", f'"{domain}" is also in relay_domains (mail for it is either kept here or relayed)')
-    postmaster = top.get("postmaster", None, _mailbox) or \
-        f"postmaster@{local_domains[0] if local_domains else hostname.lower()}"
-    if any(item.mode == "pop3" for item in listeners) and not mailboxes.users_file:
-        raise ConfigError("mailboxes.users_file", "missing (a pop3 listener needs mailbox passwords)")
-    auth = top.section("auth")
-    auth_cfg = AuthConfig(users_file=auth.get("users_file", None, _optional_path))
-    auth.done()
-    if any(item.mode == "submission" for item in listeners) and not auth_cfg.users_file:
-        raise ConfigError("auth.users_file", "missing (a submission listener needs credentials)")
-    queue = top.section("queue")
-    queue_cfg = QueueConfig(path=queue.get("path", default_queue_path(), _str))
-    queue.done()
-    delivery = _delivery(top.section("delivery"))
-    lim = top.section("limits")
-    limits = LimitsConfig(
-        message_size=lim.get("message_size", 10_000_000, parse_size),
-        max_recipients=lim.get("max_recipients", 100, _int(1)),
-        max_connections=lim.get("max_connections", 200, _int(1)),
-        max_connections_per_ip=lim.get("max_connections_per_ip", 20, _int(1)),
-        idle_timeout=lim.get("idle_timeout", 300.0, parse_duration),
-        max_hops=lim.get("max_hops", 50, _int(1)),
-        hard_error_limit=lim.get("hard_error_limit", 20, _int(1)),
-        junk_command_limit=lim.get("junk_command_limit", 100, _int(0)),
-    )
-    lim.done()
-    bsec = top.section("bounce")
-    bounce = BounceConfig(double_bounce_to=bsec.get("double_bounce_to", None, _mailbox))
-    bsec.done()
-    dsec = top.section("dsn")
-    dsn = DSNConfig(offer_to_untrusted=dsec.get("offer_to_untrusted", True, _bool))
-    dsec.done()
-    met = top.section("metrics")
-    address = met.get("address", ("127.0.0.1", 9101), _metrics_address)
-    metrics = MetricsConfig(host=address[0] if address else None, port=address[1] if address else 0)
-    if address:
-        _check_address_free(met.key("address"), address, listeners)
-    met.done()
-    top.done()
-    return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
-                  relay_domains=relay_domains, auth=auth_cfg, queue=queue_cfg,
-                  delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
-                  local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, mydestination=mydestination,
-                  postmaster=postmaster, source=source)
+            raise ConfigError(f"{key}[{i}]", f'"{domain}" is also in relay_domains'
+                              " (mail for it is either kept here or relayed)")
 
 
 def _check_address_free(path: str, address: tuple[str, int], taken: tuple[ListenerConfig, ...]) -> None:
@@ -623,26 +426,72 @@ def _host_key(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
         return host.lower().rstrip(".")
 
 
-def _mailboxes(sec: _Section) -> MailboxesConfig:
-    cfg = MailboxesConfig(
-        users_file=sec.get("users_file", None, _optional_path),
-        max_messages=sec.get("max_messages", 10_000, _int(1)),
-        max_age=sec.get("max_age", 7 * 86400.0, parse_duration),
-        catch_all=sec.get("catch_all", False, _bool),
-    )
+def _destination(value: Any, path: str) -> str:
+    """A mydestination entry: a domain, or "$myhostname" (our hostname, as in Postfix)."""
+    return value if value == "$myhostname" else domain_name(value, path)
+
+
+def _delivery(sec: Section) -> DeliveryConfig:
+    dns: DNSConfig = _section(sec, "dns", DNSConfig, nameservers=list_of(ip_address_text), port=port_number,
+                              timeout=parse_duration)
+    cache: ConnectionCacheConfig = _section(sec, "connection_cache", ConnectionCacheConfig,
+                                            max_messages=integer(1), idle_timeout=parse_duration)
+    retry = _retry(sec.section("retry"))
+    timeouts: TimeoutsConfig = _section(sec, "timeouts", TimeoutsConfig, connect=parse_duration,
+                                        command=parse_duration)
+    cfg = DeliveryConfig(dns=dns, connection_cache=cache, retry=retry, timeouts=timeouts, **_settings(
+        sec, DeliveryConfig, tls=choice(DELIVERY_TLS_MODES), smarthost=_smarthost, port=port_number,
+        concurrency=integer(1), per_destination_concurrency=integer(1), routes=_routes))
     sec.done()
     return cfg
 
 
-def _destination(value: Any, path: str) -> str:
-    """A mydestination entry: a domain, or "$myhostname" (our hostname, as in Postfix)."""
-    return value if value == "$myhostname" else _domain(value, path)
+def _retry(sec: Section) -> RetryConfig:
+    retry = RetryConfig(**_settings(sec, RetryConfig, min_backoff=parse_duration, max_backoff=parse_duration,
+                                    max_lifetime=parse_duration, delay_warning=parse_duration))
+    if retry.max_backoff < retry.min_backoff:
+        raise ConfigError(sec.key("max_backoff"), "is smaller than min_backoff")
+    sec.done()
+    return retry
 
 
-def _mailbox(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[^@\s<>]+@[A-Za-z0-9_.-]+", value):
-        raise ConfigError(path, f"{_show(value)} is not a mail address (user@domain)")
-    return value
+def _smtp_hostport(value: Any, path: str) -> tuple[str, int]:
+    return parse_hostport(value, path, default_port=SMTP_PORT)
+
+
+def _routes(value: Any, path: str) -> tuple[tuple[str, str, int], ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"{show(value)} is not a mapping of domain to host:port")
+    out: list[tuple[str, str, int]] = []
+    for domain, target in value.items():
+        name = domain_name(domain, f"{path}.{domain}")
+        host, port = _smtp_hostport(target, f"{path}.{domain}")
+        out.append((name, host, port))
+    return tuple(out)
+
+
+def _smarthost(value: Any, path: str) -> SmarthostConfig:
+    if isinstance(value, str):
+        host, port = _smtp_hostport(value, path)
+        return SmarthostConfig(host, port)
+    sec = Section(value, path)
+    address = sec.get("address", None, _smtp_hostport)
+    if address is None:
+        raise ConfigError(sec.key("address"), "missing")
+    cfg = SmarthostConfig(address[0], address[1], **_settings(sec, SmarthostConfig, username=string,
+                                                              password=string))
+    sec.done()
+    return cfg
+
+
+def _metrics(sec: Section, listeners: tuple[ListenerConfig, ...]) -> MetricsConfig:
+    default = (default_of(MetricsConfig, "host"), default_of(MetricsConfig, "port"))
+    address = sec.get("address", default, _metrics_address)
+    metrics = MetricsConfig(host=address[0] if address else None, port=address[1] if address else 0)
+    if address:
+        _check_address_free(sec.key("address"), address, listeners)
+    sec.done()
+    return metrics
 
 
 def _metrics_address(value: Any, path: str) -> tuple[str, int] | None:
@@ -650,6 +499,8 @@ def _metrics_address(value: Any, path: str) -> tuple[str, int] | None:
         return None
     return parse_hostport(value, path)
 
+
+# --------------------------------------------------------------------------- reloading and files
 
 # Keys a SIGHUP does not change: the sockets, the queue file, the metrics server
 # and the name we greet and sign bounces with stay as started.

@@ -12,9 +12,19 @@ import pytest
 import yaml
 
 from mta.config import (
+    AuthConfig,
+    BounceConfig,
     Config,
+    ConnectionCacheConfig,
+    DeliveryConfig,
+    DNSConfig,
+    DSNConfig,
+    LimitsConfig,
     ListenerConfig,
+    MailboxesConfig,
+    RetryConfig,
     SmarthostConfig,
+    TimeoutsConfig,
     TLSConfig,
     build_config,
     load_config,
@@ -367,6 +377,28 @@ def test_reference_file_is_the_defaults(monkeypatch):
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     loaded = load_config(REFERENCE)
     assert dataclasses.replace(loaded, source="<built-in defaults>") == build_config({})
+
+
+# The reference file's sections whose keys are the fields of a config class.
+REFERENCE_SECTIONS = {
+    "": Config, "mailboxes": MailboxesConfig, "auth": AuthConfig, "delivery": DeliveryConfig,
+    "delivery.dns": DNSConfig, "delivery.connection_cache": ConnectionCacheConfig,
+    "delivery.retry": RetryConfig, "delivery.timeouts": TimeoutsConfig, "limits": LimitsConfig,
+    "bounce": BounceConfig, "dsn": DSNConfig,
+}
+NOT_KEYS = {"source"}
+LEFT_TO_THE_MACHINE = {"hostname"}   # commented out: the FQDN applies (and queue.path: $STATE_DIRECTORY)
+
+
+@pytest.mark.parametrize("path", REFERENCE_SECTIONS)
+def test_reference_file_writes_out_every_key(path):
+    """Every key of these sections is written in config/mta.yaml, so the file shows each
+    setting with its default (test_reference_file_is_the_defaults: the code's default)."""
+    section = yaml.safe_load(REFERENCE.read_text())
+    for name in filter(None, path.split(".")):
+        section = section[name]
+    fields = {spec.name for spec in dataclasses.fields(REFERENCE_SECTIONS[path])}
+    assert set(section) == fields - NOT_KEYS - LEFT_TO_THE_MACHINE
 
 
 def test_reference_file_leaves_hostname_and_queue_path_to_the_machine(monkeypatch):

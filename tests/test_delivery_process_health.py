@@ -101,7 +101,7 @@ def console_script(tmp_path: Path) -> Path:
     """What `pip install` writes as bin/mta (an entry point; here for the package under test)."""
     script = tmp_path / "bin" / "mta"
     script.parent.mkdir()
-    script.write_text(f"#!{sys.executable}\nimport sys\nfrom mta.cli import main\nsys.exit(main())\n")
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom mta.entry import main\nsys.exit(main())\n")
     script.chmod(0o755)
     return script
 

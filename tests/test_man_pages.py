@@ -301,6 +301,11 @@ def loader_key_names() -> set[str]:
     """Every key name mta/config.py reads (also those config/mta.yaml leaves out, like bounce)."""
     source = (ROOT / "mta" / "config.py").read_text()
     names = set(re.findall(r"\.(?:get|section)\(\s*\"([a-z_][a-z0-9_]*)\"", source))
+    # Sections read whole from their dataclass: _section(parent, "name", Class, key=converter, ...)
+    # and _settings(section, Class, key=converter, ...); the keyword names are the keys.
+    for call in re.findall(r"_(?:section|settings)\((.*?)\)\n", source, re.S):
+        names |= set(re.findall(r"^\s*\w+, \"([a-z_][a-z0-9_]*)\"", call))
+        names |= set(re.findall(r"\b([a-z_][a-z0-9_]*)=", call))
     assert {"hostname", "listeners", "tls", "ciphers", "bounce", "double_bounce_to", "offer_to_untrusted"} <= names
     return names
 

@@ -14,7 +14,8 @@ import pytest
 
 from mta.errors import StoreError
 from mta.passwords import AuthThrottle
-from mta.pop3.session import POP3Session, top_of
+from mta.pop3.session import POP3Session
+from mta.pop3.transaction import top_of
 from tests.support.pop3 import ALICE, ONE, THREE, TWO, USERS, Client, capa, pop3_lab
 from tests.support.tls import make_tls
 from tests.support.waiting import wait_until

@@ -8,6 +8,10 @@ never reaches UPDATE and so deletes nothing (RFC 1939 §6).
 
 Every command line gets exactly one reply, in order, so clients may pipeline
 (RFC 2449 §6.6). A failure inside one session ends that session only.
+
+Here: the connection's lifecycle, I/O and dispatch, and the AUTHORIZATION state
+(USER/PASS, AUTH PLAIN, STLS); the TRANSACTION state's commands are
+transaction.py, reading command lines lines.py, the reply texts replies.py.
 """
 
 from __future__ import annotations
@@ -16,21 +20,22 @@ import asyncio
 import binascii
 import contextlib
 import logging
-import re
 import ssl
 import time
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from mta.config import Config, ListenerConfig
 from mta.mailbox.users import MailboxUsers
-from mta.message import header_bounds
 from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
-from mta.store.api import Mailboxes, StoredMessage, mailbox_key
+from mta.store.api import Mailboxes, mailbox_key
+from mta.pop3.commands import Refused, no_args, plural, printable
+from mta.pop3.lines import LineReader, TooLong
+from mta.pop3.transaction import Transaction
 from mta.tls import HANDSHAKE_ERRORS, handshake_error
 
 if TYPE_CHECKING:
@@ -45,9 +50,6 @@ COMMAND_LINE_LIMIT = 255
 AUTH_RESPONSE_LIMIT = 2048
 # Dovecot closes after a few bad logins; each failure is also slowed per IP.
 MAX_AUTH_FAILURES = 3
-READ_CHUNK = 65536
-
-_NUMBER = re.compile(r"[0-9]{1,10}")
 
 
 class State(StrEnum):
@@ -60,6 +62,7 @@ class State(StrEnum):
 # CAPA and QUIT are valid in both.
 AUTHORIZATION_COMMANDS = frozenset({"USER", "PASS", "AUTH", "APOP", "STLS"})
 TRANSACTION_COMMANDS = frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL"})
+COMMANDS = AUTHORIZATION_COMMANDS | TRANSACTION_COMMANDS | {"CAPA", "QUIT"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,71 +79,6 @@ class SessionContext:
     metrics: Metrics | None = None  # its pop3_* counters
 
 
-class _TooLong:
-    """What :meth:`LineReader.next` returns for a line over the limit."""
-
-
-TOO_LONG = _TooLong()
-
-
-class LineReader:
-    """Command lines from a stream, each at most ``limit`` octets with its line end.
-
-    An over-long line is read to its end and discarded (memory stays bounded),
-    then reported once as TOO_LONG, so the reply order still matches the
-    command order. A bare LF ends a line too. Cancelling a read loses nothing."""
-
-    def __init__(self, reader: asyncio.StreamReader):
-        self.reader = reader
-        self.buffer = bytearray()
-        self._discarding = False
-
-    async def next(self, limit: int) -> bytes | _TooLong | None:
-        """The next line without its CRLF; None at end of input."""
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[:end + 1]
-                too_long = self._discarding or end + 1 > limit
-                self._discarding = False
-                return TOO_LONG if too_long else line.removesuffix(b"\r")
-            if len(self.buffer) >= limit:
-                # No line end within the limit: forget what came so far, keep reading to it.
-                self._discarding = True
-                self.buffer.clear()
-            chunk = await self.reader.read(READ_CHUNK)
-            if not chunk:
-                return None
-            self.buffer += chunk
-
-    def discard_buffered(self) -> None:
-        """Forget every byte received but not yet read as a command (before STLS)."""
-        self.buffer.clear()
-        self._discarding = False
-        # RFC 2595 §4 / CVE-2011-0411: plaintext the client pipelined after STLS must
-        # not be executed as if it had come over TLS. StreamReader has no public way to
-        # drop its buffer; aiosmtpd's STARTTLS clears the same attribute.
-        self.reader._buffer.clear()  # type: ignore[attr-defined]
-
-
-@dataclass
-class Maildrop:
-    """The mailbox as snapshotted at login; message n is ``messages[n - 1]``."""
-
-    messages: list[StoredMessage]
-    deleted: set[int] = field(default_factory=set)   # message numbers marked by DELE
-
-    def live(self) -> Iterator[tuple[int, StoredMessage]]:
-        for number, message in enumerate(self.messages, 1):
-            if number not in self.deleted:
-                yield number, message
-
-    def totals(self) -> tuple[int, int]:
-        sizes = [m.size for _, m in self.live()]
-        return len(sizes), sum(sizes)
-
-
 class _Disconnected(Exception):
     """The client went away in the middle of a command."""
 
@@ -151,35 +89,6 @@ class _Stopped(Exception):
 
 class _SlowClient(Exception):
     """The client stopped reading our replies for longer than the idle timeout."""
-
-
-class _Refused(Exception):
-    """A command cannot be carried out; ``reply`` is its -ERR line."""
-
-    def __init__(self, reply: bytes):
-        super().__init__(reply)
-        self.reply = reply
-
-
-def _printable(text: str, limit: int = 128) -> str:
-    """Client-supplied text made safe for one log line."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def top_of(data: bytes, lines: int) -> bytes:
-    """RFC 1939 §7 TOP: the header, the blank line, then ``lines`` lines of the body."""
-    start = header_bounds(data)[1]   # past the empty line
-    end = start
-    for _ in range(lines):
-        newline = data.find(b"\n", end)
-        if newline < 0:
-            return data
-        end = newline + 1
-    return data[:end]
 
 
 class POP3Session:
@@ -199,9 +108,8 @@ class POP3Session:
         # any other command in between forgets it.
         self.pending_user: str | None = None
         self.user_for_pass: str | None = None
-        self.user: str | None = None           # set at login
         self.lock: str | None = None           # our key in ctx.locks while we hold it
-        self.maildrop: Maildrop | None = None
+        self.transaction: Transaction | None = None   # from login on
         self.auth_failures = 0
         self.closing = False
         self.stopping = False
@@ -209,14 +117,10 @@ class POP3Session:
         self.end_reason = "Connection closed"
         self.tls_failure: str | None = None   # why a TLS handshake failed, for the disconnect line
         self.started = time.monotonic()
-        self.retrieved = [0, 0]   # RETR count, octets
-        self.topped = [0, 0]      # TOP count, octets
-        self.deleted = 0          # messages removed at UPDATE
+        # The TRANSACTION commands but NOOP are the Transaction's (self.transaction.handlers).
         self._handlers: dict[str, Callable[[str], Awaitable[bytes]]] = {
             "USER": self._user, "PASS": self._pass, "AUTH": self._auth, "APOP": self._apop,
-            "STLS": self._stls, "CAPA": self._capa, "QUIT": self._quit,
-            "STAT": self._stat, "LIST": self._list, "UIDL": self._uidl, "RETR": self._retr,
-            "TOP": self._top, "DELE": self._dele, "RSET": self._rset, "NOOP": self._noop,
+            "STLS": self._stls, "CAPA": self._capa, "QUIT": self._quit, "NOOP": self._noop,
         }
 
     @property
@@ -335,16 +239,16 @@ class POP3Session:
         finally:
             self._waiting = False
 
-    async def _read(self, limit: int) -> bytes | _TooLong | None:
+    async def _read(self, limit: int) -> bytes | TooLong | None:
         """The next line from the client; TimeoutError after the idle timeout."""
         with self._interruptible():
             async with asyncio.timeout(self.idle_timeout):
                 return await self.lines.next(limit)
 
     # ------------------------------------------------------------------ dispatch
-    async def _command(self, line: bytes | _TooLong) -> bytes:
+    async def _command(self, line: bytes | TooLong) -> bytes:
         self.user_for_pass, self.pending_user = self.pending_user, None
-        if isinstance(line, _TooLong):
+        if isinstance(line, TooLong):
             return R.LINE_TOO_LONG
         if b"\x00" in line:
             return R.NUL_IN_COMMAND
@@ -355,41 +259,20 @@ class POP3Session:
         word, _, arg = text.partition(" ")
         # isascii first: str.upper() maps some non-ASCII letters onto ASCII ("ſ" → "S").
         keyword = word.upper() if word.isascii() else ""
-        handler = self._handlers.get(keyword)
-        if handler is None:
+        if keyword not in COMMANDS:
             return R.UNKNOWN_COMMAND
         if keyword in AUTHORIZATION_COMMANDS and self.state is not State.AUTHORIZATION:
             return R.err(f"{keyword} is not valid after login")
         if keyword in TRANSACTION_COMMANDS and self.state is not State.TRANSACTION:
             return R.err(f"{keyword} is not valid before login")
+        handler = self._handlers.get(keyword)
+        if handler is None:
+            assert self.transaction is not None   # in TRANSACTION, checked above
+            handler = self.transaction.handlers[keyword]
         try:
             return await handler(arg)
-        except _Refused as refused:
+        except Refused as refused:
             return refused.reply
-
-    @staticmethod
-    def _no_args(keyword: str, arg: str) -> None:
-        if arg.strip():
-            raise _Refused(R.err(f"{keyword} takes no arguments"))
-
-    @staticmethod
-    def _args(arg: str, count: int, usage: str) -> list[str]:
-        args = arg.split()
-        if len(args) != count:
-            raise _Refused(R.err(usage))
-        return args
-
-    def _message(self, arg: str) -> tuple[int, StoredMessage]:
-        """A message number argument, checked against the maildrop (RFC 1939 §5)."""
-        assert self.maildrop is not None
-        if not _NUMBER.fullmatch(arg):
-            raise _Refused(R.BAD_MESSAGE_NUMBER)
-        number = int(arg)
-        if not 1 <= number <= len(self.maildrop.messages):
-            raise _Refused(R.NO_SUCH_MESSAGE)
-        if number in self.maildrop.deleted:
-            raise _Refused(R.err(f"message {number} already deleted"))
-        return number, self.maildrop.messages[number - 1]
 
     # ------------------------------------------------------------------ AUTHORIZATION
     def _plaintext_allowed(self) -> bool:
@@ -401,7 +284,7 @@ class POP3Session:
     def _require_plaintext_allowed(self) -> None:
         # Dovecot's disable_plaintext_auth: no password in clear unless the operator said so.
         if not self._plaintext_allowed():
-            raise _Refused(R.PLAINTEXT_NEEDS_STLS if self._stls_available() else R.PLAINTEXT_NEEDS_TLS)
+            raise Refused(R.PLAINTEXT_NEEDS_STLS if self._stls_available() else R.PLAINTEXT_NEEDS_TLS)
 
     async def _user(self, arg: str) -> bytes:
         self._require_plaintext_allowed()
@@ -456,14 +339,14 @@ class POP3Session:
         line = await self._read(AUTH_RESPONSE_LIMIT)
         if line is None:
             raise _Disconnected
-        if isinstance(line, _TooLong):
-            raise _Refused(R.AUTH_RESPONSE_TOO_LONG)
+        if isinstance(line, TooLong):
+            raise Refused(R.AUTH_RESPONSE_TOO_LONG)
         if line == b"*":
-            raise _Refused(R.AUTH_CANCELLED)
+            raise Refused(R.AUTH_CANCELLED)
         try:
             return line.decode("ascii")
         except UnicodeDecodeError:
-            raise _Refused(R.AUTH_BAD_BASE64) from None
+            raise Refused(R.AUTH_BAD_BASE64) from None
 
     async def _login(self, user: str, password: str, method: str) -> bytes:
         delay = self.ctx.throttle.delay(self.ip)
@@ -478,7 +361,7 @@ class POP3Session:
             # RFC 3206 [SYS/TEMP]: the passwords cannot be checked now. Not a failed
             # login: the client must not take a right password for a wrong one.
             log.warning("pop3-login: Temporary authentication failure: user=<%s>, method=%s, %s (%s)",
-                        _printable(user), method, self._where(), exc)
+                        printable(user), method, self._where(), exc)
             return R.TEMP_AUTH_FAILURE
         if not ok:
             return self._login_failed(user, method)
@@ -488,7 +371,7 @@ class POP3Session:
         # [IN-USE] tells nothing to someone who does not know it (RFC 2449 §8.1.1).
         if key in self.ctx.locks:
             log.info("pop3-login: Login refused, mailbox in use: user=<%s>, method=%s, %s",
-                     _printable(user), method, self._where())
+                     printable(user), method, self._where())
             self._count_login("in_use")
             return R.IN_USE
         self.ctx.locks.add(key)
@@ -496,16 +379,15 @@ class POP3Session:
         try:
             messages = await self.ctx.store.messages(user)
         except Exception:  # a store failure fails this login, not the daemon
-            log.exception("pop3(%s): cannot read the maildrop", _printable(user))
+            log.exception("pop3(%s): cannot read the maildrop", printable(user))
             self._release_lock()
             return R.MAILDROP_UNAVAILABLE
-        self.user = user
-        self.maildrop = Maildrop(messages)
+        self.transaction = Transaction(user, messages, self.ctx.store, self.ctx.listener.name, self.ctx.metrics)
         self.state = State.TRANSACTION
-        count, octets = self.maildrop.totals()
-        log.info("pop3-login: Login: user=<%s>, method=%s, %s", _printable(user), method, self._where())
+        count, octets = self.transaction.maildrop.totals()
+        log.info("pop3-login: Login: user=<%s>, method=%s, %s", printable(user), method, self._where())
         self._count_login("ok")
-        return R.ok(f"{_printable(user)} has {_plural(count, 'message')} ({octets} octets)")
+        return R.ok(f"{printable(user)} has {plural(count, 'message')} ({octets} octets)")
 
     def _count_login(self, result: str) -> None:
         if self.ctx.metrics is not None:
@@ -517,14 +399,14 @@ class POP3Session:
         self.auth_failures += 1
         # The name as given, never the password (Dovecot logs the same fields).
         log.warning("pop3-login: Authentication failed: user=<%s>, method=%s, %s",
-                    _printable(user), method, self._where())
+                    printable(user), method, self._where())
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self.closing, self.end_reason = True, "Too many authentication failures"
             return R.AUTH_FAILED_CLOSING
         return R.AUTH_FAILED
 
     async def _stls(self, arg: str) -> bytes:
-        self._no_args("STLS", arg)
+        no_args("STLS", arg)
         if self.tls_active:
             return R.TLS_ALREADY_ACTIVE
         if self.ctx.tls_context is None:
@@ -548,7 +430,7 @@ class POP3Session:
 
     # ------------------------------------------------------------------ any state
     async def _capa(self, arg: str) -> bytes:
-        self._no_args("CAPA", arg)
+        no_args("CAPA", arg)
         # RFC 2449 §5: what is available in AUTHORIZATION is announced in both states;
         # STLS only where it can be used (RFC 2595 §4: AUTHORIZATION, TLS not yet active).
         caps = ["TOP", "UIDL"]
@@ -561,106 +443,25 @@ class POP3Session:
         return R.multiline("Capability list follows", caps)
 
     async def _quit(self, arg: str) -> bytes:
-        self._no_args("QUIT", arg)
+        no_args("QUIT", arg)
         self.closing = True
         if self.state is State.AUTHORIZATION:
             self.end_reason = "Logged out"
             return R.signing_off(self.config.hostname)
-        assert self.maildrop is not None and self.user is not None
+        assert self.transaction is not None
         # RFC 1939 §6: UPDATE removes the marked messages (one commit), then the lock goes.
         self.state = State.UPDATE
-        marked = [self.maildrop.messages[n - 1].id for n in sorted(self.maildrop.deleted)]
-        try:
-            await self.ctx.store.delete(self.user, marked)
-        except Exception:  # the commit failed: every message is still there
-            log.exception("pop3(%s): deleting %d messages failed", _printable(self.user), len(marked))
+        deleted = await self.transaction.update()
+        if deleted is None:
             self.end_reason = "Logout failed"
             return R.DELETE_FAILED
-        self.deleted = len(marked)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.pop3_messages_deleted(self.ctx.listener.name, len(marked))
         self.end_reason = "Logged out"
-        left = len(self.maildrop.messages) - len(marked)
-        return R.signing_off(self.config.hostname, f"{_plural(len(marked), 'message')} deleted, {left} left")
+        return R.signing_off(self.config.hostname, deleted)
 
     # ------------------------------------------------------------------ TRANSACTION
-    async def _stat(self, arg: str) -> bytes:
-        self._no_args("STAT", arg)
-        assert self.maildrop is not None
-        count, octets = self.maildrop.totals()
-        return R.ok(f"{count} {octets}")   # RFC 1939 §5: exactly "+OK nn mm", for parsers
-
-    async def _list(self, arg: str) -> bytes:
-        def status(count: int, octets: int) -> str:
-            return f"{_plural(count, 'message')} ({octets} octets)"
-
-        return self._listing(arg, "LIST", lambda m: str(m.size), status)
-
-    async def _uidl(self, arg: str) -> bytes:
-        return self._listing(arg, "UIDL", lambda m: m.uid, lambda count, octets: "unique-id listing follows")
-
-    def _listing(self, arg: str, keyword: str, value: Callable[[StoredMessage], str],
-                 status: Callable[[int, int], str]) -> bytes:
-        """LIST and UIDL: one message's line, or every message not marked deleted."""
-        assert self.maildrop is not None
-        args = arg.split()
-        if len(args) > 1:
-            return R.err(f"{keyword} takes at most one message number")
-        if args:
-            number, message = self._message(args[0])
-            return R.ok(f"{number} {value(message)}")
-        count, octets = self.maildrop.totals()
-        return R.multiline(status(count, octets), (f"{n} {value(m)}" for n, m in self.maildrop.live()))
-
-    async def _retr(self, arg: str) -> bytes:
-        [which] = self._args(arg, 1, "RETR needs one message number")
-        number, message = self._message(which)
-        data = await self._fetch(number, message)
-        self.retrieved[0] += 1
-        self.retrieved[1] += len(data)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.pop3_message_retrieved(self.ctx.listener.name)
-        return R.ok(f"{len(data)} octets") + R.stuff(data)
-
-    async def _top(self, arg: str) -> bytes:
-        which, lines = self._args(arg, 2, "TOP needs a message number and a number of lines")
-        number, message = self._message(which)
-        if not _NUMBER.fullmatch(lines):
-            return R.err("invalid number of lines")
-        part = top_of(await self._fetch(number, message), int(lines))
-        self.topped[0] += 1
-        self.topped[1] += len(part)
-        return R.ok("top of message follows") + R.stuff(part)
-
-    async def _fetch(self, number: int, message: StoredMessage) -> bytes:
-        assert self.user is not None
-        try:
-            data = await self.ctx.store.read(self.user, message.id)
-        except Exception:  # a read failure fails this command, not the session
-            log.exception("pop3(%s): reading message %d failed", _printable(self.user), number)
-            raise _Refused(R.err(f"[SYS/TEMP] cannot read message {number} now; try again later")) from None
-        if data is None:
-            # Pruned (mailboxes.max_age / max_messages) after the maildrop was snapshotted.
-            raise _Refused(R.err(f"message {number} is no longer available"))
-        return data
-
-    async def _dele(self, arg: str) -> bytes:
-        [which] = self._args(arg, 1, "DELE needs one message number")
-        number, _ = self._message(which)
-        assert self.maildrop is not None
-        # Only marked: the store changes at QUIT, in the UPDATE state (RFC 1939 §6).
-        self.maildrop.deleted.add(number)
-        return R.ok(f"message {number} deleted")
-
-    async def _rset(self, arg: str) -> bytes:
-        self._no_args("RSET", arg)
-        assert self.maildrop is not None
-        self.maildrop.deleted.clear()
-        count, octets = self.maildrop.totals()
-        return R.ok(f"maildrop has {_plural(count, 'message')} ({octets} octets)")
-
+    # The other commands of this state are the Transaction's.
     async def _noop(self, arg: str) -> bytes:
-        self._no_args("NOOP", arg)
+        no_args("NOOP", arg)
         return R.NOOP
 
     # ------------------------------------------------------------------ logging
@@ -669,8 +470,9 @@ class POP3Session:
 
     def _log_disconnect(self) -> None:
         secs = int(time.monotonic() - self.started)
-        if self.user is None or self.maildrop is None:
-            attempts = (f"auth failed, {_plural(self.auth_failures, 'attempt')}" if self.auth_failures
+        t = self.transaction
+        if t is None:
+            attempts = (f"auth failed, {plural(self.auth_failures, 'attempt')}" if self.auth_failures
                         else "no auth attempts")
             tls = f", TLS handshaking: {self.tls_failure}" if self.tls_failure else ""
             log.info("pop3-login: Disconnected (%s in %d secs): %s%s", attempts, secs, self._where(), tls)
@@ -678,5 +480,5 @@ class POP3Session:
         # Dovecot's pop3_logout_format spelled out: top=count/octets, retrieved=count/octets,
         # deleted=count/messages at login, size=octets at login.
         log.info("pop3(%s): Disconnected: %s %s, top=%d/%d, retrieved=%d/%d, deleted=%d/%d, size=%d",
-                 _printable(self.user), self.end_reason, self._where(), *self.topped, *self.retrieved,
-                 self.deleted, len(self.maildrop.messages), sum(m.size for m in self.maildrop.messages))
+                 printable(t.user), self.end_reason, self._where(), *t.topped, *t.retrieved,
+                 t.deleted, len(t.maildrop.messages), sum(m.size for m in t.maildrop.messages))
