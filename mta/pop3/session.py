@@ -32,10 +32,10 @@ from mta.config import Config, ListenerConfig
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
-from mta.store.api import Mailboxes, mailbox_key
 from mta.pop3.commands import Refused, no_args, plural, printable
 from mta.pop3.lines import LineReader, TooLong
 from mta.pop3.transaction import Transaction
+from mta.store.api import Mailboxes, mailbox_key
 from mta.tls import HANDSHAKE_ERRORS, handshake_error
 
 if TYPE_CHECKING:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mta.message import header_bounds
-from mta.store.api import Mailboxes, StoredMessage
 from mta.pop3 import replies as R
 from mta.pop3.commands import Refused, exact_args, no_args, plural, printable
+from mta.store.api import Mailboxes, StoredMessage
 
 if TYPE_CHECKING:
     from mta.metrics import Metrics
