@@ -80,7 +80,7 @@ class RawPeer:
         self.messages: list[bytes] = []
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> "RawPeer":
+    async def __aenter__(self) -> RawPeer:
         self._server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -189,31 +189,30 @@ async def test_relayed_mail_has_only_crlf_on_the_wire(make_config):
 
 async def test_cr_lf_nul_in_mail_and_rcpt_get_a_clear_5xx(make_config):
     config = make_config()
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            await w.ehlo()
-            for line in [b"MAIL FROM:<a\rb@lab.test>", b"MAIL FROM:<a@lab.test\r>", b"MAIL FROM:<a\x00b@lab.test>",
-                         b"MAIL FROM:<a@lab\x00.test>", b'MAIL FROM:<"a\x00b"@lab.test>',
-                         b"MAIL FROM:<a@lab.test> RET=\x00"]:
-                # aiosmtpd's parser alone reads <a@lab.test\r> as a@lab.test (CR as white space).
-                assert await w.cmd(line) == "553 5.1.7 Bad sender address syntax", line
-            # A bare LF ends the line: what is left over is a command of its own.
-            await w.send(b"MAIL FROM:<a\nb@lab.test>")
-            assert_clean_5xx((await w.reply())[-1])
-            assert_clean_5xx((await w.reply())[-1])
-            assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
-            for line in [b"RCPT TO:<b\rc@example.org>", b"RCPT TO:<b@example.org\r>", b"RCPT TO:<b\x00@example.org>",
-                         b'RCPT TO:<"b\x00c"@example.org>', b'RCPT TO:<"b\\\rc"@example.org>',
-                         b"RCPT TO:<b@example.org> NOTIFY=NEVER\x00"]:
-                assert await w.cmd(line) == "553 5.1.3 Bad recipient address syntax", line
-            await w.send(b"RCPT TO:<b\nc@example.org>")
-            assert_clean_5xx((await w.reply())[-1])
-            assert_clean_5xx((await w.reply())[-1])
-            assert await w.cmd("NOOP") == "250 2.0.0 OK"
-            assert await w.cmd("RCPT TO:<ok@example.org>") == "250 2.1.5 Ok"
-            assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
-            await w.send(BODY + b".")
-            assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        await w.ehlo()
+        for line in [b"MAIL FROM:<a\rb@lab.test>", b"MAIL FROM:<a@lab.test\r>", b"MAIL FROM:<a\x00b@lab.test>",
+                     b"MAIL FROM:<a@lab\x00.test>", b'MAIL FROM:<"a\x00b"@lab.test>',
+                     b"MAIL FROM:<a@lab.test> RET=\x00"]:
+            # aiosmtpd's parser alone reads <a@lab.test\r> as a@lab.test (CR as white space).
+            assert await w.cmd(line) == "553 5.1.7 Bad sender address syntax", line
+        # A bare LF ends the line: what is left over is a command of its own.
+        await w.send(b"MAIL FROM:<a\nb@lab.test>")
+        assert_clean_5xx((await w.reply())[-1])
+        assert_clean_5xx((await w.reply())[-1])
+        assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
+        for line in [b"RCPT TO:<b\rc@example.org>", b"RCPT TO:<b@example.org\r>", b"RCPT TO:<b\x00@example.org>",
+                     b'RCPT TO:<"b\x00c"@example.org>', b'RCPT TO:<"b\\\rc"@example.org>',
+                     b"RCPT TO:<b@example.org> NOTIFY=NEVER\x00"]:
+            assert await w.cmd(line) == "553 5.1.3 Bad recipient address syntax", line
+        await w.send(b"RCPT TO:<b\nc@example.org>")
+        assert_clean_5xx((await w.reply())[-1])
+        assert_clean_5xx((await w.reply())[-1])
+        assert await w.cmd("NOOP") == "250 2.0.0 OK"
+        assert await w.cmd("RCPT TO:<ok@example.org>") == "250 2.1.5 Ok"
+        assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
+        await w.send(BODY + b".")
+        assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
     assert rows(config, "SELECT sender FROM messages") == [("a@lab.test",)]
     assert rows(config, "SELECT address FROM recipients") == [("ok@example.org",)]
 
@@ -278,27 +277,26 @@ async def test_ten_thousand_recipients_in_one_transaction(make_config):
     n = 100_000 if LONG else 10_000
     config = make_config()  # limits.max_recipients: 100, Postfix's smtpd_recipient_limit would be 1000
     limit = config.limits.max_recipients
-    async with running(config) as app:
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            await w.ehlo()
-            assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
-            w.writer.write(b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(n)))  # pipelined
-            replies = collections.Counter()
-            for i in range(n):
-                reply = (await w.reply(timeout=30))[-1]
-                replies[reply] += 1
-                if i < limit:
-                    assert reply == "250 2.1.5 Ok", (i, reply)
-            assert replies == {"250 2.1.5 Ok": limit, "452 4.5.3 Too many recipients": n - limit}
-            # Memory stays bounded: nothing is kept for a refused RCPT.
-            session = next(s for s in app.listeners[0].sessions if s.transport is not None)
-            assert len(session.envelope.rcpt_tos) == limit and len(session.envelope.rcpt_dsn) == limit
-            assert len(session.envelope.rcpt_options) == 0
-            # … and the session is still usable.
-            assert await w.cmd("NOOP") == "250 2.0.0 OK"
-            assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
-            await w.send(BODY + b".")
-            assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
+    async with running(config) as app, await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        await w.ehlo()
+        assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
+        w.writer.write(b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(n)))  # pipelined
+        replies = collections.Counter()
+        for i in range(n):
+            reply = (await w.reply(timeout=30))[-1]
+            replies[reply] += 1
+            if i < limit:
+                assert reply == "250 2.1.5 Ok", (i, reply)
+        assert replies == {"250 2.1.5 Ok": limit, "452 4.5.3 Too many recipients": n - limit}
+        # Memory stays bounded: nothing is kept for a refused RCPT.
+        session = next(s for s in app.listeners[0].sessions if s.transport is not None)
+        assert len(session.envelope.rcpt_tos) == limit and len(session.envelope.rcpt_dsn) == limit
+        assert len(session.envelope.rcpt_options) == 0
+        # … and the session is still usable.
+        assert await w.cmd("NOOP") == "250 2.0.0 OK"
+        assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
+        await w.send(BODY + b".")
+        assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
     assert rows(config, "SELECT count(*) FROM recipients") == [(limit,)]
 
 
@@ -425,14 +423,13 @@ async def test_slow_but_complete_commands_each_get_the_full_timeout(make_config)
     """The deadline is per command: a client that completes each command within
     idle_timeout is served, however slowly it types (as with Postfix's smtpd_timeout)."""
     config = make_config(limits={"idle_timeout": "1s"})
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            await w.ehlo()
-            started = time.monotonic()
-            for _ in range(3):
-                await dribble(w.writer, b"NOOP\r\n", 0.1)  # 0.6 s per command
-                assert await w.reply() == ["250 2.0.0 OK"]
-            assert time.monotonic() - started > 1.5
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        await w.ehlo()
+        started = time.monotonic()
+        for _ in range(3):
+            await dribble(w.writer, b"NOOP\r\n", 0.1)  # 0.6 s per command
+            assert await w.reply() == ["250 2.0.0 OK"]
+        assert time.monotonic() - started > 1.5
 
 
 async def test_client_that_stops_reading_loses_its_slot(make_config):
@@ -471,23 +468,22 @@ async def test_client_that_stops_reading_loses_its_slot(make_config):
 async def test_100_kb_lines_in_commands_and_data(make_config):
     config = make_config()
     long_data_lines = [b"L" * 100_000, b"M" * 1_000_000, b"bare LF\n" * 30_000]
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            for line in [b"X" * 100_000, b"EHLO " + b"h" * 100_000]:
-                assert await w.cmd(line) == "500 5.5.2 Error: line too long"
-            await w.ehlo()
-            for line in [b"X" * 100_000, b"NOOP " + b"n" * 100_000, b"MAIL FROM:<" + b"a" * 100_000 + b"@lab.test>",
-                         b"MAIL FROM:<a@lab.test> ENVID=" + b"e" * 100_000]:
-                assert await w.cmd(line) == "500 5.5.2 Error: line too long"
-            assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
-            assert await w.cmd(b"RCPT TO:<" + b"r" * 100_000 + b"@example.org>") == "500 5.5.2 Error: line too long"
-            assert await w.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Ok"
-            assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
-            # In DATA, long lines are taken (a relay in a lab must carry what sloppy
-            # programs send); only the message size limit applies.
-            await w.send(b"Subject: long lines\r\n\r\n" + b"\r\n".join(long_data_lines) + b"\r\n.")
-            assert (await w.reply(timeout=20))[-1].startswith("250 2.0.0 Ok: queued as")
-            assert await w.cmd("NOOP") == "250 2.0.0 OK"
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        for line in [b"X" * 100_000, b"EHLO " + b"h" * 100_000]:
+            assert await w.cmd(line) == "500 5.5.2 Error: line too long"
+        await w.ehlo()
+        for line in [b"X" * 100_000, b"NOOP " + b"n" * 100_000, b"MAIL FROM:<" + b"a" * 100_000 + b"@lab.test>",
+                     b"MAIL FROM:<a@lab.test> ENVID=" + b"e" * 100_000]:
+            assert await w.cmd(line) == "500 5.5.2 Error: line too long"
+        assert await w.cmd("MAIL FROM:<a@lab.test>") == "250 2.1.0 Ok"
+        assert await w.cmd(b"RCPT TO:<" + b"r" * 100_000 + b"@example.org>") == "500 5.5.2 Error: line too long"
+        assert await w.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Ok"
+        assert await w.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
+        # In DATA, long lines are taken (a relay in a lab must carry what sloppy
+        # programs send); only the message size limit applies.
+        await w.send(b"Subject: long lines\r\n\r\n" + b"\r\n".join(long_data_lines) + b"\r\n.")
+        assert (await w.reply(timeout=20))[-1].startswith("250 2.0.0 Ok: queued as")
+        assert await w.cmd("NOOP") == "250 2.0.0 OK"
     data = rows(config, "SELECT data FROM bodies")[0][0]
     assert b"\r\n" + b"L" * 100_000 + b"\r\n" + b"M" * 1_000_000 + b"\r\n" in data
     assert data.endswith(b"bare LF\r\n" * 30_000 + b"\r\n")  # the last LF, then the CRLF before the dot
@@ -498,7 +494,7 @@ async def test_100_kb_lines_in_commands_and_data(make_config):
 addresses = st.one_of(
     st.text(max_size=300),
     st.text(alphabet="ab.@%!:\"[]<>\\\r\n\x00 _-é", max_size=40),
-    st.builds(lambda l, d: f"{l}@{d}", st.text(max_size=70), st.text(max_size=70)),
+    st.builds(lambda local, d: f"{local}@{d}", st.text(max_size=70), st.text(max_size=70)),
     st.sampled_from(["", "@", "a@", "@b", "a@b", "user@[192.0.2.1]", "user@[IPv6:::1]", "u@[300.1.1.1]",
                      '"a@b"@ourhost.test', "a%b@ourhost.test", "b!a@ourhost.test", "a@ourhost.test.",
                      "a@OURHOST.test", "a" * 65 + "@ourhost.test", "a@" + "b" * 254]),

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mta.errors import StoreError
 from mta.model import NewMessage, RcptState, Recipient
 from mta.store.api import RecipientUpdate
 from mta.store.sqlite.store import SQLiteStore
@@ -25,7 +26,7 @@ BODY = b"Subject: will bounce\r\nMessage-ID: <orig@lab.test>\r\n\r\nsecret body 
 
 def refuse_rcpt(verb, arg, conn):
     if verb == "RCPT" and "@example.test" in arg:
-        return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % arg.split("<")[1].split(">")[0]
+        return f"550 5.1.1 <{arg.split('<')[1].split('>')[0]}>: Recipient address rejected: User unknown"
     return None
 
 
@@ -232,7 +233,7 @@ async def test_failure_and_bounce_are_one_commit(tmp_path):
     bounce = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("lab@lab.test"),),
                         data=b"dsn", arrival=time.time())  # same id: the insert fails inside the commit
     failed = RecipientUpdate(claimed.rcpt_no, RcptState.BOUNCED, 1, time.time(), "550 5.1.1 nope")
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError):   # the commit fails whole
         await store.queue.record_outcomes("AAAA00000001", [failed], time.time(), new_messages=[bounce])
     await store.close()
     with sqlite3.connect(tmp_path / "queue.db") as db:

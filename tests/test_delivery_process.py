@@ -43,10 +43,9 @@ async def daemon(tmp_path):
         }
         path = tmp_path / "mta.yaml"
         path.write_text(yaml.safe_dump(config))
-        log = open(tmp_path / "mta.log", "ab")
-        proc = await asyncio.create_subprocess_exec(*wrapper, *mta_command("serve", "--config", str(path)), stdout=log,
-                                                    stderr=log, env=subprocess_env(**env))
-        log.close()
+        with open(tmp_path / "mta.log", "ab") as log:   # the child keeps its own copy of the descriptor
+            proc = await asyncio.create_subprocess_exec(*wrapper, *mta_command("serve", "--config", str(path)),
+                                                        stdout=log, stderr=log, env=subprocess_env(**env))
         started.append(proc)
         await wait_listening(smtp_port, proc)
         return proc, smtp_port, metrics_port

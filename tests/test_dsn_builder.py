@@ -5,7 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -78,7 +78,7 @@ def date_of(value: str) -> datetime:
 
 
 def at(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 def unfold(value) -> str:
@@ -415,7 +415,7 @@ def test_any_input_gives_a_well_formed_report(original, recipients, ret_full, se
     assert msg["Auto-Submitted"] == "auto-replied"
     _, blocks = status_blocks(status)
     assert len(blocks) == len(recipients)
-    for block, r in zip(blocks, recipients):
+    for block, r in zip(blocks, recipients, strict=True):
         assert block["Action"] == (r.action if r.action != "?" else "failed")
         assert block["Status"][0] in "245"
 

@@ -91,7 +91,7 @@ async def test_repeated_sigkill_under_load_loses_nothing(tmp_path):
                 await daemon.started()
                 stop = asyncio.Event()
 
-                async def client() -> None:
+                async def client(stop: asyncio.Event = stop) -> None:   # this round's event
                     while not stop.is_set():
                         attempt = await send_tagged(daemon.port, next(seqs))
                         attempts.append(attempt)
@@ -379,7 +379,7 @@ async def submit_to_bad_hops(port: int) -> tuple[dict[str, str], float]:
     attempts = await asyncio.gather(*(send_tagged(port, i, rcpt=f"user@{domain}", size=20_000)
                                       for i, domain in enumerate(BAD_HOPS)))
     assert all(a.outcome == "accepted" for a in attempts), [a.reply for a in attempts]
-    return {a.queue_id: domain for a, domain in zip(attempts, BAD_HOPS)}, t0
+    return {a.queue_id: domain for a, domain in zip(attempts, BAD_HOPS, strict=True)}, t0
 
 
 def check_deferrals(queue_path: str, ids: dict[str, str], when: dict[str, float]) -> None:
@@ -558,7 +558,7 @@ async def test_sigterm_under_load_finishes_quits_and_resumes(tmp_path):
                 await daemon.started()
                 stopping = asyncio.Event()
 
-                async def client() -> None:
+                async def client(stopping: asyncio.Event = stopping) -> None:   # this round's event
                     while not stopping.is_set():
                         attempt = await send_tagged(daemon.port, next(seqs), size=rng.choice([0, 5_000, 50_000]))
                         attempts.append(attempt)

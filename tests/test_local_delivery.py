@@ -12,7 +12,7 @@ import time
 import pytest
 
 from mta.config import build_config
-from mta.errors import ConfigError
+from mta.errors import ConfigError, StoreError
 from mta.model import MailboxCopy, NewMessage, RcptState, Recipient
 from mta.passwords import set_password
 from mta.store.api import RecipientUpdate
@@ -227,9 +227,8 @@ async def test_local_and_remote_recipients_of_one_message(lab, tmp_path, caplog)
 async def test_user_removed_after_acceptance_bounces_to_the_sender_mailbox(lab, mailboxes_file):
     """A local sender gets the DSN for a local recipient that vanished: the bounce is local mail too."""
     config = lab()
-    async with running(config):   # accept only
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            assert (await w.mail("alice@lab.test", ["bob@lab.test"], WIRE_BODY)).startswith("250")
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:   # accept only
+        assert (await w.mail("alice@lab.test", ["bob@lab.test"], WIRE_BODY)).startswith("250")
     mailboxes_file.write_text("\n".join(line for line in mailboxes_file.read_text().splitlines()
                                     if not line.lower().startswith("bob@")) + "\n")
     async with running(config, deliver=True):
@@ -263,14 +262,13 @@ async def test_notify_success_gets_a_delivered_report(lab):
 
 async def test_max_messages_keeps_the_newest(lab):
     config = lab(mailboxes={"max_messages": 3})
-    async with running(config, deliver=True):
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            await w.ehlo()
-            for n in range(5):
-                body = f"Subject: number {n}\r\n\r\nbody\r\n".encode()
-                assert (await w.mail("s@example.test", ["alice@lab.test"], body, ehlo=False)).startswith("250")
-                await wait_until(lambda n=n: len(mailbox_rows(config, "id")) == min(n + 1, 3)
-                                 and queue_rows(config) == [])
+    async with running(config, deliver=True), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        await w.ehlo()
+        for n in range(5):
+            body = f"Subject: number {n}\r\n\r\nbody\r\n".encode()
+            assert (await w.mail("s@example.test", ["alice@lab.test"], body, ehlo=False)).startswith("250")
+            await wait_until(lambda n=n: len(mailbox_rows(config, "id")) == min(n + 1, 3)
+                             and queue_rows(config) == [])
     assert mailbox_rows(config, "subject") == [("number 2",), ("number 3",), ("number 4",)]
 
 
@@ -334,7 +332,7 @@ async def test_mailbox_copy_and_delivered_state_are_one_commit(tmp_path):
     copy = MailboxCopy("alice@lab.test", "AAAA00000001", "s@example.test", "t", BODY)
     clash = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("s@example.test"),),
                        data=b"dsn", arrival=time.time())   # same id: fails inside the commit
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError):   # the commit fails whole
         await store.queue.record_outcomes("AAAA00000001", [delivered], time.time(), new_messages=[clash],
                                     mailbox_copies=[copy])
     await store.close()

@@ -81,7 +81,7 @@ async def test_smtp_in_poplib_out_same_bytes(lab):
     async with running(config, deliver=True) as app:
         stored = await deliver_all(config, BODIES)
         # Each stored copy is the submitted message with the trace fields on top.
-        for body, data in zip(BODIES, stored):
+        for body, data in zip(BODIES, stored, strict=True):
             assert data.startswith(b"Return-Path: <ci@lab.test>\r\nX-Original-To: alice@lab.test\r\n"
                                    b"Delivered-To: alice@lab.test\r\nReceived: ")
             assert data.endswith(body)

@@ -194,7 +194,8 @@ def test_aborted_tls_handshakes_are_one_line_each(daemon):
         to_tls(sock, kind)
         abort(sock, how, hello)
         # One line about this client, and it has been written: the next one gets its own.
-        daemon.wait_for(f"the line about {ip} ({port_name}, {how})", lambda: lines_about(daemon.log_text(), ip))
+        daemon.wait_for(f"the line about {ip} ({port_name}, {how})",
+                        lambda ip=ip: lines_about(daemon.log_text(), ip))
 
     time.sleep(0.5)   # anything a client caused later than its first line would show now
     log = daemon.log_text()
@@ -230,7 +231,7 @@ def test_pop3_reset_with_replies_pending_is_one_line(daemon):
         time.sleep(delay)   # the server is part-way through the replies: we never read them
         reset(sock)
         daemon.wait_for(f"the end of the session from {ip}",
-                        lambda: any("Disconnected" in line for line in lines_about(daemon.log_text(), ip)))
+                        lambda ip=ip: any("Disconnected" in line for line in lines_about(daemon.log_text(), ip)))
 
     time.sleep(0.5)
     log = daemon.log_text()

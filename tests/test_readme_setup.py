@@ -81,9 +81,9 @@ def test_first_setup_command_installs_and_serves_on_debian_python(tmp_path: Path
             shutil.copy2(ROOT / name, checkout / name)
     env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "DEBIAN_FRONTEND": "noninteractive",
            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    log = open(tmp_path / "setup.log", "wb")
-    proc = subprocess.Popen(["bash", "-c", install], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(tmp_path / "setup.log", "wb") as log:   # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(["bash", "-c", install], cwd=checkout, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -109,4 +109,3 @@ def test_first_setup_command_installs_and_serves_on_debian_python(tmp_path: Path
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()

@@ -85,11 +85,10 @@ async def test_outsider_may_send_to_relay_domains(make_config):
 async def test_domainless_sender_is_qualified_with_our_hostname(make_config):
     """Postfix's append_at_myorigin: <root> from a lab machine becomes root@<hostname>."""
     config = relay_config(make_config)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            reply = await w.mail("root", ["user@remote.test"], b"Subject: cron\r\n\r\nx\r\n")
-            assert reply.startswith("250 2.0.0 Ok: queued as"), reply
-            assert await w.cmd("MAIL FROM:<host!user>") == "250 2.1.0 Ok"
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        reply = await w.mail("root", ["user@remote.test"], b"Subject: cron\r\n\r\nx\r\n")
+        assert reply.startswith("250 2.0.0 Ok: queued as"), reply
+        assert await w.cmd("MAIL FROM:<host!user>") == "250 2.1.0 Ok"
     with sqlite3.connect(config.queue.path) as db:
         assert db.execute("SELECT sender FROM messages").fetchall() == [("root@relay.lab.test",)]
 
@@ -144,24 +143,23 @@ def plain(user, password):
 
 async def test_submission_requires_auth(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            lines = await w.ehlo()
-            assert "AUTH LOGIN PLAIN" in keywords(lines)
-            assert await w.cmd("MAIL FROM:<alice@lab.test>") == "530 5.7.0 Authentication required"
-            assert await w.cmd("AUTH PLAIN " + plain("alice", "wrong")) == \
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        lines = await w.ehlo()
+        assert "AUTH LOGIN PLAIN" in keywords(lines)
+        assert await w.cmd("MAIL FROM:<alice@lab.test>") == "530 5.7.0 Authentication required"
+        assert await w.cmd("AUTH PLAIN " + plain("alice", "wrong")) == \
                 "535 5.7.8 Error: authentication failed"
-            assert await w.cmd("MAIL FROM:<alice@lab.test>") == "530 5.7.0 Authentication required"
-            assert await w.cmd("AUTH PLAIN " + plain("alice", "s3cret pass")) == \
+        assert await w.cmd("MAIL FROM:<alice@lab.test>") == "530 5.7.0 Authentication required"
+        assert await w.cmd("AUTH PLAIN " + plain("alice", "s3cret pass")) == \
                 "235 2.7.0 Authentication successful"
-            assert await w.cmd("AUTH PLAIN " + plain("alice", "s3cret pass")) == \
+        assert await w.cmd("AUTH PLAIN " + plain("alice", "s3cret pass")) == \
                 "503 5.5.1 Already authenticated"
-            # An authenticated client may relay anywhere.
-            assert await w.cmd("MAIL FROM:<alice@lab.test>") == "250 2.1.0 Ok"
-            assert await w.cmd("RCPT TO:<bob@anywhere.example>") == "250 2.1.5 Ok"
-            await w.cmd("DATA")
-            await w.send(b"Subject: no id\r\n\r\nbody\r\n.")
-            assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
+        # An authenticated client may relay anywhere.
+        assert await w.cmd("MAIL FROM:<alice@lab.test>") == "250 2.1.0 Ok"
+        assert await w.cmd("RCPT TO:<bob@anywhere.example>") == "250 2.1.5 Ok"
+        await w.cmd("DATA")
+        await w.send(b"Subject: no id\r\n\r\nbody\r\n.")
+        assert (await w.reply())[-1].startswith("250 2.0.0 Ok: queued as")
     with sqlite3.connect(config.queue.path) as db:
         data, listener = db.execute("SELECT b.data, m.listener FROM messages m JOIN bodies b ON b.message_id = m.id").fetchone()
     head = data.split(b"\r\n\r\n")[0]
@@ -174,15 +172,14 @@ async def test_submission_requires_auth(make_config, users_file):
 
 async def test_submission_keeps_existing_message_id(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            await w.ehlo()
-            await w.cmd("AUTH PLAIN " + plain("alice", "s3cret pass"))
-            await w.cmd("MAIL FROM:<alice@lab.test>")
-            await w.cmd("RCPT TO:<bob@anywhere.example>")
-            await w.cmd("DATA")
-            await w.send(b"Message-ID: <keep@me>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n.")
-            await w.reply()
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        await w.ehlo()
+        await w.cmd("AUTH PLAIN " + plain("alice", "s3cret pass"))
+        await w.cmd("MAIL FROM:<alice@lab.test>")
+        await w.cmd("RCPT TO:<bob@anywhere.example>")
+        await w.cmd("DATA")
+        await w.send(b"Message-ID: <keep@me>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n.")
+        await w.reply()
     with sqlite3.connect(config.queue.path) as db:
         data = db.execute("SELECT data FROM bodies").fetchone()[0]
     assert data.count(b"Message-ID:") == 1 and data.count(b"\r\nDate:") == 1
@@ -190,50 +187,46 @@ async def test_submission_keeps_existing_message_id(make_config, users_file):
 
 async def test_auth_login(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            await w.ehlo()
-            assert await w.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
-            assert await w.cmd(base64.b64encode(b"alice").decode()) == "334 UGFzc3dvcmQ6"
-            assert await w.cmd(base64.b64encode(b"s3cret pass").decode()) == "235 2.7.0 Authentication successful"
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        await w.ehlo()
+        assert await w.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        assert await w.cmd(base64.b64encode(b"alice").decode()) == "334 UGFzc3dvcmQ6"
+        assert await w.cmd(base64.b64encode(b"s3cret pass").decode()) == "235 2.7.0 Authentication successful"
 
 
 async def test_auth_mechanism_names_ignore_case(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            await w.ehlo()
-            assert await w.cmd("AUTH") == "501 5.5.4 Not enough value"
-            assert await w.cmd("auth login") == "334 VXNlcm5hbWU6"
-            assert await w.cmd("*") == "501 5.7.0 Auth aborted"
-            assert await w.cmd("AUTH Plain " + plain("alice", "s3cret pass")) == \
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        await w.ehlo()
+        assert await w.cmd("AUTH") == "501 5.5.4 Not enough value"
+        assert await w.cmd("auth login") == "334 VXNlcm5hbWU6"
+        assert await w.cmd("*") == "501 5.7.0 Auth aborted"
+        assert await w.cmd("AUTH Plain " + plain("alice", "s3cret pass")) == \
                 "235 2.7.0 Authentication successful"
 
 
 async def test_auth_garbage(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            await w.ehlo()
-            assert await w.cmd("AUTH PLAIN !!!notbase64") == "501 5.5.2 Cannot decode base64"
-            assert await w.cmd("AUTH CRAM-MD5") == "504 5.5.4 Unrecognized authentication type"
-            assert await w.cmd("AUTH PLAIN " + base64.b64encode(b"no-nuls").decode()) == \
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        await w.ehlo()
+        assert await w.cmd("AUTH PLAIN !!!notbase64") == "501 5.5.2 Cannot decode base64"
+        assert await w.cmd("AUTH CRAM-MD5") == "504 5.5.4 Unrecognized authentication type"
+        assert await w.cmd("AUTH PLAIN " + base64.b64encode(b"no-nuls").decode()) == \
                 "501 5.5.2 Cannot decode AUTH PLAIN response"
-            assert await w.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
-            assert await w.cmd("*") == "501 5.7.0 Auth aborted"
-            assert await w.cmd("NOOP") == "250 2.0.0 OK"
+        assert await w.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        assert await w.cmd("*") == "501 5.7.0 Auth aborted"
+        assert await w.cmd("NOOP") == "250 2.0.0 OK"
 
 
 async def test_repeated_auth_failures_are_delayed(make_config, users_file):
     config = submission_config(make_config, users_file, allow_insecure_auth=True)
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            await w.ehlo()
-            timings = []
-            for _ in range(5):
-                start = time.monotonic()
-                assert (await w.cmd("AUTH PLAIN " + plain("alice", "guess"), timeout=20)).startswith("535 5.7.8")
-                timings.append(time.monotonic() - start)
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        await w.ehlo()
+        timings = []
+        for _ in range(5):
+            start = time.monotonic()
+            assert (await w.cmd("AUTH PLAIN " + plain("alice", "guess"), timeout=20)).startswith("535 5.7.8")
+            timings.append(time.monotonic() - start)
     # Three free failures, then the delay grows (1 s, 2 s): guessing slows down.
     assert max(timings[:3]) < 0.9
     assert timings[3] >= 0.9 and timings[4] >= 1.9
@@ -265,13 +258,12 @@ async def test_starttls_plaintext_injection_is_discarded(make_config, users_file
     """CVE-2011-0411: a command sent with STARTTLS in one write is not answered inside TLS."""
     cert, key, client_ctx = tls_cert
     config = submission_config(make_config, users_file, tls={"cert": cert, "key": key})
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
-            await w.ehlo()
-            await w.send(b"STARTTLS\r\nRSET")
-            assert await w.reply() == ["220 2.0.0 Ready to start TLS"]
-            await w.writer.start_tls(client_ctx, server_hostname="relay.lab.test")
-            assert await w.cmd("NOOP") == "250 2.0.0 OK"  # the first reply inside TLS answers NOOP
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config, "submission")) as w:
+        await w.ehlo()
+        await w.send(b"STARTTLS\r\nRSET")
+        assert await w.reply() == ["220 2.0.0 Ready to start TLS"]
+        await w.writer.start_tls(client_ctx, server_hostname="relay.lab.test")
+        assert await w.cmd("NOOP") == "250 2.0.0 OK"  # the first reply inside TLS answers NOOP
 
 
 async def test_implicit_tls(make_config, users_file, tls_cert):
@@ -287,10 +279,9 @@ async def test_implicit_tls(make_config, users_file, tls_cert):
 
 async def test_relay_listener_without_users_offers_no_auth(make_config):
     config = make_config()
-    async with running(config):
-        async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
-            lines = await w.ehlo()
-            assert not any("AUTH" in line for line in lines)
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        lines = await w.ehlo()
+        assert not any("AUTH" in line for line in lines)
 
 
 @pytest.mark.parametrize("offer", [True, False])
@@ -299,22 +290,20 @@ async def test_dsn_for_untrusted_clients_follows_the_key(make_config, offer):
     neither in mynetworks nor authenticated; a trusted client keeps DSN either way."""
     untrusted = make_config(mynetworks=["10.0.0.0/8"], relay_domains=["lab.example"],
                             dsn={"offer_to_untrusted": offer})
-    async with running(untrusted):
-        async with await Wire.connect("127.0.0.1", listener_port(untrusted)) as w:
-            assert ("DSN" in keywords(await w.ehlo())) is offer
-            mail = await w.cmd("MAIL FROM:<a@outside.test> RET=FULL ENVID=x1")
-            if offer:
-                assert mail == "250 2.1.0 Ok"
-                assert await w.cmd("RCPT TO:<b@lab.example> NOTIFY=SUCCESS") == "250 2.1.5 Ok"
-            else:
-                assert mail == "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
-                assert await w.cmd("MAIL FROM:<a@outside.test>") == "250 2.1.0 Ok"
-                assert await w.cmd("RCPT TO:<b@lab.example> NOTIFY=SUCCESS") == \
+    async with running(untrusted), await Wire.connect("127.0.0.1", listener_port(untrusted)) as w:
+        assert ("DSN" in keywords(await w.ehlo())) is offer
+        mail = await w.cmd("MAIL FROM:<a@outside.test> RET=FULL ENVID=x1")
+        if offer:
+            assert mail == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<b@lab.example> NOTIFY=SUCCESS") == "250 2.1.5 Ok"
+        else:
+            assert mail == "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
+            assert await w.cmd("MAIL FROM:<a@outside.test>") == "250 2.1.0 Ok"
+            assert await w.cmd("RCPT TO:<b@lab.example> NOTIFY=SUCCESS") == \
                     "555 5.5.4 RCPT TO parameters not recognized or not implemented"
-                assert await w.cmd("RCPT TO:<b@lab.example>") == "250 2.1.5 Ok"
+            assert await w.cmd("RCPT TO:<b@lab.example>") == "250 2.1.5 Ok"
     trusted = make_config(dsn={"offer_to_untrusted": offer})   # 127.0.0.0/8 is in the default mynetworks
-    async with running(trusted):
-        async with await Wire.connect("127.0.0.1", listener_port(trusted)) as w:
-            assert "DSN" in keywords(await w.ehlo())
-            assert await w.cmd("MAIL FROM:<a@lab.test> RET=FULL") == "250 2.1.0 Ok"
-            assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=SUCCESS") == "250 2.1.5 Ok"
+    async with running(trusted), await Wire.connect("127.0.0.1", listener_port(trusted)) as w:
+        assert "DSN" in keywords(await w.ehlo())
+        assert await w.cmd("MAIL FROM:<a@lab.test> RET=FULL") == "250 2.1.0 Ok"
+        assert await w.cmd("RCPT TO:<b@example.org> NOTIFY=SUCCESS") == "250 2.1.5 Ok"

@@ -40,7 +40,7 @@ async def test_one_message_relayed_with_envelope_and_body_intact(relay_config, d
     assert conn.transcript[0] == "EHLO relay.lab.test"
     assert conn.transcript[1] == f"MAIL FROM:<lab@lab.test> SIZE={len(message.data)}"
     # PIPELINING (RFC 2920): MAIL, RCPT and DATA arrived in one read.
-    assert ["MAIL FROM:<lab@lab.test> SIZE=%d" % len(message.data), "RCPT TO:<bob@example.test>", "DATA"] \
+    assert [f"MAIL FROM:<lab@lab.test> SIZE={len(message.data)}", "RCPT TO:<bob@example.test>", "DATA"] \
         in conn.batches
 
 

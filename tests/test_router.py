@@ -91,7 +91,7 @@ async def test_mx_preference_order_first_host_wins() -> None:
 async def test_4xx_greeting_is_quit_and_next_host_used() -> None:
     port = free_port_all(PEER_HOSTS)
     async with RecordingPeer("127.0.0.2", port, greeting="451 4.3.2 Try again later") as p2, \
-            RecordingPeer("127.0.0.3", port) as p3:
+            RecordingPeer("127.0.0.3", port):
         router = make_router(port, two_mx())
         outcomes = await router.deliver(delivery("u@example.test"))
         await router.close()

@@ -272,7 +272,7 @@ def _next_datagram(sock: socket.socket, proc: subprocess.Popen[bytes], want: str
             msg = recv(sock)
         except TimeoutError:
             if proc.poll() is not None and want != "STOPPING=1":
-                raise AssertionError(f"daemon exited ({proc.returncode}) before {want}; got {seen}")
+                raise AssertionError(f"daemon exited ({proc.returncode}) before {want}; got {seen}") from None
             continue
         seen.append(msg)
         if want in msg.split("\n"):

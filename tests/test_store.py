@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from mta.errors import StoreError
-from mta.model import NewMessage, RcptState, Recipient
+from mta.model import RcptState
 from mta.store.api import new_queue_id
 from mta.store.sqlite.schema import SCHEMA_VERSION
 from mta.store.sqlite.store import SQLiteStore
