@@ -91,7 +91,7 @@ class MtaDaemon:
         self.startup_s = time.monotonic() - t0
 
     def pids(self) -> list[int]:
-        # The main process and its delivery child (mta/worker.py).
+        # The main process and its delivery child (mta/daemon/delivery_process.py).
         return procfs.tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
 
     def log_tail(self, lines: int = 20) -> str:

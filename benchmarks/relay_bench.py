@@ -573,7 +573,7 @@ def profile_summary(files: list[Path], top: int = 15) -> str:
     out = ["  own time:"]
     out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in sorted(leaf.items(), key=lambda x: -x[1])[:top]]
     picks = [f for f in inclusive if any(k in f for k in (
-        "InboundSMTP._handle_client", "Listener._protocol", "Scheduler._worker", "Engine._write_pending",
+        "InboundSMTP._handle_client", "Listener._protocol", "QueueManager._worker", "Engine._write_pending",
         "Router.deliver", "_connection_worker_thread", "EpollSelector.select", "StreamHandler.emit",
         "SMTP._getaddr", "handle_DATA", "Connection._execute"))]
     out.append("  including callees:")

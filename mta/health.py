@@ -8,7 +8,7 @@ while any fault is set; ``mta_health_status{component}`` is 0 for a failing
 component (config/prometheus-alerts.yml watches it); the log gets one line when
 a fault appears or changes, and one when it clears.
 
-The delivery child reports its faults over its channel (mta/worker.py), so the
+The delivery child reports its faults over its channel (mta/daemon/delivery_process.py), so the
 main process's :class:`Health` is the one place that knows them all.
 """
 
@@ -22,7 +22,7 @@ log = logging.getLogger("mta.health")
 # Every component that can fail, known in advance so that each metric series
 # exists (at 1, healthy) before the first fault.
 COMPONENTS: tuple[str, ...] = (
-    "delivery_process",      # the delivery child is not running (mta/worker.py)
+    "delivery_process",      # the delivery child is not running (mta/daemon/delivery_process.py)
     "queue_database",        # the queue file is damaged (SQLite reports corruption)
     "queue_storage",         # queue writes fail: disk full beyond the reserve, I/O errors
     "mailboxes_users_file",  # mailboxes.users_file cannot be read: mail for lab mailboxes is deferred

@@ -282,7 +282,7 @@ class Metrics:
             "mta_delivery_duration_seconds",
             "Time from arrival to final outcome (delivered or bounced), per recipient.",
             buckets=DELIVERY_BUCKETS, registry=reg)
-        # The delivery side (mta/worker.py): a child that keeps dying shows here, on
+        # The delivery side (mta/daemon/delivery_process.py): a child that keeps dying shows here, on
         # /healthz (component delivery_process) and in config/prometheus-alerts.yml.
         self.delivery_process_up = Gauge(
             "mta_delivery_process_up",

@@ -1,4 +1,4 @@
-"""`mta serve` runs delivery in a child process (mta/worker.py): metrics cross over,
+"""`mta serve` runs delivery in a child process (mta/daemon/delivery_process.py): metrics cross over,
 the child is restarted if it dies, dies with the main process, and can be turned off."""
 
 from __future__ import annotations

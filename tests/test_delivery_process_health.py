@@ -1,4 +1,4 @@
-"""The delivery child (mta/worker.py) of a real `mta serve`: it runs the daemon's own
+"""The delivery child (mta/daemon/delivery_process.py) of a real `mta serve`: it runs the daemon's own
 package whatever lies in the working directory, and a child that keeps dying is
 restarted with backoff and shows on /healthz, in the metrics and in one log line
 per exit (issue 12, part 1)."""

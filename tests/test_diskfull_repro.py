@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from mta.app import App
+from mta.daemon.main_process import App
 from mta.errors import StoreError
 from tests.support.daemon import ROOT, Daemon
 from tests.support.faults import integrity, pending_messages, send_tagged

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from mta.app import App
+from mta.daemon.main_process import App
 from mta.errors import StoreError
 from mta.model import NewMessage, Recipient
 from mta.store.api import new_queue_id

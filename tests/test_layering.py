@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mta"
 # Outside mta/store/, these may name the SQLite backend: the lock that keeps one daemon
 # per queue file (taken before the store is built) and `mta queue repair`, a SQLite file's
 # own tool. Everything else reaches the store through mta.store.api and mta.store.factory.
-SQLITE_BACKEND_USERS = {"mta.app", "mta.preflight", "mta.cli.queue"}
+SQLITE_BACKEND_USERS = {"mta.daemon.main_process", "mta.preflight", "mta.cli.queue"}
 
 # None: `mta sendmail` is dispatched by mta/entry.py, so sendmail's -bp/-q may use mta.cli.
 KNOWN_CYCLES: list[list[str]] = []

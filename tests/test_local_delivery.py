@@ -290,8 +290,8 @@ async def test_max_age_prunes_old_mail(lab):
 async def test_max_age_waits_for_a_pop3_session_holding_the_mailbox(lab, monkeypatch):
     # RFC 1939 8: the session has the maildrop to itself. Mail that grows too old
     # meanwhile stays until the session ends; the next round removes it.
-    import mta.app
-    monkeypatch.setattr(mta.app, "PRUNE_INTERVAL", 0.05)
+    import mta.daemon.main_process
+    monkeypatch.setattr(mta.daemon.main_process, "PRUNE_INTERVAL", 0.05)
     pop3 = {"name": "pop3", "address": f"127.0.0.1:{free_port()}", "mode": "pop3", "allow_insecure_auth": True}
     smtp = {"name": "mta", "address": f"127.0.0.1:{free_port()}", "mode": "relay"}
     config = lab(listeners=[smtp, pop3], mailboxes={"max_age": "1d"})

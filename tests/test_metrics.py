@@ -31,7 +31,7 @@ import mta
 from mta import metrics as metrics_module
 from mta.metrics import DELIVERY_BUCKETS, REJECTION_CODES, Metrics
 from mta.model import RcptState, Reply
-from mta.queue.scheduler import RecipientResult
+from mta.queue.manager import RecipientResult
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -292,8 +292,8 @@ def test_negative_delay_is_observed_as_zero(metrics: Metrics) -> None:
 def test_recipient_result_fits_the_scheduler_hook(metrics: Metrics) -> None:
     import inspect
 
-    from mta.queue.scheduler import Scheduler
-    hook = inspect.signature(Scheduler.__init__).parameters["on_result"]
+    from mta.queue.manager import QueueManager
+    hook = inspect.signature(QueueManager.__init__).parameters["on_result"]
     assert hook.kind is inspect.Parameter.KEYWORD_ONLY
     metrics.recipient_result(result(RcptState.DELIVERED, 1.0))     # a RecipientResult is accepted
 

@@ -430,7 +430,7 @@ def test_unit_keys():
     # The same state directory as the container's, so both keep queue.db in /var/lib/mta.
     assert "/var/lib/" + service["StateDirectory"] == docker_env()["STATE_DIRECTORY"]
     # The watchdog is pinged at half WatchdogSec; shutdown fits in TimeoutStopSec.
-    from mta.app import SHUTDOWN_GRACE
+    from mta.daemon.main_process import SHUTDOWN_GRACE
     assert float(service["TimeoutStopSec"].rstrip("s")) > 2 * SHUTDOWN_GRACE
 
 

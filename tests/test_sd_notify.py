@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.notify import Notifier
+from mta.daemon.sd_notify import Notifier
 from tests.support.daemon import start_daemon
 from tests.support.ports import free_port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mta.queue.scheduler import _SharedBodies
+from mta.queue.manager import _SharedBodies
 
 
 async def test_one_read_serves_every_job_of_a_message():

@@ -4,7 +4,7 @@ Every subcommand takes ``--config F`` anywhere on its line, else $MTA_CONFIG,
 else the built-in defaults. Problems are one line on stderr and exit status 2.
 
 Here: ``main()`` (the console script, ``python -m mta``, and the delivery
-process that mta/worker.py starts) parses the line, runs the command and turns
+process that mta/daemon/delivery_process.py starts) parses the line, runs the command and turns
 the errors any command can meet into their one line and exit status. Each group
 of commands is a module with its options (``add_…parser``) and its code:
 daemon.py (serve, check-config, deliver), queue.py (`mta queue …`), mailbox.py

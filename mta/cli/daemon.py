@@ -31,7 +31,7 @@ def add_check_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
 
 def add_deliver_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        common: argparse.ArgumentParser) -> None:
-    # Started by `mta serve` (mta/worker.py), not by hand: the delivery side in its own process.
+    # Started by `mta serve` (mta/daemon/delivery_process.py), not by hand: the delivery side in its own process.
     deliver = sub.add_parser("deliver", parents=[common],
                              help="the delivery process that `mta serve` starts itself (not run by hand)")
     deliver.add_argument("--channel-fd", type=int, required=True, metavar="FD",
@@ -60,14 +60,14 @@ def check_config(config: Config) -> int:
 
 def serve(config: Config, path: str | None, log_level: str) -> int:
     setup_logging(log_level)
-    from mta.app import serve as run_daemon
+    from mta.daemon.main_process import serve as run_daemon
     return run_daemon(config, path, log_level)
 
 
 def deliver(args: argparse.Namespace, config: Config, path: str | None) -> int:
     setup_logging(args.log_level)
-    from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
-    from mta.worker import child_main
+    from mta.daemon.delivery_process import child_main
+    from mta.daemon.runtime import SHUTDOWN_GRACE, event_loop_factory
     if args.hostname:
         config = dataclasses.replace(config, hostname=args.hostname)
     if args.queue_path:

@@ -7,8 +7,8 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 
-from mta.app import App
 from mta.config import Config
+from mta.daemon.main_process import App
 from tests.support.wire import Wire
 
 # What submit() sends by default (dot-stuffed on the wire), and what the queue and the

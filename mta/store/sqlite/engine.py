@@ -546,7 +546,7 @@ def _open_inline(path: Path) -> sqlite3.Connection:
 def _begin_immediate(conn: sqlite3.Connection, busy_timeout: float) -> None:
     """Take the write lock, waiting in short steps while another process writes.
 
-    The daemon's listeners and its delivery process (mta/worker.py) write to
+    The daemon's listeners and its delivery process (mta/daemon/delivery_process.py) write to
     the same file, each holding the lock for well under a millisecond. SQLite's
     own busy handler sleeps 1, 2, 5, 10 ms ... between tries: a collision would
     cost a serial client a millisecond or more per message. Here the first

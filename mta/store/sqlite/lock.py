@@ -10,7 +10,7 @@ to the same mailboxes at once. Postfix's master takes the same kind of lock on
 The lock is ``flock(2)`` on a small file beside the queue, holding the main
 process's pid for the refusal message. The kernel drops it when the last
 descriptor on it closes -- when the daemon dies, even by SIGKILL -- so a stale
-file never keeps a restart out. The delivery child (mta/worker.py) inherits
+file never keeps a restart out. The delivery child (mta/daemon/delivery_process.py) inherits
 the descriptor and takes no lock of its own: the queue stays locked until the
 whole daemon, child included, has gone. The queue CLI (``mta queue``, ``mta
 mailbox``) never takes it: it works beside the daemon by design.

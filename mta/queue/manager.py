@@ -4,7 +4,7 @@ Like Postfix's qmgr it owns the retry schedule and the concurrency limits, and
 it alone writes delivery results to the queue; its couriers (mta/queue/courier.py:
 SMTP, local mailboxes) only return one outcome per recipient. It sees the store
 through mta.store.api.Queue only. Fresh mail wakes it at once (the store calls
-:meth:`Scheduler.wake` after each commit); deferred mail is picked up when its
+:meth:`QueueManager.wake` after each commit); deferred mail is picked up when its
 next attempt time comes. Claimed work is grouped by destination (one SMTP
 transaction per message and destination) and runs with at most
 ``concurrency`` deliveries in all and ``per_destination_concurrency`` per
@@ -111,7 +111,7 @@ class _SharedBodies:
             self._reads.pop(message_id, None)
 
 
-class Scheduler:
+class QueueManager:
     def __init__(self, store: Queue, couriers: Sequence[Courier], config: DeliveryConfig, *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
                  on_result: Callable[[RecipientResult], None] | None = None,
@@ -280,14 +280,15 @@ class Scheduler:
             while (queue and self._running[destination] < self.config.per_destination_concurrency
                    and len(self._workers) < self.config.concurrency and not self._stopping):
                 self._running[destination] += 1
-                task = asyncio.create_task(self._worker(destination), name=f"delivery:{destination}")
+                task = asyncio.create_task(self._destination_worker(destination),
+                                           name=f"delivery:{destination}")
                 self._workers.add(task)
-                task.add_done_callback(self._worker_done)
+                task.add_done_callback(self._destination_worker_done)
             if not queue and not self._running[destination]:
                 del self._queues[destination]
                 del self._running[destination]
 
-    def _worker_done(self, task: asyncio.Task[None]) -> None:
+    def _destination_worker_done(self, task: asyncio.Task[None]) -> None:
         self._workers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery worker failed: %r", task.exception(), exc_info=task.exception())
@@ -295,7 +296,7 @@ class Scheduler:
             self._dispatch()
             self.wake()
 
-    async def _worker(self, destination: str) -> None:
+    async def _destination_worker(self, destination: str) -> None:
         try:
             queue = self._queues.get(destination)
             while queue and not self._stopping:

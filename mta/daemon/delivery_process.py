@@ -4,7 +4,7 @@ One event loop runs on one core. Postfix spreads its work over processes
 (smtpd, cleanup, qmgr, smtp), so on a 2-core relay it uses both; so do we:
 the main process keeps the listeners, the metrics endpoint and the POP3
 server, and a child process runs the queue manager with its SMTP clients
-(mta/qmgr.py). Both open the same SQLite queue in WAL mode, which allows one
+(mta/daemon/delivery_side.py). Both open the same SQLite queue in WAL mode, which allows one
 writer at a time and readers beside it, so nothing else is shared.
 
 A socket pair joins the two:
@@ -372,7 +372,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 async def run_child(config: Config, config_path: str | None, channel_fd: int,
                     own_sockets: frozenset[tuple[str, int]], grace: float, parent_pid: int = 0) -> int:
-    from mta.qmgr import DeliveryService  # the child's imports only
+    from mta.daemon.delivery_side import DeliverySide  # the child's imports only
 
     _die_with_parent(parent_pid)
     health = Health()
@@ -382,7 +382,7 @@ async def run_child(config: Config, config_path: str | None, channel_fd: int,
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd))
     forwarder = _Forwarder(writer)
     health.on_change = forwarder.health_changed
-    service = DeliveryService(config, store.queue, forwarder, own_sockets)
+    service = DeliverySide(config, store.queue, forwarder, own_sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

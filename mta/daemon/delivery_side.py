@@ -3,7 +3,7 @@
 Postfix's qmgr with its smtp clients and local(8) (here the couriers: local
 mailboxes first, then the SMTP router), composed in one object so
 that the daemon can run it on its own event loop in the same process (tests,
-one core) or in a process of its own (``mta/worker.py``) while the listeners
+one core) or in a process of its own (``mta/daemon/delivery_process.py``) while the listeners
 keep the first core busy.
 """
 
@@ -23,11 +23,11 @@ from mta.delivery.router import Router
 from mta.mailbox.local import LocalCourier
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient
+from mta.queue.manager import Job, QueueManager, RecipientResult
 from mta.queue.reports import BOUNCE_LISTENER, DOUBLE_BOUNCE_LISTENER, Report
-from mta.queue.scheduler import Job, RecipientResult, Scheduler
 from mta.store.api import Queue, new_queue_id
 
-log = logging.getLogger("mta.qmgr")
+log = logging.getLogger("mta.delivery")
 
 
 class DeliveryMetrics(Protocol):
@@ -38,7 +38,7 @@ class DeliveryMetrics(Protocol):
     def attach_pool(self, pool: ConnectionPool | None) -> None: ...
 
 
-class DeliveryService:
+class DeliverySide:
     def __init__(self, config: Config, store: Queue, metrics: DeliveryMetrics,
                  own_sockets: frozenset[tuple[str, int]]):
         self.config = config
@@ -56,7 +56,7 @@ class DeliveryService:
         metrics.attach_pool(self.pool)
         # Mail for local_domains goes into mailboxes; the users are replaced on reload.
         self.local = LocalCourier(MailboxUsers(config, health=store.health), config.mailboxes.max_messages)
-        self.scheduler = Scheduler(store, [self.local, self.router], delivery,
+        self.scheduler = QueueManager(store, [self.local, self.router], delivery,
                                    make_report=self.make_report, on_result=metrics.recipient_result)
         store.add_listener(self.scheduler.wake)   # our own bounces wake us too
         self.task: asyncio.Task[None] | None = None

@@ -16,6 +16,10 @@ from typing import Any
 
 from mta import preflight
 from mta.config import Config, load_config, reloaded
+from mta.daemon.delivery_process import DeliveryProcess
+from mta.daemon.delivery_side import DeliverySide
+from mta.daemon.runtime import SHUTDOWN_GRACE, event_loop_factory
+from mta.daemon.sd_notify import Notifier
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
@@ -25,16 +29,12 @@ from mta.inbound.peername import PeerNames
 from mta.inbound.server import Listener
 from mta.mailbox.users import MailboxUsers
 from mta.metrics import Metrics
-from mta.notify import Notifier
 from mta.passwords import AuthThrottle, UsersFile
-from mta.qmgr import DeliveryService
-from mta.queue.scheduler import Scheduler
-from mta.runtime import SHUTDOWN_GRACE, event_loop_factory
+from mta.queue.manager import QueueManager
 from mta.store.api import Store
 from mta.store.factory import make_store
 from mta.store.sqlite.lock import QueueLock
 from mta.store.sqlite.lock import acquire as acquire_queue_lock
-from mta.worker import DeliveryProcess
 
 log = logging.getLogger("mta.master")
 
@@ -50,10 +50,10 @@ class App:
         # One daemon per queue (mta/store/sqlite/lock.py): serve() takes it in its preflight, else start().
         self.queue_lock = queue_lock
         self.deliver = deliver  # False: accept and queue only (inbound tests)
-        # True: the queue manager runs in a child process (mta/worker.py), on the second core.
+        # True: the queue manager runs in a child process (mta/daemon/delivery_process.py), on the second core.
         self.delivery_process = delivery_process
         self.log_level = log_level
-        self.delivery: DeliveryService | DeliveryProcess | None = None
+        self.delivery: DeliverySide | DeliveryProcess | None = None
         self.config_path = config_path
         # Like Postfix, keep 1.5 x message_size_limit free for the queue manager's own
         # writes: new mail is refused with 452 4.3.1 before the disk is really full.
@@ -73,7 +73,7 @@ class App:
         # The in-process delivery side's parts, for tests that look inside (None with a child process).
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
-        self.scheduler: Scheduler | None = None
+        self.scheduler: QueueManager | None = None
         self._stop = asyncio.Event()
         self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
 
@@ -142,7 +142,7 @@ class App:
             await self.delivery.start()
             self.store.queue.add_listener(self.delivery.wake)   # new mail: wake the child at once
         else:
-            service = DeliveryService(self.config, self.store.queue, self.metrics, own)
+            service = DeliverySide(self.config, self.store.queue, self.metrics, own)
             self.pool, self.router, self.scheduler = service.pool, service.router, service.scheduler
             self.delivery = service
             service.start().add_done_callback(self._scheduler_ended)

@@ -1,4 +1,4 @@
-"""What both the daemon (mta/app.py) and its delivery process (mta/worker.py) run
+"""What both the daemon (mta/daemon/main_process.py) and its delivery process (mta/daemon/delivery_process.py) run
 on, kept apart so that `mta deliver` does not import the listeners to get it."""
 
 from __future__ import annotations
