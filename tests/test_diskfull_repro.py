@@ -26,14 +26,11 @@ import collections
 import contextlib
 import email.parser
 import lzma
-import os
 import re
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,7 @@ from tests.support.faults import integrity, pending_messages, send_tagged
 from tests.support.in_process import listener_port
 from tests.support.ports import free_port
 from tests.support.smtp_peer import RecordingPeer
+from tests.support.tmpfs import free_bytes, mounted_tmpfs
 
 CAPTURE = "diskfull-queue.db.xz"
 # Our own copy first; the shared repro directory (development: /work/shared, CI:
@@ -60,28 +58,6 @@ def _capture() -> Path:
         if path.exists():
             return path
     pytest.skip(f"{CAPTURE} not found")
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path`` (root only), always unmounted."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def _expected(queue: Path) -> dict[str, str]:
@@ -152,9 +128,9 @@ def _fill(path: Path, leave: int = 0) -> None:
     with open(path, "wb", buffering=0) as f:
         for chunk in (1 << 20, 65536, 4096):
             with contextlib.suppress(OSError):
-                while _free(path.parent) - chunk >= leave:
+                while free_bytes(path.parent) - chunk >= leave:
                     f.write(b"\0" * chunk)
-    assert leave <= _free(path.parent) < leave + 4096 + 1, _free(path.parent)
+    assert leave <= free_bytes(path.parent) < leave + 4096 + 1, free_bytes(path.parent)
 
 
 async def _drained(peer: RecordingPeer, queue: Path, expected: dict[str, str], timeout: float,
@@ -168,7 +144,7 @@ async def _drained(peer: RecordingPeer, queue: Path, expected: dict[str, str], t
     finally:
         print(f"{what}: {len(set(_seqs(peer.messages)) & set(expected))} of {len(expected)} delivered, "
               f"{pending_messages(str(queue))} message(s) left, drained={drained}, "
-              f"{time.monotonic() - started:.1f}s, free now {_free(disk)} bytes")
+              f"{time.monotonic() - started:.1f}s, free now {free_bytes(disk)} bytes")
     return _seqs(peer.messages)
 
 
@@ -176,11 +152,11 @@ async def _drained(peer: RecordingPeer, queue: Path, expected: dict[str, str], t
 async def test_captured_full_queue_drains_by_itself_and_acceptance_resumes(tmp_path):
     """The repro as captured: the old code delivered 5 messages, could not record them,
     and retried the same batch of five outcomes every 5 s until the timeout."""
-    with _tmpfs(tmp_path / "df", "8m") as disk:
+    with mounted_tmpfs(tmp_path / "df", "8m") as disk:
         queue = _unpack(disk)
         expected = _expected(queue)
         assert len(expected) == 214
-        free_before = _free(disk)
+        free_before = free_bytes(disk)
         async with RecordingPeer("127.0.0.2") as peer:
             metrics_port = free_port()
             daemon = _daemon(tmp_path, queue, peer.port, metrics_port)
@@ -215,7 +191,7 @@ async def test_outcomes_that_cannot_be_recorded_show_on_healthz_and_heal(tmp_pat
     is not a fault) (503, queue_storage, the free
     bytes) and mta_health_status{component="queue_storage"} is 0. Once the file is
     removed the queue drains -- every message exactly once -- and health is ok again."""
-    with _tmpfs(tmp_path / "df", "8m") as disk:
+    with mounted_tmpfs(tmp_path / "df", "8m") as disk:
         queue = _unpack(disk)
         expected = _expected(queue)
         _fill(disk / "filler", leave=LEAVE)

@@ -21,9 +21,8 @@ import os
 import random
 import re
 import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,7 @@ from tests.support.faults import (
 from tests.support.in_process import listener_port, running
 from tests.support.ports import free_port
 from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
+from tests.support.tmpfs import mounted_tmpfs
 
 
 def _seed() -> int:
@@ -132,23 +132,6 @@ async def test_repeated_sigkill_under_load_loses_nothing(tmp_path):
 
 # --------------------------------------------------------------------------- 2. disk full
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` for the test (root only), always unmounted."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def fill_disk(path: Path) -> None:
     """Take every free byte of the file system with one file (tmpfs: down to the page)."""
     with open(path, "wb", buffering=0) as f:
@@ -170,7 +153,7 @@ async def test_disk_full_refuses_mail_delivers_the_queue_and_resumes(tmp_path):
     is full: new mail gets 452 4.3.1 (or 451 4.3.0) and the daemon keeps running. Once
     the peer answers, the queue drains, which frees room, and acceptance resumes by
     itself. The same again when another process fills the disk to the last byte."""
-    with small_tmpfs(tmp_path / "disk") as disk:
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
         unblocked = asyncio.Event()
 
         async def blocked(verb: str, arg: str, conn: object) -> str | None:
