@@ -1,4 +1,4 @@
-"""Prometheus metrics and the small HTTP server that exposes them.
+"""Prometheus metrics: the registry, what records into it, and rendering it.
 
 One :class:`Metrics` object owns its own ``CollectorRegistry`` (nothing is
 registered in prometheus_client's global registry), so tests and several
@@ -20,22 +20,15 @@ first increment. Labels never carry addresses, message ids or client IPs:
 their values come from the configuration (listener names) or from a small
 fixed set (SMTP reply codes, queue states).
 
-The HTTP side is deliberately tiny: ``GET /metrics`` for Prometheus,
-``GET /`` and ``GET /healthz`` answering "ok" (or 503 with the faults of
-mta/health.py) for the Docker HEALTHCHECK and systemd, one request per
-connection (``Connection: close``), bounded request
-size, a read timeout and a cap on concurrent connections.
+Serving it over HTTP (``GET /metrics``, ``/healthz`` ...) is mta/web/server.py's job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from prometheus_client import (
     CollectorRegistry,
@@ -79,21 +72,7 @@ DELIVERY_BUCKETS: tuple[float, ...] = (
     1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 432000,
 )
 
-MAX_REQUEST = 8192        # bytes of request line + headers we accept
-READ_TIMEOUT = 10.0       # seconds a client gets to send its request head
-WRITE_TIMEOUT = 10.0      # seconds a client gets to take the response
 REFRESH_TIMEOUT = 5.0     # seconds the refresh hook may take before we serve without it
-MAX_CONNECTIONS = 64      # concurrent HTTP connections; more get 503
-LINGER_TIMEOUT = 1.0      # seconds spent discarding input after the response (see _close)
-LINGER_BYTES = 65536      # bytes discarded at most after the response
-
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")   # RFC 9110 token (a method)
-_VERSION = re.compile(r"^HTTP/\d\.\d$")
-
-_REASONS = {
-    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
-}
 
 
 class QueueSummaryLike(Protocol):
@@ -225,8 +204,6 @@ class Metrics:
             ProcessCollector(registry=reg)   # process_*; Linux only, empty elsewhere
             PlatformCollector(registry=reg)  # python_info
 
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[object]] = set()
         self._refresh_lock = asyncio.Lock()
 
     def _inbound_metrics(self) -> None:
@@ -388,150 +365,3 @@ class Metrics:
         """Refresh, then render: what ``GET /metrics`` returns."""
         await self.run_refresh()
         return self.render()
-
-    async def start_server(self, host: str, port: int) -> asyncio.Server:
-        """Listen for HTTP on ``host:port`` (port 0: any free port; see ``server.sockets``).
-
-        ``host`` None is refused rather than meaning "every interface" as it
-        does for asyncio: ``MetricsConfig.host`` None means metrics are off.
-        """
-        if host is None:
-            raise ValueError("metrics: no listen address (metrics are disabled)")
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST)
-        for sock in self._server.sockets:
-            log.info("metrics listening on http://%s/metrics", _format_addr(sock.getsockname()))
-        return self._server
-
-    async def stop_server(self) -> None:
-        """Stop listening and end connections still being served."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await server.wait_closed()
-
-    # -------------------------------------------------------------- HTTP
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            if len(self._connections) > MAX_CONNECTIONS:
-                await _respond(writer, 503, b"too many connections\n")
-                return
-            try:
-                async with asyncio.timeout(READ_TIMEOUT):
-                    head = await _read_head(reader)
-            except TimeoutError:
-                await _respond(writer, 408, b"request timeout\n")
-                return
-            except _TooLarge:
-                await _respond(writer, 431, b"request too large\n")
-                return
-            if head is None:              # the client went away before finishing its request
-                return
-            status, body, headers, method = await self._route(head)
-            await _respond(writer, status, body, headers, send_body=method != "HEAD")
-        except (ConnectionError, TimeoutError) as exc:
-            log.debug("metrics connection: %r", exc)
-        except Exception:
-            log.exception("metrics connection failed")
-        finally:
-            try:
-                await _close(reader, writer, linger=not task.cancelling())   # no lingering on shutdown
-            finally:
-                self._connections.discard(task)
-
-    async def _route(self, head: list[bytes]) -> tuple[int, bytes, list[tuple[str, str]], str]:
-        parts = head[0].decode("latin-1").rstrip("\r\n").split(" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _VERSION.match(parts[2]) or not parts[1]:
-            return 400, b"bad request\n", [], "GET"
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return 405, b"method not allowed\n", [("Allow", "GET, HEAD")], "GET"
-        try:
-            path = urlsplit(target).path
-        except ValueError:
-            return 400, b"bad request\n", [], method
-        if path == "/metrics":
-            body = await self.scrape()
-            return 200, body, [("Content-Type", CONTENT_TYPE)], method
-        if path in ("/", "/healthz"):
-            # 503 with one line per fault: Docker's HEALTHCHECK, load balancers and people see why.
-            status = 200 if self.health.ok else 503
-            return status, self.health.report().encode("utf-8", "replace"), [], method
-        return 404, b"not found\n", [], method
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_head(reader: asyncio.StreamReader) -> list[bytes] | None:
-    """Request line and header lines, or None when the client closes early."""
-    lines: list[bytes] = []
-    total = 0
-    while True:
-        try:
-            line = await reader.readline()
-        except ValueError:                # one line longer than the stream limit
-            raise _TooLarge from None
-        total += len(line)
-        if total > MAX_REQUEST:
-            raise _TooLarge
-        if not line.endswith(b"\n"):      # EOF (possibly mid-line)
-            return None
-        if line in (b"\r\n", b"\n"):
-            if lines:
-                return lines
-            continue                      # RFC 9112 2.2: ignore empty lines before the request line
-        lines.append(line)
-
-
-async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes,
-                   headers: list[tuple[str, str]] | None = None, *, send_body: bool = True) -> None:
-    fields = dict(headers or [])
-    fields.setdefault("Content-Type", "text/plain; charset=utf-8")
-    fields["Content-Length"] = str(len(body))
-    fields["Connection"] = "close"
-    head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in fields.items()) + "\r\n"
-    async with asyncio.timeout(WRITE_TIMEOUT):
-        writer.write(head.encode("latin-1") + (body if send_body else b""))
-        await writer.drain()
-
-
-async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: bool = True) -> None:
-    """Lingering close: send FIN, discard what the client still sends, then close.
-
-    Closing a socket with unread input makes the kernel send RST, which can
-    destroy our response before the client reads it (error replies go out
-    before the whole request was read).
-    """
-    try:
-        if linger and not writer.is_closing() and writer.can_write_eof():
-            writer.write_eof()
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                discarded = 0
-                while discarded < LINGER_BYTES and (chunk := await reader.read(4096)):
-                    discarded += len(chunk)
-    except (Exception, asyncio.CancelledError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await writer.wait_closed()
-
-
-def _format_addr(addr: object) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)

@@ -35,6 +35,7 @@ from mta.store.api import Store
 from mta.store.factory import make_store
 from mta.store.sqlite.lock import QueueLock
 from mta.store.sqlite.lock import acquire as acquire_queue_lock
+from mta.web.server import HttpServer
 
 log = logging.getLogger("mta.master")
 
@@ -70,6 +71,7 @@ class App:
         self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode != "pop3"],
                                pop3_listeners=[lc.name for lc in config.listeners if lc.mode == "pop3"],
                                refresh=self._refresh_queue_metrics, health=self.health)
+        self.http = HttpServer(self.metrics)   # metrics.address: /metrics, /healthz, /livez, /readyz
         # The in-process delivery side's parts, for tests that look inside (None with a child process).
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
@@ -124,7 +126,7 @@ class App:
             self._tables_task = asyncio.create_task(self._watch_tables(), name="users-files")
         if self.config.metrics.host is not None:
             try:
-                await self.metrics.start_server(self.config.metrics.host, self.config.metrics.port)
+                await self.http.start(self.config.metrics.host, self.config.metrics.port)
             except OSError as exc:
                 await self.shutdown()
                 raise preflight.metrics_cannot_listen(self.config, exc) from None
@@ -228,7 +230,7 @@ class App:
         (at the same time, each within SHUTDOWN_GRACE); QUIT cached sessions; close
         the queue. Each step runs even if an earlier one failed."""
         try:
-            await self.metrics.stop_server()
+            await self.http.stop()
             for task in (self._prune_task, self._tables_task):
                 if task is not None:
                     task.cancel()
