@@ -8,7 +8,7 @@ probes issue 15 names: ``/livez`` (200 while the process runs) and ``/readyz``
 (the same answer as ``/healthz``). HEAD works wherever GET does; another
 method on a known path is 405 with ``Allow``; any other path is 404.
 
-Parsing, limits on request lines and headers (400/431), keep-alive and
+Parsing, limits on request lines and headers (400), keep-alive and
 shutdown are aiohttp's. Ours: every connection closes after its response
 (``Connection: close``, as before), a connection that does not complete its
 request within :data:`READ_TIMEOUT` is closed (aiohttp's keep-alive timer,
