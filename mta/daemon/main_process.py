@@ -190,17 +190,20 @@ class App:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
-        # The listeners accept before start() returns: a SIGHUP then (a reload right after
-        # a start) killed the daemon (SIGHUP's default action). It is kept for afterwards.
+        # The listeners accept before start() returns: a signal then killed the daemon by
+        # its default action (a reload right after a start; a stop of a daemon still
+        # starting, which must end as cleanly as any other). A SIGHUP is kept for
+        # afterwards; a SIGTERM makes the daemon stop as soon as it has started.
         early_hup: list[int] = []
         loop.add_signal_handler(signal.SIGHUP, early_hup.append, 1)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         try:
             await self.start()
         except BaseException:
-            loop.remove_signal_handler(signal.SIGHUP)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             raise
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
-        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         # Listeners bound and the queue open: now systemd may call us started.
         self.notifier.ready(f"accepting mail on {', '.join(lc.address for lc in self.config.listeners)}")
