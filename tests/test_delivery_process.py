@@ -10,7 +10,15 @@ import signal
 import pytest
 import yaml
 
-from tests.support.daemon import children, metric, mta_command, send_messages, subprocess_env, wait_listening
+from tests.support.daemon import (
+    children,
+    metric,
+    mta_command,
+    send_messages,
+    start_serving,
+    stop_all,
+    subprocess_env,
+)
 from tests.support.ports import free_port
 from tests.support.smtp_peer import RecordingPeer
 from tests.support.waiting import wait_until
@@ -43,24 +51,13 @@ async def daemon(tmp_path):
         }
         path = tmp_path / "mta.yaml"
         path.write_text(yaml.safe_dump(config))
-        with open(tmp_path / "mta.log", "ab") as log:   # the child keeps its own copy of the descriptor
-            proc = await asyncio.create_subprocess_exec(*wrapper, *mta_command("serve", "--config", str(path)),
-                                                        stdout=log, stderr=log, env=subprocess_env(**env))
+        argv = [*wrapper, *mta_command("serve", "--config", str(path))]
+        proc = await start_serving(argv, tmp_path / "mta.log", smtp_port, env=subprocess_env(**env))
         started.append(proc)
-        await wait_listening(smtp_port, proc)
         return proc, smtp_port, metrics_port
 
     yield start
-    for proc in started:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                # unshare(1) ignores SIGTERM; killing it kills the daemon (--kill-child),
-                # and the daemon's delivery child dies with it (PR_SET_PDEATHSIG).
-                proc.kill()
-                await proc.wait()
+    await stop_all(started)
 
 
 async def stop(proc):

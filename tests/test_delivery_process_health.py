@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.daemon import ROOT, children, mta_command, send_messages, subprocess_env, wait_listening
+from tests.support.daemon import (
+    ROOT,
+    children,
+    mta_command,
+    send_messages,
+    start_serving,
+    stop_all,
+    subprocess_env,
+)
 from tests.support.daemon import metric as _metric
 from tests.support.ports import free_port
 from tests.support.smtp_peer import RecordingPeer
@@ -67,21 +75,12 @@ async def serve(tmp_path):
     started = []
 
     async def start(argv, *, cwd, env, smtp_port):
-        with open(tmp_path / "mta.log", "ab") as log:   # the child keeps its own copy of the descriptor
-            proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdout=log, stderr=log, env=env)
+        proc = await start_serving(argv, tmp_path / "mta.log", smtp_port, cwd=cwd, env=env)
         started.append(proc)
-        await wait_listening(smtp_port, proc)
         return proc
 
     yield start
-    for proc in started:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    await stop_all(started)
 
 
 def old_mta(where: Path) -> Path:

@@ -75,6 +75,30 @@ async def wait_listening(port: int, proc: subprocess.Popen[bytes] | asyncio.subp
     raise AssertionError("daemon did not start listening")
 
 
+async def start_serving(argv: list[str], log_path: Path, smtp_port: int, *, cwd: Path | None = None,
+                        env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Run ``argv`` (a daemon, possibly behind a wrapper such as unshare) as an asyncio child,
+    its output appended to ``log_path``, and wait until it answers on ``smtp_port``."""
+    with open(log_path, "ab") as log:   # the child keeps its own copy of the descriptor
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdout=log, stderr=log, env=env)
+    await wait_listening(smtp_port, proc)
+    return proc
+
+
+async def stop_all(procs: list[asyncio.subprocess.Process], grace: float = 20.0) -> None:
+    """SIGTERM each child still running; kill one that does not stop within ``grace``
+    (unshare(1) ignores SIGTERM; killing it kills the daemon with --kill-child, and the
+    daemon's delivery child dies with it through PR_SET_PDEATHSIG)."""
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 class Daemon:
     """`mta serve --config FILE` as a child process, its output appended to one log file."""
 
