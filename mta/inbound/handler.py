@@ -84,6 +84,9 @@ class InboundHandler:
     def trusted(self, session: InboundSession) -> bool:
         return bool(session.authenticated) or self.config.in_mynetworks(self._client_ip(session))
 
+    def connected(self, ip: str) -> None:
+        self.peer_names.prefetch(ip)
+
     def offers_dsn(self, session: InboundSession) -> bool:
         """DSN in the EHLO reply (dsn.offer_to_untrusted): to trusted clients always, and on a
         listener with AUTH too, where the client may still authenticate before MAIL."""
@@ -172,9 +175,7 @@ class InboundHandler:
     async def handle_DATA(self, server: InboundSMTP, session: InboundSession, envelope: InboundEnvelope) -> str:
         now = time.time()
         data = normalize_line_ends(envelope.original_content or b"")
-        refusal = None
-        if b"\x00" in data:
-            refusal = REPLIES["nul_in_data"]
+        refusal = REPLIES["nul_in_data"] if b"\x00" in data else None
         facts = policy.inspect_headers(data)
         if refusal is None and facts.received_count > self.config.limits.max_hops:
             refusal = REPLIES["too_many_hops"]

@@ -26,8 +26,16 @@ class PeerNames:
     def __init__(self) -> None:
         self._cache: dict[str, tuple[float, asyncio.Future[str]]] = {}
 
+    def prefetch(self, ip: str) -> None:
+        """Start the look-up when the client connects (as Postfix's smtpd does), so that
+        it runs while the session does and the message's commit does not wait for it."""
+        self._lookup(ip)
+
     async def name(self, ip: str) -> str:
         """The verified name of ``ip``, or "unknown"; never raises."""
+        return await asyncio.shield(self._lookup(ip))
+
+    def _lookup(self, ip: str) -> asyncio.Future[str]:
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]   # an IPv4 client on a dual-stack socket
         now = time.monotonic()
@@ -39,7 +47,7 @@ class PeerNames:
                     self._cache.clear()
             hit = (now + CACHE_TTL, asyncio.ensure_future(_verified_name(ip)))
             self._cache[ip] = hit
-        return await asyncio.shield(hit[1])
+        return hit[1]
 
 
 async def _verified_name(ip: str) -> str:

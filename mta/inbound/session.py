@@ -71,6 +71,9 @@ class SessionHandler(Protocol):
 
     listener: ListenerConfig
 
+    def connected(self, ip: str) -> None:
+        """A client was admitted (the handler starts its reverse-DNS look-up)."""
+
     def note_reply(self, code: int) -> None:
         """Every 4xx/5xx reply the session sends."""
 
@@ -146,6 +149,7 @@ class InboundSMTP(SMTP):
             ip = peer[0] if peer else "unknown"
             if self._limiter.admit(ip):
                 self._admitted_ip = ip
+                self.event_handler.connected(ip)
             else:
                 self.refused = True
         super().connection_made(transport)
