@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from mta.inbox.model import InboxSummary
+
 
 class RcptState(StrEnum):
     QUEUED = "queued"        # due for a first attempt
@@ -69,6 +71,9 @@ class MailboxCopy:
     data: bytes
     arrival: float | None = None   # the message's arrival in the queue (else now): mailboxes are in this order
     max_messages: int = 10_000     # the mailbox keeps its newest this many (mailboxes.max_messages)
+    # The lab inbox's summary of the message (mta/inbox/summary.py), parsed once per
+    # message by local delivery; None: the store parses the copy itself.
+    summary: InboxSummary | None = None
 
 
 @dataclass(frozen=True, slots=True)

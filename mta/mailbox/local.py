@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import replace
 
+from mta.inbox.summary import summarize
 from mta.mailbox.users import MailboxUsers
 from mta.message import header_section
 from mta.model import LOCAL_RELAY, MailboxCopy, Outcome, Reply, normalize_line_ends
@@ -47,6 +48,7 @@ class LocalCourier:
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         subject = subject_of(body)
+        summary = summarize(body)   # once per message, for the lab inbox (not per copy)
         outcomes: list[Outcome] = []
         for i, address in enumerate(delivery.recipients):
             try:
@@ -64,7 +66,7 @@ class LocalCourier:
             orcpt = delivery.orcpt[i] if i < len(delivery.orcpt) else None
             copy = MailboxCopy(address, delivery.message_id, delivery.sender, subject,
                                delivery_headers(delivery.sender, address, orcpt) + body, delivery.arrival,
-                               self.max_messages)
+                               self.max_messages, summary)
             outcomes.append(Outcome(address, DELIVERED, LOCAL_RELAY, mailbox_copy=copy))
         took = time.monotonic() - started   # delays= d: the time it took to make the copies
         return [replace(o, transmission=took) for o in outcomes]

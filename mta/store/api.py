@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mta.health import Health
+from mta.inbox.model import InboxChange, InboxEntry, InboxPage, SearchTerm
 from mta.model import MailboxCopy, NewMessage, QueuedMessage, RcptState
 
 __all__ = [
-    "QUEUE_NAMES", "AdminResult", "Claimed", "DueRecipient", "HistoryEntry", "MailboxCopy", "MailboxSummary",
+    "QUEUE_NAMES", "AdminResult", "Claimed", "DueRecipient", "HistoryEntry", "Inbox", "MailboxCopy", "MailboxSummary",
     "Mailboxes", "MessageDetail", "MessageSummary", "Queue", "QueueAdmin", "QueueEntry", "QueueSummary",
     "RecipientUpdate", "Store", "StoredMessage", "classify_message", "mailbox_key", "new_queue_id", "uidl",
 ]
@@ -311,8 +312,60 @@ class Mailboxes(Protocol):
     async def listing(self, mailbox: str) -> list[MessageSummary]: ...
 
 
+class Inbox(Protocol):
+    """The lab inbox (issue 15): one entry per accepted message that reached at least
+    one lab mailbox, listed while any mailbox still holds a copy of it.
+
+    Entries are made in the commit that stores the copies (Queue.record_outcomes)
+    and go with their last copy, whatever removes it (POP3 DELE, pruning,
+    ``mta mailbox purge``, :meth:`delete`). Every entry made or removed is also
+    written to a change log in the same commit, which :meth:`changes_since` reads:
+    the events socket follows it, whichever process or node made the change."""
+
+    async def page(self, terms: Sequence[SearchTerm] = (), *, start: int = 0, limit: int = 50,
+                   mailbox: str | None = None) -> InboxPage:
+        """Newest first: the entries matching every term (all without terms), from
+        ``start``; ``mailbox`` narrows to the entries one lab mailbox holds."""
+        ...
+
+    async def entry(self, entry_id: str) -> InboxEntry | None:
+        """One entry by its ID (the API resolves "latest" with :meth:`page`)."""
+        ...
+
+    async def entries(self, entry_ids: Sequence[str]) -> list[InboxEntry]:
+        """The entries of these IDs that still exist, newest first."""
+        ...
+
+    async def raw(self, entry_id: str) -> bytes | None:
+        """The bytes of one remaining copy (with local delivery's trace fields); None if gone."""
+        ...
+
+    async def set_read(self, entry_ids: Sequence[str] | None, read: bool,
+                       terms: Sequence[SearchTerm] = ()) -> int:
+        """Mark these entries (None: every entry matching ``terms``, or all) read or
+        unread; returns how many changed."""
+        ...
+
+    async def set_tags(self, entry_ids: Sequence[str], tags: Sequence[str]) -> int:
+        """Replace the tags of these entries; returns how many exist."""
+        ...
+
+    async def delete(self, entry_ids: Sequence[str] | None, terms: Sequence[SearchTerm] = ()) -> list[str]:
+        """Remove these entries (None: every entry matching ``terms``, or all) and every
+        mailbox copy of them, in one commit; returns the IDs removed."""
+        ...
+
+    async def changes_since(self, seq: int, *, limit: int = 500) -> list[InboxChange]:
+        """Changes after ``seq``, oldest first (``seq`` 0 and none kept: [])."""
+        ...
+
+    async def last_change(self) -> int:
+        """The seq of the newest change (0 if none): where a new events client starts."""
+        ...
+
+
 class Store(Protocol):
-    """One backend's three parts, opened and closed together (built by mta.store.factory)."""
+    """One backend's parts, opened and closed together (built by mta.store.factory)."""
 
     @property
     def queue(self) -> Queue: ...
@@ -320,6 +373,8 @@ class Store(Protocol):
     def admin(self) -> QueueAdmin: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
+    @property
+    def inbox(self) -> Inbox: ...
 
     async def open(self) -> None:
         """Connect, migrate the schema; QueueDamagedError if the store cannot be read at all."""
