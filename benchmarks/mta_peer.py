@@ -27,7 +27,7 @@ def mta_env() -> dict[str, str]:
 
 def write_config(workdir: Path, listen: tuple[str, int], *, smarthost: tuple[str, int] | None,
                  routes: dict[str, tuple[str, int]] | None = None, concurrency: int = 20,
-                 dest_limit: int = 20) -> Path:
+                 dest_limit: int = 20, http: tuple[str, int] | None = None) -> Path:
     delivery: dict[str, object] = {
         "concurrency": concurrency,
         "per_destination_concurrency": dest_limit,
@@ -48,6 +48,8 @@ def write_config(workdir: Path, listen: tuple[str, int], *, smarthost: tuple[str
         "delivery": delivery,
         "limits": {"max_connections_per_ip": 200, "max_connections": 400},
     }
+    if http:   # the lab inbox's web UI and API (issue 15), for --http-poll
+        doc["listeners"].append({"name": "web", "address": f"{http[0]}:{http[1]}", "mode": "http"})
     path = workdir / "mta.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 SINK_HOST = "127.0.0.3"           # smarthost / relayhost address (the sink listens on all addresses)
 BACKLOG_DOMAIN = "backlog.test"   # the deferred backlog's recipients; never delivered during the bench
 EMPTY = {"mta": "mta, no backlog", "postfix": "postfix, no backlog"}  # (d)'s paired baseline rows
+HTTP_POLL = "mta + http poll"     # --http-poll: the HTTP listener on, its message list read every 100 ms
+POLL_INTERVAL = 0.1
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -115,6 +117,13 @@ class Cell:
         values = [getattr(r, name) for r in self.ok()]
         return statistics.median(values) if values else None
 
+    def spread(self, name: str) -> float | None:
+        """(max - min) / median of a figure over the runs: how noisy the runs were."""
+        values = [getattr(r, name) for r in self.ok()]
+        if len(values) < 2 or not statistics.median(values):
+            return None
+        return (max(values) - min(values)) / statistics.median(values)
+
 
 # --------------------------------------------------------------------------- clean-up
 
@@ -175,6 +184,32 @@ class PeakPss(threading.Thread):
         self.join()
         self.peak = max(self.peak, procfs.pss_kb(self.pids_of()))
         return self.peak
+
+
+class Poller(threading.Thread):
+    """A lab test suite's client: GET the inbox's message list every POLL_INTERVAL seconds."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url = url
+        self.requests = self.failures = 0
+        self.last_error = ""
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import urllib.request
+        while not self._done.wait(POLL_INTERVAL):
+            self.requests += 1
+            try:
+                with urllib.request.urlopen(self.url + "?limit=50", timeout=5) as reply:
+                    reply.read()
+            except OSError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join()
 
 
 def client_command(s: Scenario, port: int, sink_port: int) -> list[str]:
@@ -270,11 +305,12 @@ class Bench:
         return {f"d{i}.test": (f"127.0.0.{10 + i}", sink.port) for i in range(s.domains)}
 
     # -------------------------------------------------------------- mta
-    def run_mta(self, s: Scenario, sink: Sink, backlog_db: Path | None) -> Result:
+    def run_mta(self, s: Scenario, sink: Sink, backlog_db: Path | None, *, http_poll: bool = False) -> Result:
         d = self.new_dir(f"mta-{s.key}")
         listen = ("127.0.0.1", free_port("127.0.0.1"))
+        http = ("127.0.0.1", free_port("127.0.0.1")) if http_poll else None
         config = write_config(d, listen, smarthost=None if s.domains else (SINK_HOST, sink.port),
-                              routes=self.routes(s, sink))
+                              routes=self.routes(s, sink), http=http)
         if backlog_db is not None:
             shutil.copyfile(backlog_db, d / "queue.db")
             # The copy is 170 MB of dirty page cache: left to the kernel, its writeback
@@ -290,7 +326,16 @@ class Bench:
             daemon.start()
             if self.args.profile:
                 spy = self.start_profiler(daemon, s, "mta" if backlog_db or not s.backlog else EMPTY["mta"])
-            res = run_workload(s, listen[1], sink, daemon.pids, self.cleanup)
+            poller = Poller(f"http://{http[0]}:{http[1]}/api/v1/messages") if http else None
+            if poller is not None:
+                poller.start()
+            try:
+                res = run_workload(s, listen[1], sink, daemon.pids, self.cleanup)
+            finally:
+                if poller is not None:
+                    poller.finish()
+            if poller is not None and res.error is None and (poller.failures or not poller.requests):
+                res.error = f"http poll: {poller.requests} requests, {poller.failures} failed ({poller.last_error})"
             res.startup = daemon.startup_s
             if res.error:
                 res.error += "\n" + daemon.log_tail(5)
@@ -405,6 +450,8 @@ class Bench:
             # (d) also measures the same fresh workload on an empty queue in every run, next to the
             # backlog runs, so its with/without ratio is not skewed by load drifting between scenarios.
             variants = ["mta", "postfix"]
+            if self.args.http_poll and not s.backlog:
+                variants = ["mta", HTTP_POLL, "postfix"]
             if s.backlog:
                 variants = ["mta", EMPTY["mta"]] + (["postfix", EMPTY["postfix"]] if pf_backlog else [])
             for run in range(self.args.runs):
@@ -412,6 +459,8 @@ class Bench:
                 for variant in order:
                     if variant == "mta":
                         res = self.run_mta(s, sink, backlog_db)
+                    elif variant == HTTP_POLL:
+                        res = self.run_mta(s, sink, None, http_poll=True)
                     elif variant == EMPTY["mta"]:
                         res = self.run_mta(s, sink, None)
                     elif variant == "postfix":
@@ -473,7 +522,7 @@ class Bench:
             print(f"\n{describe(s)}")
             print(head)
             values: dict[str, list[float | None]] = {}
-            for mta in ("mta", "postfix", EMPTY["mta"], EMPTY["postfix"]):
+            for mta in ("mta", HTTP_POLL, "postfix", EMPTY["mta"], EMPTY["postfix"]):
                 cell = self.cells.get((key, mta))
                 if cell is None:
                     continue
@@ -497,6 +546,12 @@ class Bench:
                 print(f"{'mta/postfix':20}" + "".join(f"{fmt(r, '{:.2f}x'):>13}" for r in ratios))
             elif key == "d":
                 print(f"{'':20}(Postfix not measured with a backlog: --no-postfix-backlog)")
+            if "mta" in values and HTTP_POLL in values:
+                ratios = [a / b if a is not None and b else None for a, b in zip(values[HTTP_POLL], values["mta"])]
+                print(f"{'http poll/mta':20}" + "".join(f"{fmt(r, '{:.2f}x'):>13}" for r in ratios))
+                spread = self.cell(key, "mta").spread("delivered")
+                if spread is not None:
+                    print(f"{'':20}(noise: mta's own delivered/s runs span {spread:.0%} of their median)")
         print("\nRSS: mta = sum of its processes' VmHWM (main and delivery); Postfix = sum of every process's own VmHWM (shared pages"
               "\n     counted per process, so an upper bound). PSS: peak of the summed proportional set size"
               " (0.5 s samples).")
@@ -616,6 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="sample every mta run with py-spy (pip install py-spy) into DIR and print its"
                         " hotspots; the sampling costs the daemon some speed")
+    p.add_argument("--http-poll", action="store_true",
+                   help="also run mta with its HTTP listener on and a client reading the message list every"
+                        " 100 ms (issue 15), paired with the plain runs")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) for inspection")
     args = p.parse_args(argv)
     if args.runs is None:
