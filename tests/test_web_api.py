@@ -179,12 +179,13 @@ async def test_message_in_full_and_read_marking(lab: Any) -> None:
             "ReturnPath": "ci@remote.test", "Subject": "réport attached",
             "ListUnsubscribe": {"Header": "", "Links": [], "Errors": "", "HeaderPost": ""},
             "Date": listed["messages"][1]["Created"], "Tags": [],
-            "Text": "See the report.\n",
-            "HTML": '<p>See the <b>report</b>.</p><img src="cid:logo@lab">\n',
+            # RFC 2046 §5.1.1: the CRLF before a boundary belongs to the boundary.
+            "Text": "See the report.",
+            "HTML": '<p>See the <b>report</b>.</p><img src="cid:logo@lab">',
             "Size": len(raw),
             "Inline": [_attachment("1.2.2", "logo@lab", "image/png", "logo@lab", PNG)],
             "Attachments": [_attachment("2", "report.pdf", "application/pdf", "", PDF),
-                            _attachment("3", "page.html", "text/html", "", b"<script>alert(1)</script>\n")],
+                            _attachment("3", "page.html", "text/html", "", b"<script>alert(1)</script>")],
             "Mailboxes": ["bob@lab.test"],
         }
         # Reading it marked it read, and only it.
@@ -240,7 +241,7 @@ async def test_headers_raw_and_parts(lab: Any) -> None:
         assert png.headers["Content-Disposition"].startswith('inline; filename="logo@lab"')
         # An HTML attachment is a download, never a page of this origin.
         html = await http.get(f"/api/v1/message/{multi_id}/part/3")
-        assert (html.body, html.headers["Content-Type"]) == (b"<script>alert(1)</script>\n",
+        assert (html.body, html.headers["Content-Type"]) == (b"<script>alert(1)</script>",
                                                             "application/octet-stream")
         assert html.headers["Content-Disposition"].startswith('attachment; filename="page.html"')
         assert html.headers["X-Content-Type-Options"] == "nosniff"
@@ -265,7 +266,7 @@ async def test_latest(lab: Any) -> None:
         assert (await http.get("/api/v1/message/latest?mailbox=alice@lab.test")).json()["ID"] == older
         view = await http.get("/view/latest")
         assert (view.status, view.headers["Location"]) == (302, f"/view/{newest}")
-        assert (await http.get("/view/latest.txt")).text == "See the report.\n"
+        assert (await http.get("/view/latest.txt")).text == "See the report."
 
 
 # --------------------------------------------------------------------------- views

@@ -30,6 +30,7 @@ from aiohttp import web
 from mta import __version__
 from mta.inbox import mime
 from mta.inbox.model import InboxEntry, SearchTerm
+from mta.inbox.raw import entry_raw
 from mta.inbox.search import SearchError, parse_query, with_timezone
 from mta.store.api import Inbox
 from mta.web import mailpit_json
@@ -178,18 +179,8 @@ async def entry_and_raw(request: web.Request, missing: ApiError | None = None) -
     raw = await inbox.raw(entry_id) if entry is not None else None
     if entry is None or raw is None:
         raise missing or not_found()
-    return entry, public_raw(raw)
+    return entry, entry_raw(raw)
 
-
-_TRACE = re.compile(rb"\A((?:Return-Path:[^\r\n]*\r?\n)?)(?:(?:X-Original-To|Delivered-To):[^\r\n]*\r?\n)+",
-                    re.IGNORECASE)
-
-
-def public_raw(stored: bytes) -> bytes:
-    """The message as the API serves it: a stored copy without the X-Original-To and
-    Delivered-To lines local delivery put under Return-Path (they name one mailbox;
-    the entry is the message for every mailbox). Return-Path stays, as in Mailpit."""
-    return _TRACE.sub(rb"\1", stored, count=1)
 
 
 # --------------------------------------------------------------------------- the list and search
