@@ -104,7 +104,7 @@ def test_a_taken_http_port_stops_the_start_with_one_line(tmp_path: Path) -> None
 
 async def test_an_unmodified_mailpit_client(make_config: Any, tmp_path: Path) -> None:
     """PyPI's mailpit-api-client, as a test suite would use it against Mailpit."""
-    from mailpit.client.api import API   # third-party, unmodified
+    from mailpit.client.api import API  # third-party, unmodified
 
     lab = lab_config(make_config, tmp_path)
     attachment = b"col1,col2\r\n1,2\r\n"
