@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -35,6 +36,8 @@ from mta.inbox.search import SearchError, parse_query, with_timezone
 from mta.store.api import Inbox
 from mta.web import mailpit_json
 from mta.web.app import CONTEXT, ApiError, WebContext, bad_request, not_found, text_response
+
+log = logging.getLogger("mta.web")
 
 DEFAULT_LIMIT = 50          # Mailpit's page size
 DELETED = "mailpit_api.deleted"   # context.extras: messages deleted through the API since start (RuntimeStats)
@@ -242,6 +245,10 @@ async def delete_search(request: web.Request) -> web.Response:
 def _count_deleted(request: web.Request, removed: Sequence[str]) -> None:
     extras = request.app[CONTEXT].extras
     extras[DELETED] = extras.get(DELETED, 0) + len(removed)
+    if removed:
+        # Like `mta mailbox purge`, a removal by hand is in the log: every mailbox copy went.
+        shown = ", ".join(removed[:10]) + (f" and {len(removed) - 10} more" if len(removed) > 10 else "")
+        log.info("inbox: %d message(s) deleted over HTTP from %s: %s", len(removed), request.remote, shown)
 
 
 # --------------------------------------------------------------------------- one message
