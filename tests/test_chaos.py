@@ -361,3 +361,29 @@ def test_metric_series_exist_at_zero_for_every_smtp_listener(chaos_config):
     for listener in ("mta", "submission"):
         for trigger in ("sender", "recipient", "authentication"):
             assert f'mta_chaos_triggered_total{{listener="{listener}",trigger="{trigger}"}} 0.0' in text
+
+
+async def test_reload_switches_chaos_off_and_drops_the_triggers(chaos_config, write_config):
+    config = chaos_config()
+    doc: dict[str, Any] = {
+        "hostname": config.hostname, "queue": {"path": config.queue.path}, "metrics": {"address": None},
+        "listeners": [{"name": lc.name, "address": lc.address, "mode": lc.mode,
+                       "allow_insecure_auth": lc.allow_insecure_auth} for lc in config.listeners],
+        "auth": {"users_file": config.auth.users_file}, "relay_domains": ["remote.test"], "chaos": True}
+    path = write_config(doc)
+    app = App(config, str(path), deliver=False)
+    await app.start()
+    try:
+        async with chaos_http(app) as http:
+            await set_triggers(http, {"Sender": {"ErrorCode": 451, "Probability": 100}})
+            write_config({**doc, "chaos": False})
+            app.reload()
+            assert await get(http) == (400, "text/plain; charset=utf-8", "Chaos is not enabled")
+            async with await Wire.connect("127.0.0.1", listener_port(config)) as w:
+                await w.ehlo("client.test")
+                assert await w.cmd("MAIL FROM:<lab@lab.test>") == "250 2.1.0 Ok"
+            write_config(doc)
+            app.reload()
+            assert json.loads((await get(http))[2]) == DEFAULTS   # on again, with nothing set
+    finally:
+        await app.shutdown()
