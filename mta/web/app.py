@@ -56,6 +56,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (/view/{id}.html) come before a UI's catch-all ones (/view/{id}).
 ROUTE_MODULES: list[str] = [
     "mta.web.mailpit_api",
+    "mta.web.chaos_api",
 ]
 
 KEEPALIVE_TIMEOUT = 75.0     # seconds an idle keep-alive connection is kept (aiohttp's default)
