@@ -151,7 +151,7 @@ class App:
             if lc.mode != "http":
                 continue
             context = WebContext(config=self.config, listener=lc, store=self.store, health=self.health,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, extras={"chaos": self.chaos})   # mta/web/chaos_api.py
             web_listener = WebListener(context, health=self.health)
             try:
                 await web_listener.start()

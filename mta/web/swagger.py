@@ -64,8 +64,7 @@ def _text(description: str = "ok") -> Json:
 
 def _responses(ok: Json, *errors: int) -> Json:
     found: Json = {"200": ok}
-    reasons = {400: "Bad request: a one-line reason", 401: "Basic auth required",
-               403: "Refused (cross-origin request, or chaos not enabled)", 404: "404 page not found",
+    reasons = {400: "Bad request: a one-line reason", 404: "404 page not found",
                503: "Temporarily unavailable: a one-line reason"}
     for code in errors:
         found[str(code)] = _text(reasons[code])
@@ -213,10 +212,11 @@ def paths() -> dict[str, Json]:
             "get": _op("Application information", "application", _responses(_json(_ref("AppInformation")))),
         },
         "/api/v1/chaos": {
-            "get": _op("Get the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400, 403)),
-            "put": _op("Set the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400, 403),
+            "get": _op("Get the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400),
+                       description="400 \"Chaos is not enabled\" unless the config has chaos: true."),
+            "put": _op("Set the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400),
                        body=_json_body(_ref("ChaosTriggers"), "Triggers left out are turned off"),
-                       description="Refused unless the config has chaos: true; applied on the SMTP "
+                       description="Refused (400) unless the config has chaos: true; applied on the SMTP "
                                    "listeners at MAIL (Sender), RCPT (Recipient) and AUTH (Authentication)."),
         },
         SWAGGER_PATH: {
