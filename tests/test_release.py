@@ -9,14 +9,13 @@ import asyncio
 import json
 import re
 
-import aiohttp
 import pytest
 
 from tests.support.fakedns import mx
 from tests.support.smtp_peer import END_OF_DATA, RecordingPeer
 from tests.support.users import write_users
 from tests.support.waiting import wait_until
-from tests.support.web_lab import WebLab, web_lab
+from tests.support.web_lab import WebLab, basic, web_lab
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,10 +39,10 @@ async def one_entry(lab: WebLab) -> tuple[str, bytes]:
     return summary["ID"], raw
 
 
-async def release(lab: WebLab, entry_id: str, body: object, **kwargs) -> tuple[int, dict[str, str], str]:
+async def release(lab: WebLab, entry_id: str, body: object, **headers: str | None) -> tuple[int, dict[str, str], str]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     status, headers, text = await lab.request("POST", f"/api/v1/message/{entry_id}/release", data=data,
-                                              headers={"Content-Type": "application/json"}, **kwargs)
+                                              headers={"Content-Type": "application/json", **headers})
     return status, headers, text.decode()
 
 
@@ -98,8 +97,8 @@ async def test_a_451_is_retried_from_the_queue(tmp_path, dns_server, peer_port):
         assert received.data.endswith(raw.removeprefix(b"Return-Path: <ci@lab.test>\r\n"))
         await wait_until(lambda: f"{queue_id}: removed" in lab.log_text(), 10)
         log = lab.log_text()
-        assert re.search(rf"{queue_id}: to=<bob@example\.test>, .*status=deferred "
-                         r"\(host mx1\.example\.test\[127\.0\.0\.2\] said: 451 4\.3\.0 Try again later", log), log
+        assert re.search(rf"{queue_id}: to=<bob@example\.test>, relay=mx1\.example\.test\[127\.0\.0\.2\]:{peer_port}, "
+                         r".*dsn=4\.3\.0, status=deferred \(451 4\.3\.0 Try again later\)", log), log
         assert re.search(rf"{queue_id}: to=<bob@example\.test>, .*status=sent", log)
 
 
@@ -137,14 +136,14 @@ async def test_a_client_that_passed_basic_auth_may_release_anywhere(tmp_path, dn
     async with RecordingPeer("127.0.0.2", peer_port) as peer, \
             web_lab(tmp_path, delivery=delivery(dns_server, peer_port), mynetworks=["192.0.2.0/24"],
                     web={"users_file": str(web_users)}) as lab:
-        lab.auth = aiohttp.BasicAuth("tester", "web pw")
+        lab.authorization = basic("tester", "web pw")
         entry_id, _ = await one_entry(lab)
         status, headers, text = await release(lab, entry_id, {"To": ["x@elsewhere.test"]})
         assert (status, text) == (200, "ok")
         await peer.wait_for_messages(1, timeout=15)
         assert (f"{headers['X-Queue-Id']}: released from inbox by http: entry={entry_id}, client=127.0.0.1, "
                 "user=tester, to=<x@elsewhere.test>") in lab.log_text()
-        status, _, _ = await release(lab, entry_id, {"To": ["x@elsewhere.test"]}, auth=None)
+        status, _, _ = await release(lab, entry_id, {"To": ["x@elsewhere.test"]}, Authorization=None)
         assert status == 401
 
 

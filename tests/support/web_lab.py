@@ -10,6 +10,7 @@ lab.test with alice@ and bob@, and whatever the test adds to the config.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import poplib
@@ -40,7 +41,7 @@ class WebLab:
     config_path: Path
     log_path: Path
     doc: dict[str, Any]
-    auth: aiohttp.BasicAuth | None = None    # sent with every request (a listener with users_file)
+    authorization: str | None = None    # an Authorization header for every request (a listener with users_file)
 
     @property
     def base(self) -> str:
@@ -57,7 +58,10 @@ class WebLab:
         return reply.rsplit(" ", 1)[1]
 
     async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
-        kwargs.setdefault("auth", self.auth)
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.authorization is not None:
+            headers.setdefault("Authorization", self.authorization)
+        kwargs["headers"] = {k: v for k, v in headers.items() if v is not None}
         async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session, \
                 session.request(method, self.base + path, **kwargs) as response:
             return response.status, dict(response.headers), await response.read()
@@ -90,6 +94,11 @@ class WebLab:
         finally:
             pop.quit()
         return count
+
+
+def basic(user: str, password: str) -> str:
+    """An RFC 7617 Authorization header value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def lab_config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
