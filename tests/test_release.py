@@ -179,3 +179,12 @@ async def test_bad_ids_and_bodies_get_mailpits_codes(tmp_path):
         await asyncio.sleep(0.2)
         assert "released from inbox" not in lab.log_text()
         assert "Traceback" not in lab.log_text()
+
+
+async def test_one_hop_too_many_is_refused_as_a_loop(tmp_path):
+    # Inbound accepts up to max_hops Received fields; the release adds one more of its own.
+    async with web_lab(tmp_path, limits={"max_hops": 2}) as lab:
+        await lab.send(["alice@lab.test"], b"Received: from elsewhere.test; Wed, 02 Dec 2026 10:00:00 +0000\r\n" + BODY)
+        [summary] = await lab.wait_for_messages(1)
+        status, _, text = await release(lab, summary["ID"], {"To": ["bob@lab.test"]})
+        assert (status, text) == (400, "Too many hops (mail loop?)")

@@ -81,6 +81,8 @@ async def release(request: web.Request) -> web.Response:
     client_ip = request.remote or ""
     recipients = _check_recipients(context, to, trusted=user is not None or context.config.in_mynetworks(client_ip))
     message = _new_message(context.config, Release(entry.id, recipients, client_ip, user), raw)
+    if policy.inspect_headers(message.data).received_count > context.config.limits.max_hops:
+        raise bad_request(REPLIES["too_many_hops"].text)   # as at the end of DATA: a loop
     try:
         await context.store.queue.enqueue(message)
     except StoreError as exc:
