@@ -65,7 +65,7 @@ async def test_release_goes_through_the_queue_to_the_next_hop(tmp_path, dns_serv
             + rb"\r\n\t\(released from inbox entry " + entry_id.encode() + rb"\)\r\n\tfor <bob@example\.test>; "
             rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d -0000", trace), trace
         assert b"Received: " + rest == raw.removeprefix(b"Return-Path: <ci@lab.test>\r\n")
-        await wait_until(lambda: "status=sent" in lab.log_text(), 10)
+        await wait_until(lambda: f"{queue_id}: removed" in lab.log_text(), 10)
         log = lab.log_text()
         assert (f"{queue_id}: released from inbox by http: entry={entry_id}, client=127.0.0.1, "
                 "to=<bob@example.test>") in log
