@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -30,10 +31,13 @@ from aiohttp import web
 from mta import __version__
 from mta.inbox import mime
 from mta.inbox.model import InboxEntry, SearchTerm
+from mta.inbox.raw import entry_raw
 from mta.inbox.search import SearchError, parse_query, with_timezone
 from mta.store.api import Inbox
 from mta.web import mailpit_json
 from mta.web.app import CONTEXT, ApiError, WebContext, bad_request, not_found, text_response
+
+log = logging.getLogger("mta.web")
 
 DEFAULT_LIMIT = 50          # Mailpit's page size
 DELETED = "mailpit_api.deleted"   # context.extras: messages deleted through the API since start (RuntimeStats)
@@ -118,20 +122,29 @@ def mailbox_of(request: web.Request) -> str | None:
     return box.lower() or None
 
 
-async def read_json(request: web.Request, *, empty: Any) -> Any:
-    """The request's JSON body (``empty`` when there is none); 400 with the reason when
-    it is not JSON, as Mailpit answers a body its decoder refuses."""
+async def read_body(request: web.Request) -> dict[str, Any]:
+    """The request's body as a mapping with lower-cased keys: Go's JSON decoder, which
+    Mailpit uses, matches field names without regard to case ("ids" fills IDs).
+    No body is {}; a form (application/x-www-form-urlencoded, as some Mailpit clients
+    send) is read too; anything else that is not a JSON object is 400 with the reason."""
     body = await request.read()
     if not body.strip():
-        return empty
+        return {}
+    if request.content_type == "application/x-www-form-urlencoded":
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        return {key.lower(): values if key.lower() in ("ids", "tags") else values[-1]
+                for key, values in form.items()}
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the JSON body must be an object")
+    return {str(key).lower(): value for key, value in data.items()}
 
 
-def _ids(data: dict[str, Any], key: str = "IDs") -> list[str]:
-    value = data.get(key)
+def _strings(data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key.lower())
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
@@ -139,10 +152,13 @@ def _ids(data: dict[str, Any], key: str = "IDs") -> list[str]:
     return list(value)
 
 
-def _object(data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise bad_request("the JSON body must be an object")
-    return data
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key.lower(), False)
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0", ""):
+        return value.lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise bad_request(f"{key} must be true or false")
+    return value
 
 
 async def resolve_id(request: web.Request) -> str:
@@ -166,18 +182,8 @@ async def entry_and_raw(request: web.Request, missing: ApiError | None = None) -
     raw = await inbox.raw(entry_id) if entry is not None else None
     if entry is None or raw is None:
         raise missing or not_found()
-    return entry, public_raw(raw)
+    return entry, entry_raw(raw)
 
-
-_TRACE = re.compile(rb"\A((?:Return-Path:[^\r\n]*\r?\n)?)(?:(?:X-Original-To|Delivered-To):[^\r\n]*\r?\n)+",
-                    re.IGNORECASE)
-
-
-def public_raw(stored: bytes) -> bytes:
-    """The message as the API serves it: a stored copy without the X-Original-To and
-    Delivered-To lines local delivery put under Return-Path (they name one mailbox;
-    the entry is the message for every mailbox). Return-Path stays, as in Mailpit."""
-    return _TRACE.sub(rb"\1", stored, count=1)
 
 
 # --------------------------------------------------------------------------- the list and search
@@ -200,12 +206,10 @@ async def search(request: web.Request) -> web.Response:
 
 async def set_read_status(request: web.Request) -> web.Response:
     """PUT /api/v1/messages ``{Read, IDs}`` or ``{Read, Search}``; neither: every message."""
-    data = _object(await read_json(request, empty={}))
-    read = data.get("Read", False)
-    if not isinstance(read, bool):
-        raise bad_request("Read must be true or false")
-    ids = _ids(data)
-    query = data.get("Search") or ""
+    data = await read_body(request)
+    read = _flag(data, "Read")
+    ids = _strings(data, "IDs")
+    query = data.get("search") or ""
     if not isinstance(query, str):
         raise bad_request("Search must be a string")
     query = query.strip()
@@ -221,8 +225,8 @@ async def set_read_status(request: web.Request) -> web.Response:
 
 async def delete_messages(request: web.Request) -> web.Response:
     """DELETE /api/v1/messages ``{IDs}``; no body (or no IDs): every message, as in Mailpit."""
-    data = _object(await read_json(request, empty={}))
-    ids = _ids(data)
+    data = await read_body(request)
+    ids = _strings(data, "IDs")
     removed = await inbox_of(request).delete(ids or None)
     _count_deleted(request, removed)
     return ok()
@@ -241,6 +245,10 @@ async def delete_search(request: web.Request) -> web.Response:
 def _count_deleted(request: web.Request, removed: Sequence[str]) -> None:
     extras = request.app[CONTEXT].extras
     extras[DELETED] = extras.get(DELETED, 0) + len(removed)
+    if removed:
+        # Like `mta mailbox purge`, a removal by hand is in the log: every mailbox copy went.
+        shown = ", ".join(removed[:10]) + (f" and {len(removed) - 10} more" if len(removed) > 10 else "")
+        log.info("inbox: %d message(s) deleted over HTTP from %s: %s", len(removed), request.remote, shown)
 
 
 # --------------------------------------------------------------------------- one message
@@ -276,11 +284,12 @@ async def get_part(request: web.Request) -> web.Response:
     part = mime.find_part(parsed, part_id)
     if part is None:
         raise not_found()
-    described = _described(parsed, part_id)
-    content_type = part.get_content_type()
+    found = mime.structure(parsed)
+    inline = {p.part_id: p for p in found.inline}
+    described = inline.get(part_id) or next((p for p in found.attachments if p.part_id == part_id), None)
     filename = (described.filename or described.content_id) if described else ""
-    inline = described is not None and any(p.part_id == part_id for p in mime.structure(parsed).inline)
-    disposition = "inline" if inline else "attachment"
+    content_type = part.get_content_type()
+    disposition = "inline" if part_id in inline else "attachment"
     if content_type in ACTIVE_TYPES:
         content_type, disposition = "application/octet-stream", "attachment"
     response = web.Response(body=mime.payload_of(part))
@@ -289,14 +298,6 @@ async def get_part(request: web.Request) -> web.Response:
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = PART_CSP
     return response
-
-
-def _described(parsed: Any, part_id: str) -> mime.Part | None:
-    found = mime.structure(parsed)
-    for item in (*found.inline, *found.attachments):
-        if item.part_id == part_id:
-            return item
-    return None
 
 
 def _disposition(kind: str, filename: str) -> str:
@@ -351,9 +352,8 @@ def link_inline_images(html: str, entry_id: str, parts: Sequence[mime.Part]) -> 
 
 
 async def view_text(request: web.Request) -> web.Response:
-    entry, raw = await entry_and_raw(request, missing=ApiError(404, "Message not found"))
-    text = mailpit_json.message(entry, raw)["Text"]
-    response = text_response(200, text)
+    _entry, raw = await entry_and_raw(request, missing=ApiError(404, "Message not found"))
+    response = text_response(200, mailpit_json.body_text(mime.structure(mime.parse(raw))))
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
@@ -367,9 +367,9 @@ async def get_tags(request: web.Request) -> web.Response:
 
 async def set_tags(request: web.Request) -> web.Response:
     """PUT /api/v1/tags ``{IDs, Tags}``: these messages' tags become exactly ``Tags``."""
-    data = _object(await read_json(request, empty={}))
-    ids = _ids(data)
-    tags = _ids(data, "Tags")
+    data = await read_body(request)
+    ids = _strings(data, "IDs")
+    tags = _strings(data, "Tags")
     if not ids:
         raise bad_request("no IDs")
     cleaned = sorted({" ".join(tag.split()) for tag in tags if tag.strip()})
