@@ -6,8 +6,8 @@
   the Read field Mailpit has since dropped: mta sends it), sends read status and
   delete as a form body, and its Headers model requires Content-Type, Date,
   Delivered-To, From and Message-Id (the test message has them).
-* npm's ``mailpit-api`` (2.1.0, the TypeScript client of Mailpit's docs; no
-  dependencies, run by Node.js): everything else -- search, raw source, ``latest``,
+* npm's ``mailpit-api`` (2.1.0, a TypeScript Mailpit client with no
+  dependencies of its own, run by Node.js): everything else -- search, raw source, ``latest``,
   headers, parts, the text view, read status, tags, info, release, waiting for a
   message, delete by search and by IDs. Installed from tests/clients/mailpit-api's
   lock file into a temporary directory (``npm ci``); skipped where there is no npm.
