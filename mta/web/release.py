@@ -26,7 +26,9 @@ The relay rules are those of RCPT on an SMTP listener (mta/inbound/policy.py):
 a client in ``mynetworks``, or one that passed the listener's basic auth (the
 HTTP counterpart of SMTP AUTH), may release to anywhere; anyone else only to
 ``relay_domains`` and the local domains. An address at a local domain needs a
-mailbox (``mailboxes.users_file``), and ``postmaster@`` goes to the postmaster.
+mailbox (``mailboxes.users_file``), and ``postmaster@`` goes to the postmaster;
+a message whose Received fields, ours included, exceed ``limits.max_hops`` is
+refused as a loop, as at the end of DATA.
 """
 
 from __future__ import annotations
