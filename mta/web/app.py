@@ -56,7 +56,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (/view/{id}.html) come before a UI's catch-all ones (/view/{id}).
 ROUTE_MODULES: list[str] = [
     "mta.web.mailpit_api",
+    "mta.web.release",
+    "mta.web.events",
     "mta.web.chaos_api",
+    "mta.web.swagger",
 ]
 
 KEEPALIVE_TIMEOUT = 75.0     # seconds an idle keep-alive connection is kept (aiohttp's default)
