@@ -207,7 +207,7 @@ function renderMessage(m) {
   const parts = [...(m.Attachments || []), ...(m.Inline || []).map((p) => ({ ...p, inline: true }))];
   $("msg-attachments").replaceChildren(...parts.map((p) => attachmentItem(m.ID, p)));
   $("tab-text").textContent = m.Text || "";
-  // The HTML part: sandboxed, from the server's /view/ID.html (never srcdoc with mail data).
+  // The HTML part: sandboxed, loaded from the server's /view/ID.html, never written into a document here.
   const frame = $("msg-html");
   $("msg-no-html").hidden = !!m.HTML;
   frame.hidden = !m.HTML;
