@@ -48,7 +48,7 @@ from mta.config_values import (
 )
 from mta.errors import ConfigError
 
-LISTENER_MODES = ("relay", "submission", "pop3")
+LISTENER_MODES = ("relay", "submission", "pop3", "http")
 DELIVERY_TLS_MODES = ("may", "encrypt", "none")
 SMTP_PORT = 25   # delivery.port, and the port of a route or smarthost written without one
 
@@ -77,8 +77,9 @@ class ListenerConfig:
     host: str
     port: int
     mode: str = "relay"
-    tls: TLSConfig | None = None
+    tls: TLSConfig | None = None             # http: HTTPS; pop3 and SMTP: STARTTLS/STLS or implicit TLS
     allow_insecure_auth: bool = False
+    users_file: str | None = None            # http only: HTTP basic auth against these user:scrypt lines
 
     @property
     def address(self) -> str:
@@ -377,9 +378,15 @@ def _listener(value: Any, path: str) -> ListenerConfig:
     tls_section = sec.section("tls")
     tls = _tls(tls_section) if sec.data.get("tls") is not None else None
     insecure = sec.get("allow_insecure_auth", default_of(ListenerConfig, "allow_insecure_auth"), boolean)
+    users_file = sec.get("users_file", default_of(ListenerConfig, "users_file"), string)
+    if users_file is not None and mode != "http":
+        raise ConfigError(sec.key("users_file"), f'only an http listener has a users_file (this one is "{mode}";'
+                          " SMTP AUTH uses auth.users_file, POP3 mailboxes.users_file)")
+    if mode == "http" and tls is not None and tls.implicit:
+        raise ConfigError(sec.key("tls.implicit"), "an http listener with tls always speaks HTTPS (leave it out)")
     sec.done()
     return ListenerConfig(name=name, host=address[0], port=address[1], mode=mode, tls=tls,
-                          allow_insecure_auth=insecure)
+                          allow_insecure_auth=insecure, users_file=users_file)
 
 
 def _tls(sec: Section) -> TLSConfig:

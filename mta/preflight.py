@@ -59,10 +59,18 @@ def _files(config: Config) -> None:
             tls_files(lc.tls, f"listeners[{i}].tls")
     # A users file that cannot be read means nobody can ever log in. Only that it
     # opens is checked here; its lines are mta/passwords.py's business, at run time.
-    for key, path in (("auth.users_file", config.auth.users_file),
-                      ("mailboxes.users_file", config.mailboxes.users_file)):
-        if path is not None:
-            readable(path, key)
+    for key, path in users_files(config):
+        readable(path, key)
+
+
+def users_files(config: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every users file the daemon reads: SMTP AUTH's, the
+    mailboxes' and each http listener's (basic auth)."""
+    found = [(key, path) for key, path in (("auth.users_file", config.auth.users_file),
+                                           ("mailboxes.users_file", config.mailboxes.users_file)) if path is not None]
+    found += [(f"listeners[{i}].users_file", lc.users_file) for i, lc in enumerate(config.listeners)
+              if lc.users_file is not None]
+    return found
 
 
 # --------------------------------------------------------------------------- the queue directory

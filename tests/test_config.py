@@ -311,7 +311,7 @@ SUBMISSION = {"name": "sub", "address": "127.0.0.1:587", "mode": "submission"}
     ({"mynetworks": ["lab.test"]}, 'mynetworks[0]: "lab.test" is not a CIDR network'),
     # listener modes and names
     ({"listeners": [{"name": "mta", "address": "127.0.0.1:25", "mode": "smtp"}]},
-     'listeners[0].mode: "smtp" is not one of relay, submission, pop3'),
+     'listeners[0].mode: "smtp" is not one of relay, submission, pop3, http'),
     ({"listeners": [{"name": "mta", "address": "127.0.0.1:25"}, {"name": "mta", "address": "127.0.0.1:26"}]},
      'listeners[1].name: "mta" is used twice'),
     ({"listeners": []}, "listeners: at least one listener is needed"),

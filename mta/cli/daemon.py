@@ -48,11 +48,10 @@ def add_deliver_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def check_config(config: Config) -> int:
-    from mta.preflight import check
+    from mta.preflight import check, users_files
     check(config)   # what would keep `mta serve` from starting, not only the syntax
     # The users files' content too: one bad byte there made every mailbox unknown (issue 12).
-    for key, users_file in (("mailboxes.users_file", config.mailboxes.users_file),
-                            ("auth.users_file", config.auth.users_file)):
+    for key, users_file in users_files(config):
         check_users_file(key, users_file, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
     print(f"config: {config.source}: ok")
     return 0

@@ -35,6 +35,7 @@ from mta.store.api import Store
 from mta.store.factory import make_store
 from mta.store.sqlite.lock import QueueLock
 from mta.store.sqlite.lock import acquire as acquire_queue_lock
+from mta.web.app import WebContext, WebListener
 from mta.web.server import HttpServer
 
 log = logging.getLogger("mta.master")
@@ -68,10 +69,11 @@ class App:
         self._tables_task: asyncio.Task[None] | None = None
         self.mailbox_locks: set[str] = set()   # mailboxes held by a POP3 session, across listeners
         self._prune_task: asyncio.Task[None] | None = None
-        self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode != "pop3"],
+        self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode not in ("pop3", "http")],
                                pop3_listeners=[lc.name for lc in config.listeners if lc.mode == "pop3"],
                                refresh=self._refresh_queue_metrics, health=self.health)
         self.http = HttpServer(self.metrics)   # metrics.address: /metrics, /healthz, /livez, /readyz
+        self.web_listeners: list[WebListener] = []   # mode: http (the lab inbox's API and UI)
         # The in-process delivery side's parts, for tests that look inside (None with a child process).
         self.pool: ConnectionPool | None = None
         self.router: Router | None = None
@@ -85,6 +87,8 @@ class App:
         self.auth_users = users
         throttle = AuthThrottle()
         for lc in self.config.listeners:
+            if lc.mode == "http":
+                continue   # started by _start_web, once the SMTP and POP3 listeners are up
             if lc.mode == "pop3":
                 from mta.pop3.server import POP3Listener
                 self.listeners.append(POP3Listener(self.config, lc, self.mailboxes, self.mailbox_users,
@@ -112,9 +116,12 @@ class App:
                     await listener.start()
                 except OSError as exc:
                     raise preflight.cannot_listen(listener.listener, exc) from None
+            await self._start_web()
         except BaseException:
             for listener in self.listeners:
                 listener.stop_accepting()
+            for web_listener in self.web_listeners:
+                await web_listener.stop()
             await self.store.close()
             self.queue_lock.release()
             raise
@@ -132,6 +139,20 @@ class App:
                 raise preflight.metrics_cannot_listen(self.config, exc) from None
         log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
                  self.config.queue.path, len(self.listeners))
+
+    async def _start_web(self) -> None:
+        """The http listeners: the lab inbox over Mailpit's API (mta/web/app.py)."""
+        for lc in self.config.listeners:
+            if lc.mode != "http":
+                continue
+            context = WebContext(config=self.config, listener=lc, store=self.store, health=self.health,
+                                 metrics=self.metrics)
+            web_listener = WebListener(context, health=self.health)
+            try:
+                await web_listener.start()
+            except OSError as exc:
+                raise preflight.cannot_listen(lc, exc) from None
+            self.web_listeners.append(web_listener)
 
     async def _start_delivery(self) -> None:
         own = self.own_sockets()
@@ -234,6 +255,8 @@ class App:
         the queue. Each step runs even if an earlier one failed."""
         try:
             await self.http.stop()
+            for web_listener in self.web_listeners:
+                await web_listener.stop()
             for task in (self._prune_task, self._tables_task):
                 if task is not None:
                     task.cancel()
@@ -281,6 +304,9 @@ class App:
                 listener.users = self.mailbox_users
         if self.delivery is not None:
             self.delivery.reconfigure(new, self.mailbox_users)
+        for web_listener in self.web_listeners:
+            web_listener.context.config = new
+            web_listener.reload_users()
         log.info("reload: configuration re-read from %s", self.config_path or "built-in defaults")
 
 
