@@ -35,7 +35,8 @@ does, through the same store calls (mta/cli/queue.py), on the daemon's store.
     the CLI does. A body that is not ``{"IDs": [non-empty list of strings]}`` is
     400 with a one-line reason; nothing acts on "every message" here.
 
-The origin check of state-changing requests is the application's (mta/web/app.py).
+Errors, basic auth and the origin check of state-changing requests are the
+application's (mta/web/app.py): a POST from another site's page is 403.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
-from mta.store.api import AdminResult, QueueAdmin, QueueEntry, Store
+from mta.store.api import AdminResult, QueueAdmin, QueueEntry
+from mta.web.app import WebContext, bad_request
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
@@ -56,12 +58,7 @@ MAX_IDS = 10000          # ids in one action request
 DETAIL = "by web"        # the history's note of who acted ("by root" from the CLI)
 
 
-class QueueContext(Protocol):
-    @property
-    def store(self) -> Store: ...
-
-
-def add_routes(app: web.Application, context: QueueContext) -> None:
+def add_routes(app: web.Application, context: WebContext) -> None:
     api = QueueApi(context)
     app.router.add_get("/api/mta/queue", api.listing)
     for action in ACTIONS:
@@ -89,41 +86,36 @@ def entry_json(e: QueueEntry) -> dict[str, Any]:
     }
 
 
-def _error(status: int, reason: str) -> web.Response:
-    # Mailpit's errors are one line of plain text; so are ours.
-    return web.Response(status=status, text=reason + "\n", content_type="text/plain")
-
-
 def _json(data: object) -> web.Response:
     return web.Response(text=json.dumps(data), content_type="application/json")
 
 
 def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
-    """A non-negative integer query parameter; ValueError with the reason otherwise."""
+    """A non-negative integer query parameter; 400 with the reason otherwise."""
     raw = request.query.get(name, "")
     if raw == "":
         return default
-    if not raw.isdigit():
-        raise ValueError(f"{name}: not a non-negative integer: {raw[:40]!r}")
+    if not raw.isascii() or not raw.isdigit():
+        raise bad_request(f"{name}: not a non-negative integer: {raw[:40]!r}")
     return min(int(raw), maximum)
 
 
 async def _ids(request: web.Request) -> list[str]:
-    """The ``IDs`` of an action's JSON body, upper-cased as queue ids are; ValueError with the reason."""
+    """The ``IDs`` of an action's JSON body, upper-cased as queue ids are; 400 with the reason."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError("the body is not JSON") from None
+        raise bad_request("the body is not JSON") from None
     ids = body.get("IDs") if isinstance(body, dict) else None
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        raise ValueError('expected {"IDs": [queue ids]} with at least one id')
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i.strip() for i in ids):
+        raise bad_request('expected {"IDs": [queue ids]} with at least one id')
     if len(ids) > MAX_IDS:
-        raise ValueError(f"too many IDs (at most {MAX_IDS})")
+        raise bad_request(f"too many IDs (at most {MAX_IDS})")
     return list(dict.fromkeys(i.strip().upper() for i in ids))
 
 
 class QueueApi:
-    def __init__(self, context: QueueContext):
+    def __init__(self, context: WebContext):
         self.context = context
 
     @property
@@ -131,11 +123,8 @@ class QueueApi:
         return self.context.store.admin
 
     async def listing(self, request: web.Request) -> web.Response:
-        try:
-            start = _int_param(request, "start", 0, 2**31)
-            limit = _int_param(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
-        except ValueError as exc:
-            return _error(400, str(exc))
+        start = _int_param(request, "start", 0, 2**31)
+        limit = _int_param(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         counts = dict.fromkeys(("active", "deferred", "hold"), 0)
         page: list[dict[str, Any]] = []
         total = 0
@@ -149,10 +138,7 @@ class QueueApi:
 
     def action_handler(self, action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
-            try:
-                ids = await _ids(request)
-            except ValueError as exc:
-                return _error(400, str(exc))
+            ids = await _ids(request)
             result = await self.act(action, ids)
             found = set(result.found)
             return _json({"Found": list(result.found), "NotFound": [i for i in ids if i not in found],
