@@ -118,20 +118,29 @@ def mailbox_of(request: web.Request) -> str | None:
     return box.lower() or None
 
 
-async def read_json(request: web.Request, *, empty: Any) -> Any:
-    """The request's JSON body (``empty`` when there is none); 400 with the reason when
-    it is not JSON, as Mailpit answers a body its decoder refuses."""
+async def read_body(request: web.Request) -> dict[str, Any]:
+    """The request's body as a mapping with lower-cased keys: Go's JSON decoder, which
+    Mailpit uses, matches field names without regard to case ("ids" fills IDs).
+    No body is {}; a form (application/x-www-form-urlencoded, as some Mailpit clients
+    send) is read too; anything else that is not a JSON object is 400 with the reason."""
     body = await request.read()
     if not body.strip():
-        return empty
+        return {}
+    if request.content_type == "application/x-www-form-urlencoded":
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        return {key.lower(): values if key.lower() in ("ids", "tags") else values[-1]
+                for key, values in form.items()}
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the JSON body must be an object")
+    return {str(key).lower(): value for key, value in data.items()}
 
 
-def _ids(data: dict[str, Any], key: str = "IDs") -> list[str]:
-    value = data.get(key)
+def _strings(data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key.lower())
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
@@ -139,10 +148,13 @@ def _ids(data: dict[str, Any], key: str = "IDs") -> list[str]:
     return list(value)
 
 
-def _object(data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise bad_request("the JSON body must be an object")
-    return data
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key.lower(), False)
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0", ""):
+        return value.lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise bad_request(f"{key} must be true or false")
+    return value
 
 
 async def resolve_id(request: web.Request) -> str:
@@ -200,12 +212,10 @@ async def search(request: web.Request) -> web.Response:
 
 async def set_read_status(request: web.Request) -> web.Response:
     """PUT /api/v1/messages ``{Read, IDs}`` or ``{Read, Search}``; neither: every message."""
-    data = _object(await read_json(request, empty={}))
-    read = data.get("Read", False)
-    if not isinstance(read, bool):
-        raise bad_request("Read must be true or false")
-    ids = _ids(data)
-    query = data.get("Search") or ""
+    data = await read_body(request)
+    read = _flag(data, "Read")
+    ids = _strings(data, "IDs")
+    query = data.get("search") or ""
     if not isinstance(query, str):
         raise bad_request("Search must be a string")
     query = query.strip()
@@ -221,8 +231,8 @@ async def set_read_status(request: web.Request) -> web.Response:
 
 async def delete_messages(request: web.Request) -> web.Response:
     """DELETE /api/v1/messages ``{IDs}``; no body (or no IDs): every message, as in Mailpit."""
-    data = _object(await read_json(request, empty={}))
-    ids = _ids(data)
+    data = await read_body(request)
+    ids = _strings(data, "IDs")
     removed = await inbox_of(request).delete(ids or None)
     _count_deleted(request, removed)
     return ok()
@@ -367,9 +377,9 @@ async def get_tags(request: web.Request) -> web.Response:
 
 async def set_tags(request: web.Request) -> web.Response:
     """PUT /api/v1/tags ``{IDs, Tags}``: these messages' tags become exactly ``Tags``."""
-    data = _object(await read_json(request, empty={}))
-    ids = _ids(data)
-    tags = _ids(data, "Tags")
+    data = await read_body(request)
+    ids = _strings(data, "IDs")
+    tags = _strings(data, "Tags")
     if not ids:
         raise bad_request("no IDs")
     cleaned = sorted({" ".join(tag.split()) for tag in tags if tag.strip()})

@@ -126,6 +126,7 @@ def message(entry: InboxEntry, raw: bytes) -> Json:
     return {
         "ID": entry.id,
         "MessageID": s.message_id,
+        "Read": True,     # opening marks it read; older Mailpits sent it and some clients need it
         "From": address(s.from_) if s.from_ else None,
         "To": addresses(s.to),
         "Cc": addresses(s.cc),
