@@ -216,6 +216,9 @@ class Config:
     # Where mail to Postmaster goes (RFC 5321 §4.5.1; Postfix: the postmaster alias).
     postmaster: str = ""
     dsn: DSNConfig = field(default_factory=DSNConfig)
+    # Fault injection (mta/inbound/chaos.py): true lets PUT /api/v1/chaos set triggers that
+    # refuse MAIL, RCPT or AUTH now and then (Mailpit's --enable-chaos). Never in production.
+    chaos: bool = False
     source: str = "<built-in defaults>"
 
     def in_mynetworks(self, ip: str) -> bool:
@@ -344,13 +347,14 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
         max_hops=integer(1), hard_error_limit=integer(1), junk_command_limit=integer(0))
     bounce: BounceConfig = _section(top, "bounce", BounceConfig, double_bounce_to=mail_address)
     dsn: DSNConfig = _section(top, "dsn", DSNConfig, offer_to_untrusted=boolean)
+    chaos = top.get("chaos", default_of(Config, "chaos"), boolean)
     metrics = _metrics(top.section("metrics"), listeners)
     top.done()
     return Config(hostname=hostname, listeners=listeners, mynetworks=mynetworks,
                   relay_domains=relay_domains, auth=auth, queue=queue_cfg,
                   delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
                   local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, mydestination=mydestination,
-                  postmaster=postmaster, source=source)
+                  postmaster=postmaster, chaos=chaos, source=source)
 
 
 def _listeners(top: Section) -> tuple[ListenerConfig, ...]:

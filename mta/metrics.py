@@ -5,7 +5,8 @@ registered in prometheus_client's global registry), so tests and several
 daemons in one process never share counters. The composition root builds it
 and passes the recording methods to the parts that produce events:
 
-* inbound: :meth:`Metrics.message_received`, :meth:`Metrics.rejected`
+* inbound: :meth:`Metrics.message_received`, :meth:`Metrics.rejected`,
+  :meth:`Metrics.chaos_triggered`
 * queue manager: :meth:`Metrics.recipient_result` (the scheduler's
   ``on_result`` hook), :meth:`Metrics.bounce_generated`
 * delivery: :meth:`Metrics.attach_pool` (the pool's ``opened``/``reused``
@@ -66,6 +67,7 @@ REJECTION_CODES: tuple[str, ...] = (
 QUEUE_STATES: tuple[str, ...] = ("active", "deferred", "hold")
 TRANSPORTS: tuple[str, ...] = ("smtp", "local")
 POP3_LOGIN_RESULTS: tuple[str, ...] = ("ok", "failed", "in_use")
+CHAOS_TRIGGERS: tuple[str, ...] = ("sender", "recipient", "authentication")   # mta/inbound/chaos.py
 
 # Arrival to final outcome; retries run for days, so do the buckets.
 DELIVERY_BUCKETS: tuple[float, ...] = (
@@ -216,9 +218,14 @@ class Metrics:
             ["listener", "code"], registry=reg)
         self.smtp_connections = Counter(
             "mta_smtp_connections", "Inbound SMTP connections accepted, by listener.", ["listener"], registry=reg)
+        self.chaos = Counter(
+            "mta_chaos_triggered", "Chaos triggers that fired (fault injection, `chaos: true`), by trigger "
+            "(sender, recipient, authentication) and listener.", ["trigger", "listener"], registry=reg)
         for name in self.listeners:
             self.received.labels(name)
             self.smtp_connections.labels(name)
+            for trigger in CHAOS_TRIGGERS:
+                self.chaos.labels(trigger, name)
             for code in REJECTION_CODES:
                 self.rejections.labels(name, code)
 
@@ -283,6 +290,10 @@ class Metrics:
     # -------------------------------------------------------------- recording
     def message_received(self, listener: str) -> None:
         self.received.labels(listener).inc()
+
+    def chaos_triggered(self, listener: str, trigger: str) -> None:
+        """A chaos trigger (sender, recipient, authentication) answered a client on ``listener``."""
+        self.chaos.labels(trigger, listener).inc()
 
     def smtp_connection(self, listener: str) -> None:
         self.smtp_connections.labels(listener).inc()

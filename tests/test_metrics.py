@@ -179,7 +179,7 @@ def test_metric_types(metrics: Metrics) -> None:
     for name in ("mta_messages_received", "mta_smtp_rejections", "mta_recipients_delivered",
                  "mta_recipients_deferred", "mta_recipients_bounced", "mta_bounces_generated",
                  "mta_smtp_connections_opened", "mta_smtp_connections_reused",
-                 "mta_delivery_process_restarts"):
+                 "mta_delivery_process_restarts", "mta_chaos_triggered"):
         assert types[name] == "counter", name
     assert types["mta_queue_messages"] == "gauge"
     assert types["mta_queue_oldest_message_age_seconds"] == "gauge"
@@ -195,7 +195,7 @@ def test_no_addresses_or_ids_in_labels(metrics: Metrics) -> None:
     metrics.recipient_result(result(RcptState.BOUNCED, 3.0))
     label_names = {name for (metric, labels) in parse(metrics.render()) for name, _ in labels
                    if metric.startswith("mta_")}
-    assert label_names <= {"listener", "code", "state", "le", "version", "component", "transport"}
+    assert label_names <= {"listener", "code", "state", "le", "version", "component", "transport", "trigger"}
     assert "3F2A9C1B7D01" not in metrics.render().decode()
     assert "user@example.test" not in metrics.render().decode()
 

@@ -24,6 +24,7 @@ from mta.delivery.pool import ConnectionPool
 from mta.delivery.router import Router
 from mta.errors import ConfigError, StoreError
 from mta.health import Health
+from mta.inbound.chaos import Chaos
 from mta.inbound.handler import InboundHandler
 from mta.inbound.peername import PeerNames
 from mta.inbound.server import Listener
@@ -67,6 +68,9 @@ class App:
         self.mailbox_users = MailboxUsers(config, health=self.health)
         self.auth_users: UsersFile | None = None
         self._tables_task: asyncio.Task[None] | None = None
+        # Fault-injection triggers (chaos: true), shared by the SMTP listeners and the HTTP API;
+        # kept in memory only, as Mailpit keeps them.
+        self.chaos = Chaos(enabled=config.chaos)
         self.mailbox_locks: set[str] = set()   # mailboxes held by a POP3 session, across listeners
         self._prune_task: asyncio.Task[None] | None = None
         self.metrics = Metrics([lc.name for lc in config.listeners if lc.mode not in ("pop3", "http")],
@@ -98,7 +102,8 @@ class App:
             handler = InboundHandler(self.config, lc, self.store.queue, users=users, throttle=throttle,
                                      on_received=self.metrics.message_received,
                                      on_rejected=self.metrics.rejected, mailbox_users=self.mailbox_users,
-                                     peer_names=peer_names)
+                                     peer_names=peer_names, chaos=self.chaos,
+                                     on_chaos=self.metrics.chaos_triggered)
             self.listeners.append(Listener(self.config, lc, handler, on_connection=self.metrics.smtp_connection))
 
     async def start(self) -> None:
@@ -146,7 +151,7 @@ class App:
             if lc.mode != "http":
                 continue
             context = WebContext(config=self.config, listener=lc, store=self.store, health=self.health,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, extras={"chaos": self.chaos})   # mta/web/chaos_api.py
             web_listener = WebListener(context, health=self.health)
             try:
                 await web_listener.start()
@@ -294,6 +299,9 @@ class App:
         if needs_restart:
             log.warning("reload: changes to %s take effect after a restart", ", ".join(needs_restart))
         self.config = new
+        if self.chaos.enabled != new.chaos:
+            self.chaos.enabled = new.chaos
+            log.info("reload: chaos %s", "enabled" if new.chaos else "disabled, triggers cleared")
         self.mailbox_users = MailboxUsers(new, health=self.health, previous=self.mailbox_users)
         for listener in self.listeners:
             listener.config = new

@@ -20,6 +20,7 @@ from aiosmtpd.smtp import MISSING, AuthResult
 from mta.config import Config, ListenerConfig
 from mta.errors import StoreError
 from mta.inbound import policy
+from mta.inbound.chaos import Chaos
 from mta.inbound.envelope import InboundEnvelope, InboundSession
 from mta.inbound.peername import PeerNames
 from mta.inbound.policy import REPLIES
@@ -48,8 +49,12 @@ class InboundHandler:
                  users: UsersFile | None = None, throttle: AuthThrottle | None = None,
                  on_received: Callable[[str], None] | None = None,
                  on_rejected: Callable[[str, int], None] | None = None,
-                 mailbox_users: MailboxUsers | None = None, peer_names: PeerNames | None = None):
+                 mailbox_users: MailboxUsers | None = None, peer_names: PeerNames | None = None,
+                 chaos: Chaos | None = None, on_chaos: Callable[[str, str], None] | None = None):
         self.config = config
+        # Fault injection (mta/inbound/chaos.py): one Chaos for the whole daemon.
+        self.chaos = chaos or Chaos()
+        self.on_chaos = on_chaos or (lambda listener, trigger: None)   # mta_chaos_triggered_total
         self.peer_names = peer_names or PeerNames()
         self.mailbox_users = mailbox_users
         self.listener = listener
@@ -100,6 +105,13 @@ class InboundHandler:
     def _refuse(self, reply: Any) -> str:
         return str(reply)
 
+    def _chaos(self, trigger: str) -> Reply | None:
+        """The refusal of a chaos trigger that fires now (counted), else None."""
+        reply = self.chaos.fire(trigger)
+        if reply is not None:
+            self.on_chaos(self.listener.name, trigger.lower())
+        return reply
+
     def note_reply(self, code: int) -> None:
         """Every 4xx/5xx the session sends, ours or aiosmtpd's, counts as a rejection."""
         self.on_rejected(self.listener.name, code)
@@ -115,6 +127,9 @@ class InboundHandler:
                                    level=logging.WARNING)
             log.warning("queue %s", damaged)
             return self._refuse(REPLIES["store_failed"])
+        if (chaos := self._chaos("Sender")) is not None:
+            await self.log_reject(session, envelope, "MAIL", chaos, address)
+            return str(chaos)
         # aiosmtpd hands the null reverse-path over as "<>" and keeps it so
         # (an empty mail_from would read as "no MAIL yet"); it is "" in the queue.
         refusal = policy.check_sender("" if address == "<>" else address, smtputf8=envelope.smtp_utf8)
@@ -130,6 +145,9 @@ class InboundHandler:
 
     async def handle_RCPT(self, server: InboundSMTP, session: InboundSession, envelope: InboundEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if (chaos := self._chaos("Recipient")) is not None:
+            await self.log_reject(session, envelope, "RCPT", chaos, recipient=address)
+            return str(chaos)
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
             return self._refuse(REPLIES["too_many_rcpts"])
         users = self.mailbox_users
@@ -237,6 +255,20 @@ class InboundHandler:
         return str(REPLIES["local_error"])
 
     # ------------------------------------------------------------------ AUTH (RFC 4954)
+    async def handle_AUTH(self, server: InboundSMTP, session: InboundSession, envelope: InboundEnvelope,
+                          args: list[str]) -> Any:
+        """aiosmtpd asks this once the mechanism is known to be offered, before the
+        exchange: where Mailpit's Authentication trigger answers. MISSING lets the
+        mechanism's auth_* method run."""
+        chaos = self._chaos("Authentication")
+        if chaos is None:
+            return MISSING
+        # Not the "SASL ... authentication failed" warning: no credentials were checked, and
+        # fail2ban's postfix-sasl filter would ban a lab's client for faults it asked for.
+        log.info("NOQUEUE: reject: AUTH from %s: %s; sasl_method=%s proto=ESMTP helo=<%s>",
+                 await self._client(session), chaos, args[0], session.host_name or "")
+        return str(chaos)
+
     async def auth_PLAIN(self, server: InboundSMTP, args: list[str]) -> AuthResult:
         if len(args) > 1:
             blob: Any = _b64(args[1])

@@ -31,6 +31,13 @@ _REWRITES = {
 _UNRECOGNISED = re.compile(rb'^500 Error: command ".*" not recognized$')
 
 
+def default_enhanced(code: int) -> str:
+    """The generic RFC 3463 code for a reply ``code`` of ours that has no more precise one:
+    the one in the table above, else class.0.0 ("other or undefined", RFC 3463 §3.1)."""
+    enhanced = _DEFAULT_ENHANCED.get(str(code).encode())
+    return enhanced.decode() if enhanced is not None else f"{code // 100}.0.0"
+
+
 def enhance_reply(raw: bytes) -> bytes:
     """Add the enhanced status code (RFC 3463) that an aiosmtpd reply lacks."""
     if raw in _REWRITES:

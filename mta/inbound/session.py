@@ -279,7 +279,11 @@ class InboundSMTP(SMTP):
         if error:
             self.event_handler.note_reply(int(reply[:3]))
         await self._send_reply([reply])
-        if error and not reply.startswith(_NOT_COUNTED):
+        if reply.startswith(b"421 ") and self.transport is not None:
+            # RFC 5321 §3.8: 421 means the server closes the channel. Every 421 of ours and
+            # aiosmtpd's closed already; this one is for a chaos trigger given code 421.
+            self.transport.close()
+        elif error and not reply.startswith(_NOT_COUNTED):
             self._count_error()
 
     async def _send_reply(self, lines: list[bytes]) -> None:

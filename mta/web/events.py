@@ -39,7 +39,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from mta import __version__
 from mta.errors import StoreError
 from mta.inbox.model import InboxChange, InboxEntry
-from mta.store.api import Inbox
+from mta.store.api import Inbox, Store
 from mta.web import mailpit_json
 from mta.web.app import WebContext
 
@@ -99,9 +99,9 @@ class _Client:
 class EventsHub:
     """``handle`` serves ``/api/events``; ``close`` ends every socket (the app's on_shutdown)."""
 
-    def __init__(self, inbox: Inbox, summary_json: SummaryJSON, *, poll_interval: float = POLL_INTERVAL,
+    def __init__(self, store: Store, summary_json: SummaryJSON, *, poll_interval: float = POLL_INTERVAL,
                  queue_size: int = QUEUE_SIZE):
-        self.inbox = inbox
+        self.store = store
         self.summary_json = summary_json
         self.poll_interval = poll_interval
         self.queue_size = queue_size
@@ -109,6 +109,10 @@ class EventsHub:
         self._follower: asyncio.Task[None] | None = None
         self._seq = 0
         self._closing = False
+
+    @property
+    def inbox(self) -> Inbox:
+        return self.store.inbox
 
     # ------------------------------------------------------------------ the socket
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -170,6 +174,9 @@ class EventsHub:
                     self._seq = changes[-1].seq
                     for frame in frames:
                         self._broadcast(frame)
+                        # Let the writers take it before the next: a burst longer than a
+                        # queue must not drop the clients that keep up, only those that do not.
+                        await asyncio.sleep(0)
                     if len(changes) == BATCH:
                         continue       # more waiting: no pause
             except StoreError as exc:
@@ -226,7 +233,7 @@ def add_routes(app: web.Application, context: WebContext) -> None:
     """One hub per http listener (a daemon has one, usually): it follows the log for
     every socket of that listener; aiohttp's on_shutdown closes them first when the
     listener stops, before it waits for handlers to finish."""
-    hub = EventsHub(context.store.inbox, mailpit_json.summary)
+    hub = EventsHub(context.store, mailpit_json.summary)
     context.extras["events"] = hub
     app.router.add_get(EVENTS_PATH, hub.handle)
     app.on_shutdown.append(hub.close)

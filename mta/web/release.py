@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-import json
 import logging
 import re
 import time
@@ -45,13 +44,13 @@ from mta.config import Config
 from mta.errors import StoreError
 from mta.inbound import policy
 from mta.inbound.policy import REPLIES
-from mta.inbox.raw import entry_raw
 from mta.mailbox.users import MailboxUsers
 from mta.model import NewMessage, Recipient, normalize_line_ends
 from mta.passwords import UsersFileUnavailable
 from mta.store.api import new_queue_id
-from mta.web.app import CONTEXT, ApiError, WebContext, bad_request, not_found, text_response
+from mta.web.app import CONTEXT, ApiError, WebContext, bad_request, text_response
 from mta.web.auth import parse_basic
+from mta.web.mailpit_api import entry_and_raw, read_json
 
 log = logging.getLogger("mta.web")
 # The line that takes a message into the queue, under Postfix's name for that step
@@ -76,24 +75,20 @@ class Release:
 
 async def release(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
-    inbox = context.store.inbox
-    entry_id = await _resolve(context, request.match_info["id"])
-    to = await _read_to(request)
+    entry, raw = await entry_and_raw(request)       # 404 first, as Mailpit checks the ID first
+    to = _to_of(await read_json(request, empty={}))
     user = _user(context, request)
     client_ip = request.remote or ""
     recipients = _check_recipients(context, to, trusted=user is not None or context.config.in_mynetworks(client_ip))
-    stored = await inbox.raw(entry_id)
-    if stored is None:
-        raise not_found()        # deleted while we looked
-    message = _new_message(context.config, Release(entry_id, recipients, client_ip, user), stored)
+    message = _new_message(context.config, Release(entry.id, recipients, client_ip, user), raw)
     try:
         await context.store.queue.enqueue(message)
     except StoreError as exc:
-        log.error("%s: release of inbox entry %s failed: queue write failed: %s", message.id, entry_id, exc)
+        log.error("%s: release of inbox entry %s failed: queue write failed: %s", message.id, entry.id, exc)
         # The queue's own answer, as SMTP would give it (452 4.3.1 / 451 4.3.0): try again later.
         reason = REPLIES["disk_full"] if exc.disk_full else REPLIES["store_failed"]
         raise ApiError(507 if exc.disk_full else 503, str(reason)) from None
-    log.info("%s: released from inbox by http: entry=%s, client=%s%s, to=%s", message.id, entry_id,
+    log.info("%s: released from inbox by http: entry=%s, client=%s%s, to=%s", message.id, entry.id,
              client_ip, f", user={user}" if user else "", ",".join(f"<{r.address}>" for r in recipients))
     queue_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.id, message.sender,
                    len(message.data), len(message.recipients))
@@ -102,30 +97,15 @@ async def release(request: web.Request) -> web.Response:
     return response
 
 
-async def _resolve(context: WebContext, entry_id: str) -> str:
-    """The ID asked for, or the newest entry's for ``latest``; 404 if there is none."""
-    inbox = context.store.inbox
-    if entry_id == "latest":
-        page = await inbox.page(limit=1)
-        if not page.entries:
-            raise not_found()
-        return page.entries[0].id
-    if await inbox.entry(entry_id) is None:
-        raise not_found()
-    return entry_id
-
-
-async def _read_to(request: web.Request) -> list[str]:
+def _to_of(body: Any) -> list[str]:
     """The ``To`` list of Mailpit's body; 400 with the reason otherwise."""
-    try:
-        body: Any = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    to = body.get("To") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise bad_request("the JSON body must be an object")
+    to = body.get("To")
     if to is None or to == []:
         raise bad_request("No valid addresses found")
     if not isinstance(to, list) or not all(isinstance(item, str) for item in to):
-        raise bad_request("To: expected an array of addresses")
+        raise bad_request("To must be an array of strings")
     return to
 
 
@@ -185,11 +165,12 @@ def _mailbox_users(context: WebContext) -> MailboxUsers:
     return users
 
 
-def _new_message(config: Config, release: Release, stored: bytes) -> NewMessage:
-    """The queue's new message: a Received field of ours, then the entry's bytes."""
+def _new_message(config: Config, release: Release, raw: bytes) -> NewMessage:
+    """The queue's new message: a Received field of ours, then the entry's bytes
+    (``raw``: as the API serves them) without their Return-Path."""
     now = time.time()
     queue_id = new_queue_id()
-    sender, body = split_return_path(normalize_line_ends(entry_raw(stored)))
+    sender, body = split_return_path(normalize_line_ends(raw))
     addresses = [r.address for r in release.recipients]
     data = _received(config.hostname, release, queue_id, addresses, now) + body
     head = data[:policy.inspect_headers(data).header_end]

@@ -64,8 +64,7 @@ def _text(description: str = "ok") -> Json:
 
 def _responses(ok: Json, *errors: int) -> Json:
     found: Json = {"200": ok}
-    reasons = {400: "Bad request: a one-line reason", 401: "Basic auth required",
-               403: "Refused (cross-origin request, or chaos not enabled)", 404: "404 page not found",
+    reasons = {400: "Bad request: a one-line reason", 404: "404 page not found",
                503: "Temporarily unavailable: a one-line reason"}
     for code in errors:
         found[str(code)] = _text(reasons[code])
@@ -144,6 +143,7 @@ SCHEMAS: dict[str, Json] = {
                                       "RuntimeStats": {"type": "object", "additionalProperties": True}}},
     "ReadStatusRequest": _object({"IDs": STRINGS, "Read": BOOLEAN, "Search": STRING}),
     "DeleteRequest": _object({"IDs": STRINGS}),
+    "SetTagsRequest": _object({"IDs": STRINGS, "Tags": STRINGS}, required=("IDs", "Tags")),
     "ReleaseRequest": _object({"To": {**STRINGS, "example": ["user1@example.com"]}}, required=("To",)),
     "ChaosTrigger": _object({"ErrorCode": INTEGER, "Probability": {**INTEGER, "minimum": 0, "maximum": 100}}),
     "ChaosTriggers": _object({"Sender": _ref("ChaosTrigger"), "Recipient": _ref("ChaosTrigger"),
@@ -202,14 +202,21 @@ def paths() -> dict[str, Json]:
                                     "rules of an SMTP listener; the envelope sender is the original one. "
                                     "The answer's X-Queue-Id names the new queue entry."),
         },
+        "/api/v1/tags": {
+            "get": _op("Every tag in use", "tags", _responses(_json(STRINGS))),
+            "put": _op("Set messages' tags", "tags", _responses(_text(), 400),
+                       body=_json_body(_ref("SetTagsRequest"), "IDs and the tags they get (replacing theirs)",
+                                       True)),
+        },
         "/api/v1/info": {
             "get": _op("Application information", "application", _responses(_json(_ref("AppInformation")))),
         },
         "/api/v1/chaos": {
-            "get": _op("Get the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400, 403)),
-            "put": _op("Set the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400, 403),
+            "get": _op("Get the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400),
+                       description="400 \"Chaos is not enabled\" unless the config has chaos: true."),
+            "put": _op("Set the chaos triggers", "testing", _responses(_json(_ref("ChaosTriggers")), 400),
                        body=_json_body(_ref("ChaosTriggers"), "Triggers left out are turned off"),
-                       description="Refused unless the config has chaos: true; applied on the SMTP "
+                       description="Refused (400) unless the config has chaos: true; applied on the SMTP "
                                    "listeners at MAIL (Sender), RCPT (Recipient) and AUTH (Authentication)."),
         },
         SWAGGER_PATH: {
@@ -220,6 +227,11 @@ def paths() -> dict[str, Json]:
                        {"101": {"description": "Switching protocols; then one JSON Event per text frame",
                                 "content": {"application/json": {"schema": _ref("Event")}}},
                         "400": _text("Not a websocket handshake"), "403": _text("Cross-origin handshake")}),
+        },
+        "/view/latest": {
+            "get": _op("Redirect to the newest message's view", "testing",
+                       {"302": {"description": "To /view/{ID} (or / when there is none)"}},
+                       parameters=[_query("query", "Only messages matching this search")]),
         },
         "/view/{ID}.html": {
             "get": _op("A message's HTML part", "testing",
