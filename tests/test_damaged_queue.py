@@ -26,6 +26,7 @@ import yaml
 from mta.model import NewMessage, RcptState, Recipient
 from mta.store.api import new_queue_id
 from mta.store.sqlite.store import SQLiteStore
+from mta.store.sqlite.schema import SCHEMA_VERSION
 from tests.support.daemon import mta_command, start_daemon, subprocess_env
 from tests.support.ports import free_port
 from tests.support.waiting import wait_until
@@ -395,7 +396,7 @@ async def test_queue_repair_keeps_every_readable_message_and_names_the_lost_ones
     assert [line.split('"queue_id": "')[1][:12] for line in result.stdout.splitlines()] == readable
     with sqlite3.connect(queue) as db:
         assert db.execute("SELECT count(*) FROM recipients WHERE state = 'deferred'").fetchone() == (len(readable),)
-        assert db.execute("PRAGMA user_version").fetchone() == (5,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     db.close()
 
 

@@ -26,6 +26,7 @@ Errors leave as :class:`StoreError` / :class:`QueueDamagedError`, never as sqlit
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -114,6 +115,10 @@ class Engine:
         self._inline_commits = 0   # since the last checkpoint asked for (see _run_inline)
         self._checkpointer: asyncio.Task[None] | None = None
         self._splitting = False       # disk-full batches are being split (logged once)
+        # read_aside's connection and the one thread it is used on, opened at first use.
+        self._aside: sqlite3.Connection | None = None
+        self._aside_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._aside_opening = asyncio.Lock()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -166,6 +171,12 @@ class Engine:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
+        if self._aside_thread is not None:
+            thread, aside = self._aside_thread, self._aside
+            self._aside_thread = self._aside = None
+            if aside is not None:
+                await asyncio.get_running_loop().run_in_executor(thread, aside.close)
+            thread.shutdown(wait=False)
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -356,6 +367,30 @@ class Engine:
         async with self._write_lock:  # keeps a batch's BEGIN out of this read transaction
             return await self.read(snapshot)
 
+    async def read_aside(self, op: Op[T]) -> T:
+        """``op(connection)`` in one read transaction (a snapshot) on a connection and a
+        thread of its own, for long reads (the lab inbox's searches): WAL lets them run
+        beside the queue's commits and reads, which they would otherwise hold up (one
+        aiosqlite thread serves those). Errors as :meth:`read`'s."""
+        loop = asyncio.get_running_loop()
+        async with self._aside_opening:
+            if self._aside_thread is None:
+                thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mta-store-aside")
+                try:
+                    self._aside = await loop.run_in_executor(thread, _open_aside, self.path, self.busy_timeout)
+                except BaseException:
+                    thread.shutdown(wait=False)
+                    raise
+                self._aside_thread = thread
+        thread, conn = self._aside_thread, self._aside
+        assert thread is not None and conn is not None
+        try:
+            return await loop.run_in_executor(thread, _read_transaction, conn, op)
+        except sqlite3.Error as exc:
+            if is_corruption(exc):
+                self._report_damage(exc)
+            raise self._store_error(exc) from exc
+
     async def stream(self, query: str, args: Sequence[Any] = (), *, batch: int = 2000) -> AsyncGenerator[list[Any], None]:
         """The rows of one SELECT in lists of up to ``batch``, from one snapshot however long
         the caller takes; the next rows are fetched (in the database thread) while the
@@ -541,6 +576,22 @@ def _open_inline(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run in the database thread
     conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}").fetchall()
     return conn
+
+
+def _open_aside(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Engine.read_aside's connection: reads only, used on one thread (its executor's)."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _read_transaction(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN")
+    try:
+        return op(conn)
+    finally:
+        conn.execute("ROLLBACK")   # read only: nothing to commit
 
 
 def _begin_immediate(conn: sqlite3.Connection, busy_timeout: float) -> None:

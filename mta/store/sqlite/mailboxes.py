@@ -1,9 +1,9 @@
 """Mailbox SQL: the copies local delivery keeps, and what POP3 and the CLI read.
 
 Mailboxes live in the queue's own SQLite file (table ``mailbox_messages``,
-schema version 5), so a local delivery and the recipient's 'delivered' state
-are one commit: the queue's record_outcomes runs :func:`insert_copies` inside
-its transaction. A message is stored exactly as POP3 sends it before
+schema version 5; its ``inbox_id``, the lab inbox entry, since 6), so a local
+delivery and the recipient's 'delivered' state are one commit: the queue's
+record_outcomes runs :func:`insert_copies` inside its transaction. A message is stored exactly as POP3 sends it before
 byte-stuffing: CRLF line ends, so ``size`` is the octet count STAT and LIST
 report (RFC 1939 §5). The row id, never reused (AUTOINCREMENT), is the
 message id of the interface, part of the UIDL.
@@ -17,20 +17,29 @@ from collections.abc import Collection, Sequence
 from mta.model import MailboxCopy
 from mta.store.api import MailboxSummary, MessageSummary, StoredMessage, mailbox_key
 from mta.store.sqlite.engine import Engine
+from mta.store.sqlite.entries import entry_for
 
 
 def insert_copies(conn: sqlite3.Connection, copies: Sequence[MailboxCopy], now: float) -> int:
-    """Store ``copies`` (inside the caller's transaction); prune each mailbox touched
-    to its newest ``max_messages`` (of its copies). Returns how many old messages were pruned.
+    """Store ``copies`` (inside the caller's transaction), each pointing at its message's
+    lab inbox entry (made with the first copy of a message: entries.py); prune each
+    mailbox touched to its newest ``max_messages`` (of its copies). Returns how many old
+    messages were pruned (an entry goes with its last copy: the schema's triggers).
 
     Mailboxes are in arrival order, not delivery order: messages delivered in
     parallel still read back in the order they were sent."""
+    entries: dict[tuple[str, float], int] = {}
+    rows = []
+    for c in copies:
+        arrival = now if c.arrival is None else c.arrival
+        message = (c.queue_id, arrival)
+        if message not in entries:
+            entries[message] = entry_for(conn, c.queue_id, arrival, c.data, c.summary)
+        rows.append((mailbox_key(c.mailbox), c.queue_id, arrival, c.sender, c.subject, len(c.data), c.data,
+                     entries[message]))
     conn.executemany(
-        "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data)"
-        " VALUES (?,?,?,?,?,?,?)",
-        [(mailbox_key(c.mailbox), c.queue_id, now if c.arrival is None else c.arrival, c.sender, c.subject,
-          len(c.data), c.data)
-         for c in copies])
+        "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data, inbox_id)"
+        " VALUES (?,?,?,?,?,?,?,?)", rows)
     keep: dict[str, int] = {}
     for c in copies:
         key = mailbox_key(c.mailbox)

@@ -10,6 +10,9 @@ user_version; the engine (engine.py) migrates a file at open, and
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+
+from mta.store.sqlite.entries import entry_for
 
 # Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
 # Never edit a released entry: append a new one, so every old queue file upgrades.
@@ -90,8 +93,117 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX mailbox_messages_box ON mailbox_messages(mailbox, received, id, size, queue_id);
     CREATE INDEX mailbox_messages_received ON mailbox_messages(received);
     """,
+    # 5 -> 6: the lab inbox (issue 15; mta/store/sqlite/entries.py and inbox.py). One
+    # entry per accepted message that reached a lab mailbox; its copies point at it.
+    # Triggers keep it whole on every path: whatever removes a message's last copy
+    # (POP3 DELE, pruning, `mta mailbox purge`) removes its entry, removing an entry
+    # removes its copies, and every entry made or removed (or read) is logged in
+    # inbox_changes, all in the commit that did it. Then followed by BACKFILLS[6].
+    """
+    CREATE TABLE inbox (
+        no            INTEGER PRIMARY KEY,          -- what mailbox_messages.inbox_id holds
+        id            TEXT NOT NULL UNIQUE,         -- the API's ID: the queue id (+ "-2" if reused)
+        queue_id      TEXT NOT NULL,
+        created       REAL NOT NULL,                -- the message's arrival in the queue
+        size          INTEGER NOT NULL,             -- of the message as the API serves it
+        read          INTEGER NOT NULL DEFAULT 0,
+        message_id    TEXT NOT NULL DEFAULT '',
+        from_name     TEXT,
+        from_address  TEXT,                         -- NULL: no From
+        to_list       TEXT NOT NULL DEFAULT '[]',   -- JSON [[name, address], ...]
+        cc_list       TEXT NOT NULL DEFAULT '[]',
+        bcc_list      TEXT NOT NULL DEFAULT '[]',
+        reply_to_list TEXT NOT NULL DEFAULT '[]',
+        subject       TEXT NOT NULL DEFAULT '',
+        date          REAL,                         -- the Date field (POSIX time)
+        attachments   INTEGER NOT NULL DEFAULT 0,
+        snippet       TEXT NOT NULL DEFAULT '',
+        -- What field searches match: lower case, cleaned as Mailpit cleans search text.
+        find_from     TEXT NOT NULL DEFAULT '',
+        find_to       TEXT NOT NULL DEFAULT '',
+        find_cc       TEXT NOT NULL DEFAULT '',
+        find_bcc      TEXT NOT NULL DEFAULT '',
+        find_reply_to TEXT NOT NULL DEFAULT '',
+        find_subject  TEXT NOT NULL DEFAULT '',
+        find_message_id TEXT NOT NULL DEFAULT ''
+    );
+    -- A message's copies find their entry by (queue id, arrival), in one attempt or several.
+    CREATE UNIQUE INDEX inbox_message ON inbox(queue_id, created);
+    -- The list, newest first (the row number breaks ties), and the unread count.
+    CREATE INDEX inbox_created ON inbox(created);
+    CREATE INDEX inbox_read ON inbox(read);
+    -- Free-word search text, apart so that list rows stay small.
+    CREATE TABLE inbox_text (
+        no   INTEGER PRIMARY KEY,                   -- inbox.no
+        text TEXT NOT NULL
+    );
+    CREATE TABLE inbox_tags (
+        no  INTEGER NOT NULL,                       -- inbox.no
+        tag TEXT NOT NULL,
+        PRIMARY KEY (no, tag)
+    ) WITHOUT ROWID;
+    CREATE INDEX inbox_tags_tag ON inbox_tags(tag);
+    -- What the events socket follows, whichever process made the change.
+    CREATE TABLE inbox_changes (
+        seq  INTEGER PRIMARY KEY AUTOINCREMENT,     -- never reused: a client's position
+        kind TEXT NOT NULL,                         -- new, delete, read, unread
+        id   TEXT NOT NULL,                         -- inbox.id
+        time REAL NOT NULL
+    );
+    ALTER TABLE mailbox_messages ADD COLUMN inbox_id INTEGER;   -- inbox.no
+    CREATE INDEX mailbox_messages_inbox ON mailbox_messages(inbox_id, mailbox);
+    CREATE INDEX mailbox_messages_box_inbox ON mailbox_messages(mailbox, inbox_id);
+    CREATE TRIGGER inbox_last_copy AFTER DELETE ON mailbox_messages
+    WHEN OLD.inbox_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mailbox_messages WHERE inbox_id = OLD.inbox_id)
+    BEGIN
+        DELETE FROM inbox WHERE no = OLD.inbox_id;
+    END;
+    CREATE TRIGGER inbox_removed AFTER DELETE ON inbox
+    BEGIN
+        DELETE FROM mailbox_messages WHERE inbox_id = OLD.no;
+        DELETE FROM inbox_text WHERE no = OLD.no;
+        DELETE FROM inbox_tags WHERE no = OLD.no;
+        INSERT INTO inbox_changes (kind, id, time)
+        VALUES ('delete', OLD.id, (julianday('now') - 2440587.5) * 86400.0);
+    END;
+    CREATE TRIGGER inbox_added AFTER INSERT ON inbox
+    BEGIN
+        INSERT INTO inbox_changes (kind, id, time) VALUES ('new', NEW.id, (julianday('now') - 2440587.5) * 86400.0);
+    END;
+    CREATE TRIGGER inbox_read_changed AFTER UPDATE OF read ON inbox WHEN NEW.read != OLD.read
+    BEGIN
+        INSERT INTO inbox_changes (kind, id, time)
+        VALUES (CASE WHEN NEW.read THEN 'read' ELSE 'unread' END, NEW.id, (julianday('now') - 2440587.5) * 86400.0);
+    END;
+    -- The log stays small: the newest 10,000 changes, and of those only the last hour's
+    -- (each change removes up to two older than that).
+    CREATE TRIGGER inbox_changes_bounded AFTER INSERT ON inbox_changes
+    BEGIN
+        DELETE FROM inbox_changes WHERE seq <= NEW.seq - 10000;
+        DELETE FROM inbox_changes WHERE seq IN (SELECT seq FROM inbox_changes ORDER BY seq LIMIT 2)
+            AND time < NEW.time - 3600;
+    END;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _backfill_inbox(conn: sqlite3.Connection) -> None:
+    """5 -> 6: an entry for every message already in the mailboxes (its copies grouped
+    by queue id and arrival), summarized from one copy's bytes. Not logged as changes:
+    nobody follows the log of a file that is being upgraded."""
+    groups = conn.execute("SELECT queue_id, received, min(id) FROM mailbox_messages WHERE inbox_id IS NULL"
+                          " GROUP BY queue_id, received ORDER BY received, min(id)").fetchall()
+    for queue_id, received, first in groups:
+        data = conn.execute("SELECT data FROM mailbox_messages WHERE id = ?", (first,)).fetchone()[0]
+        no = entry_for(conn, str(queue_id), float(received), bytes(data), None)
+        conn.execute("UPDATE mailbox_messages SET inbox_id = ? WHERE queue_id = ? AND received = ?",
+                     (no, queue_id, received))
+    conn.execute("DELETE FROM inbox_changes")
+
+
+# Python steps run after a migration's SQL, in its transaction, keyed by the version reached.
+BACKFILLS: dict[int, Callable[[sqlite3.Connection], None]] = {6: _backfill_inbox}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -105,12 +217,36 @@ def migrate_to(target: int, conn: sqlite3.Connection) -> None:
     """Apply migration ``target - 1 -> target`` inside the caller's transaction."""
     for statement in statements(MIGRATIONS[target - 1]):
         conn.execute(statement)
+    if target in BACKFILLS:
+        BACKFILLS[target](conn)
     conn.execute(f"PRAGMA user_version = {target}")
 
 
 def statements(script: str) -> list[str]:
-    lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    """The statements of a migration script, comments dropped. A statement ends at a
+    ';' that completes it (sqlite3.complete_statement), so a trigger's body stays whole."""
+    found, current = [], ""
+    for line in script.splitlines():
+        current += line.split("--", 1)[0] + "\n"
+        if sqlite3.complete_statement(current):
+            for part in _split_complete(current):
+                found.append(part)
+            current = ""
+    if current.strip():
+        found.append(current.strip().rstrip(";").strip())
+    return found
+
+
+def _split_complete(text: str) -> list[str]:
+    """Complete statements of ``text`` (one line may end several: "a; b;")."""
+    parts, current = [], ""
+    for piece in text.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                parts.append(current.strip().rstrip(";").strip())
+            current = ""
+    return parts
 
 
 def schema_version(path: str) -> int | None:

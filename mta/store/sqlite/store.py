@@ -1,4 +1,4 @@
-"""One SQLite queue file as a whole store: the engine and the three parts on it.
+"""One SQLite queue file as a whole store: the engine and the four parts on it.
 
 The parts share the engine (one connection, one group commit), so the
 daemon's inbound writes, the mailboxes' deletions and the admin commands'
@@ -13,6 +13,7 @@ from pathlib import Path
 from mta.health import Health
 from mta.store.sqlite.admin import SQLiteQueueAdmin
 from mta.store.sqlite.engine import Engine
+from mta.store.sqlite.inbox import SQLiteInbox
 from mta.store.sqlite.mailboxes import SQLiteMailboxes
 from mta.store.sqlite.queue import SQLiteQueue
 
@@ -29,6 +30,7 @@ class SQLiteStore:
         self.queue = SQLiteQueue(self.engine)
         self.admin = SQLiteQueueAdmin(self.engine)
         self.mailboxes = SQLiteMailboxes(self.engine)
+        self.inbox = SQLiteInbox(self.engine)
 
     @property
     def path(self) -> Path:
