@@ -197,12 +197,13 @@ async def test_delete_removes_mail_and_unknown_ids_are_named(lab: Lab):
 
 
 @pytest.mark.parametrize(("body", "reason"), [
-    (b"not json", "the body is not JSON"),
+    (b"not json", "invalid JSON body: Expecting value: line 1 column 1 (char 0)"),
+    (b"", 'expected {"IDs": [queue ids]} with at least one id'),
     (b"{}", 'expected {"IDs": [queue ids]} with at least one id'),
     (b'{"IDs": []}', 'expected {"IDs": [queue ids]} with at least one id'),
     (b'{"IDs": "ABC"}', 'expected {"IDs": [queue ids]} with at least one id'),
     (b'{"IDs": [1]}', 'expected {"IDs": [queue ids]} with at least one id'),
-    (b"[]", 'expected {"IDs": [queue ids]} with at least one id'),
+    (b"[]", "the JSON body must be an object"),
 ])
 async def test_a_bad_action_body_is_400_with_the_reason(lab: Lab, body: bytes, reason: str):
     for action in ("hold", "release", "flush", "delete"):

@@ -50,6 +50,7 @@ from aiohttp import web
 
 from mta.store.api import AdminResult, QueueAdmin, QueueEntry
 from mta.web.app import WebContext, bad_request
+from mta.web.mailpit_api import read_body
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
@@ -101,12 +102,9 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int) -> i
 
 
 async def _ids(request: web.Request) -> list[str]:
-    """The ``IDs`` of an action's JSON body, upper-cased as queue ids are; 400 with the reason."""
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise bad_request("the body is not JSON") from None
-    ids = body.get("IDs") if isinstance(body, dict) else None
+    """The ``IDs`` of an action's body, upper-cased as queue ids are; 400 with the reason.
+    The body is read as the Mailpit API reads its own (field names in any case)."""
+    ids = (await read_body(request)).get("ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i.strip() for i in ids):
         raise bad_request('expected {"IDs": [queue ids]} with at least one id')
     if len(ids) > MAX_IDS:
