@@ -105,6 +105,7 @@ async def lab(write_config, tmp_path) -> AsyncIterator[Lab]:
         try:
             await wait_listening(smtp_port, proc)
             async with aiohttp.ClientSession() as http:
+                await wait_until(lambda: _live(http, web_port), 10.0, "the http listener")
                 yield Lab(smtp_port, f"http://127.0.0.1:{web_port}", db, peer, script, http)
         finally:
             proc.terminate()
@@ -114,6 +115,15 @@ async def lab(write_config, tmp_path) -> AsyncIterator[Lab]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(5)
+
+
+async def _live(http: aiohttp.ClientSession, port: int) -> bool:
+    """The http listener starts after the SMTP ones: True once it answers /livez."""
+    try:
+        async with http.get(f"http://127.0.0.1:{port}/livez") as resp:
+            return resp.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
 
 
 def iso(t: float) -> str:
