@@ -42,6 +42,7 @@ async def test_each_file_is_served_with_its_type_and_the_strict_policy():
                 ("/static/app.js", "app.js", "text/javascript; charset=utf-8"),
                 ("/static/app.css", "app.css", "text/css; charset=utf-8"),
                 ("/static/favicon.svg", "favicon.svg", "image/svg+xml"),
+                ("/static/paperclip.svg", "paperclip.svg", "image/svg+xml"),
             ]:
                 async with session.get(base + path) as resp:
                     assert resp.status == 200, path
@@ -102,7 +103,7 @@ def test_a_built_wheel_carries_the_ui(tmp_path: Path):
     [wheel] = out.glob("mta-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        assert {f"mta/web/static/{n}" for n in ("index.html", "app.js", "app.css", "favicon.svg")} <= names
+        assert {f"mta/web/static/{n}" for n in ui.STATIC_FILES.values()} <= names
         z.extractall(tmp_path / "installed")
     check = ("import sys; from mta.web import ui; files = ui.load_static();"
              " print(ui.__file__); print(sorted((p, len(f.body)) for p, f in files.items()))")

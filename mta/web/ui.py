@@ -41,6 +41,7 @@ STATIC_FILES = {
     "/static/app.js": "app.js",
     "/static/app.css": "app.css",
     "/static/favicon.svg": "favicon.svg",
+    "/static/paperclip.svg": "paperclip.svg",
 }
 
 

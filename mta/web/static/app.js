@@ -142,14 +142,17 @@ function renderList(page) {
 
 function messageRow(m) {
   const from = m.From ? (m.From.Name || m.From.Address) : "";
-  const attachments = m.Attachments ? `\u{1F4CE}${m.Attachments > 1 ? m.Attachments : ""}` : "";
+  const attachments = m.Attachments
+    ? [el("img", { src: "/static/paperclip.svg", alt: "attachments", width: "14", height: "14" }),
+       m.Attachments > 1 ? String(m.Attachments) : ""]
+    : [];
   const row = el("tr", { "data-id": m.ID, tabindex: "0", class: m.Read ? "" : "unread" },
     el("td", { class: "from", title: m.From ? formatAddress(m.From) : "" }, from),
     el("td", { class: "subject" }, el("span", {}, m.Subject || "(no subject)"),
        el("span", { class: "snippet" }, m.Snippet || "")),
     el("td", { class: "to" }, (m.To || []).map((a) => a.Address).join(", ")),
-    el("td", { class: "num", title: m.Attachments ? `${m.Attachments} attachment(s)` : null }, attachments),
-    el("td", { class: "num" }, formatSize(m.Size)),
+    el("td", { class: "num files", title: m.Attachments ? `${m.Attachments} attachment(s)` : null }, ...attachments),
+    el("td", { class: "num size" }, formatSize(m.Size)),
     el("td", { class: "when", title: m.Created }, formatTime(m.Created)));
   if (m.ID === state.openId) row.classList.add("selected");
   row.addEventListener("click", () => { location.hash = `#/message/${encodeURIComponent(m.ID)}`; });
@@ -194,14 +197,15 @@ async function openMessage(id) {
   renderMessage(m);
   const row = $("messages").querySelector(`tr[data-id="${CSS.escape(id)}"]`);
   if (row) row.classList.remove("unread");
-  showTab("html" in m && m.HTML ? "html" : "text");
+  showTab(m.HTML ? "html" : "text");
 }
 
 function renderMessage(m) {
   $("message-pane").hidden = false;
+  $("inbox-view").classList.add("reading");
   $("msg-subject").textContent = m.Subject || "(no subject)";
   const meta = [["From", formatAddress(m.From)], ["To", formatAddresses(m.To)], ["Cc", formatAddresses(m.Cc)],
-    ["Reply-To", formatAddresses(m.ReplyTo)], ["Date", m.Date ? new Date(m.Date).toString() : ""],
+    ["Reply-To", formatAddresses(m.ReplyTo)], ["Date", m.Date ? new Date(m.Date).toLocaleString() : ""],
     ["Mailboxes", (m.Mailboxes || []).join(", ")], ["Size", formatSize(m.Size)], ["ID", m.ID]];
   $("msg-meta").replaceChildren(...meta.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   const parts = [...(m.Attachments || []), ...(m.Inline || []).map((p) => ({ ...p, inline: true }))];
@@ -250,6 +254,7 @@ async function showTab(name) {
 function closeMessage() {
   state.openId = null;
   $("message-pane").hidden = true;
+  $("inbox-view").classList.remove("reading");
   $("msg-html").src = "about:blank";
   for (const row of $("messages").tBodies[0].rows) row.classList.remove("selected");
 }
