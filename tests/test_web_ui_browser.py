@@ -427,28 +427,29 @@ def test_queue_page_hold_release_flush_delete(lab: Lab, page: Page):
     expect(page.locator("#queue-counts")).to_contain_text("2 messages: 0 active, 2 deferred, 0 on hold")
     expect(page.locator(f"#queue tbody tr[data-id='{slow}']")).to_contain_text("451 4.3.0")
 
-    def act(queue_id: str, action: str) -> None:
+    def act(queue_id: str, action: str, done: str) -> None:
         page.locator(f"#queue tbody tr[data-id='{queue_id}'] input[type=checkbox]").check()
         page.locator(f"[data-queue-action={action}]").click()
-        expect(page.locator("#status")).to_contain_text(f"{action}: {queue_id}", timeout=WAIT_MS)
+        expect(page.locator("#status")).to_have_text(f"{done} {queue_id}: 1 recipient", timeout=WAIT_MS)
 
-    act(slow, "hold")
+    expect(page.locator("#search-form")).to_be_hidden()     # the inbox's search is no queue search
+    act(slow, "hold", "Held")
     expect(queue_cell(page, slow)).to_have_text("hold", timeout=WAIT_MS)
     assert lab.queued()[slow]["Recipients"][0]["State"] == "held"
 
-    act(slow, "release")     # due now: tried again, deferred again (attempt 2)
+    act(slow, "release", "Released")     # due now: tried again, deferred again (attempt 2)
     wait_until_sync(lambda: lab.queued()[slow]["Recipients"][0]["Attempts"] == 2, 10, "a second attempt")
     expect(queue_cell(page, slow)).to_have_text("deferred", timeout=WAIT_MS)
     expect(page.locator(f"#queue tbody tr[data-id='{slow}']")).to_contain_text("2 attempts", timeout=WAIT_MS)
 
     lab.script.rcpt.pop("slow@remote.test")     # the peer takes it now
     before = len(lab.peer.received())
-    act(slow, "flush")
+    act(slow, "flush", "Flushed")
     expect(page.locator(f"#queue tbody tr[data-id='{slow}']")).to_have_count(0, timeout=WAIT_MS)
     wait_until_sync(lambda: len(lab.peer.received()) > before, 10, "the flushed message at the peer")
     assert lab.peer.received()[-1][0] == ["slow@remote.test"]
 
-    act(never, "delete")
+    act(never, "delete", "Deleted")
     expect(page.locator(f"#queue tbody tr[data-id='{never}']")).to_have_count(0, timeout=WAIT_MS)
     assert never not in lab.queued()
     expect(page.locator("#queue-empty")).to_be_visible()

@@ -368,7 +368,10 @@ async function queueAction(action) {
     return;
   }
   const missing = result.NotFound.length ? ` (no longer queued: ${result.NotFound.join(", ")})` : "";
-  showStatus(`${action}: ${result.Found.join(", ") || "nothing"}${missing}`);
+  const changed = Object.values(result.Changed).reduce((a, b) => a + b, 0);
+  const done = { hold: "Held", release: "Released", flush: "Flushed", delete: "Deleted" }[action];
+  showStatus(`${done} ${result.Found.join(", ") || "nothing"}: ${changed} recipient${changed === 1 ? "" : "s"}` +
+             missing);
   $("queue-all").checked = false;
   loadQueue();
 }
