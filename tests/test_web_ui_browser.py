@@ -17,12 +17,14 @@ screenshot test (otherwise it goes to the test's temporary folder).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
 import re
 import shutil
 import smtplib
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -39,6 +41,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 from tests.support.daemon import ROOT, start_daemon
 from tests.support.ports import free_port
 from tests.support.smtp_peer import RecordingPeer
+from tests.support.users import write_users
 from tests.support.waiting import wait_until_sync
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -175,9 +178,10 @@ def message(subject: str, to: str = "alice@lab.test", *, text: str = "Hello from
     return msg
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    tmp = tmp_path_factory.mktemp("web-ui")
+@contextlib.contextmanager
+def running_lab(tmp: Path, **web: Any) -> Iterator[Lab]:
+    """`mta serve` with an SMTP and an http listener (``web``: more keys of the latter),
+    its peer and the counting listener; all stopped on leaving."""
     script = Script()
     peer = ThreadedPeer(script)
     counter = CountingServer()
@@ -186,7 +190,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     config.write_text(yaml.safe_dump({
         "hostname": "relay.lab.test",
         "listeners": [{"name": "mta", "address": f"127.0.0.1:{smtp_port}", "mode": "relay"},
-                      {"name": "web", "address": f"127.0.0.1:{web_port}", "mode": "http"}],
+                      {"name": "web", "address": f"127.0.0.1:{web_port}", "mode": "http", **web}],
         "local_domains": ["lab.test"],
         "mailboxes": {"catch_all": True},
         "queue": {"path": str(tmp / "queue.db")},
@@ -217,11 +221,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         proc.terminate()
         try:
             proc.wait(15)
-        except Exception:
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
         counter.close()
         peer.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with running_lab(tmp_path_factory.mktemp("web-ui")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -453,6 +463,32 @@ def test_queue_page_hold_release_flush_delete(lab: Lab, page: Page):
     expect(page.locator(f"#queue tbody tr[data-id='{never}']")).to_have_count(0, timeout=WAIT_MS)
     assert never not in lab.queued()
     expect(page.locator("#queue-empty")).to_be_visible()
+
+
+# --------------------------------------------------------------------------- basic auth
+
+def test_behind_basic_auth_the_page_its_api_calls_and_events_work(browser: Browser, tmp_path: Path):
+    """A listener with a users_file: the browser asks once; the page's fetches and its
+    websocket carry the same credentials (new mail shows up live)."""
+    users = tmp_path / "web.users"
+    write_users(users, {"tester": "s3cret"})
+    with running_lab(tmp_path, users_file=str(users)) as lab:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(lab.base + "/", timeout=5)
+        assert refused.value.code == 401
+        assert refused.value.headers["WWW-Authenticate"] == 'Basic realm="mta"'
+        refused.value.close()
+        context = browser.new_context(http_credentials={"username": "tester", "password": "s3cret"})
+        try:
+            page = context.new_page()
+            page.goto(lab.base + "/")
+            expect(page.locator("#live")).to_have_text("live", timeout=WAIT_MS)
+            lab.send(message("behind auth"))
+            expect(row(page, "behind auth")).to_have_count(1, timeout=WAIT_MS)
+            open_message(page, "behind auth")
+            expect(page.locator("#tab-text")).to_have_text("Hello from the lab.\n")
+        finally:
+            context.close()
 
 
 # --------------------------------------------------------------------------- the README's picture
