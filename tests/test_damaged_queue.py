@@ -25,8 +25,8 @@ import yaml
 
 from mta.model import NewMessage, RcptState, Recipient
 from mta.store.api import new_queue_id
-from mta.store.sqlite.store import SQLiteStore
 from mta.store.sqlite.schema import SCHEMA_VERSION
+from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import mta_command, start_daemon, subprocess_env
 from tests.support.ports import free_port
 from tests.support.waiting import wait_until

@@ -13,7 +13,10 @@ stepping over unreadable pages, and keeps the queue's own rules:
 * recipients keep their state, attempts and errors; history rows are kept
   where readable (they are only for ``mta queue show``);
 * mailbox messages are kept where readable, and their id sequence (part of
-  the POP3 UIDL) never goes back.
+  the POP3 UIDL) never goes back;
+* lab inbox entries are kept where readable (read state, tags); a copy whose
+  entry was lost gets one made again from its bytes, an entry whose copies
+  were all lost goes.
 
 The new file gets the current schema and must pass ``PRAGMA integrity_check``.
 The damaged file is only read.
@@ -28,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mta.inbox.raw import entry_raw
+from mta.inbox.search import clean_text
+from mta.inbox.summary import summarize
 from mta.store.sqlite.damage import is_corruption
+from mta.store.sqlite.entries import entry_for
 
 _MIN_ROWID = -(1 << 63)
 _MAX_ROWID = (1 << 63) - 1
@@ -123,18 +130,69 @@ def _copy(src: sqlite3.Connection, dst: sqlite3.Connection) -> RepairReport:
             history = []   # only for `mta queue show`
         _insert(dst, "history", history_cols, history)
         report.history += len(history)
+    _copy_inbox(src, dst, report)
     mailbox = list(_readable_rows(src, "mailbox_messages", mailbox_cols, report))
+    mailbox = _with_entries(dst, mailbox_cols, mailbox)
     _insert(dst, "mailbox_messages", mailbox_cols, mailbox)
     report.mailbox_messages = len(mailbox)
-    try:   # the AUTOINCREMENT high-water mark: a UIDL is never given out twice
-        seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'mailbox_messages'").fetchone()
-    except sqlite3.DatabaseError:
-        seq = None
-    if seq is not None:
-        dst.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'mailbox_messages'", (seq[0],))
-        dst.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'mailbox_messages', ? WHERE NOT EXISTS"
-                    " (SELECT 1 FROM sqlite_sequence WHERE name = 'mailbox_messages')", (seq[0],))
+    _finish_inbox(dst)
+    # The AUTOINCREMENT high-water marks: a UIDL is never given out twice, and an
+    # events client's position in the inbox's change log never goes back.
+    for table in ("mailbox_messages", "inbox_changes"):
+        try:
+            seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        except sqlite3.DatabaseError:
+            seq = None
+        if seq is not None:
+            dst.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?", (seq[0], table))
+            dst.execute("INSERT INTO sqlite_sequence (name, seq) SELECT ?, ? WHERE NOT EXISTS"
+                        " (SELECT 1 FROM sqlite_sequence WHERE name = ?)", (table, seq[0], table))
     return report
+
+
+def _copy_inbox(src: sqlite3.Connection, dst: sqlite3.Connection, report: RepairReport) -> None:
+    """The lab inbox's entries, search text and tags, where readable (their row numbers
+    kept: the copies point at them). What cannot be read is made again from the copies."""
+    entries = list(_readable_rows(src, "inbox", _columns(dst, "inbox"), report))
+    _insert(dst, "inbox", _columns(dst, "inbox"), entries)
+    texts = list(_readable_rows(src, "inbox_text", _columns(dst, "inbox_text"), report))
+    dst.executemany("INSERT INTO inbox_text (no, text) SELECT ?, ? WHERE EXISTS (SELECT 1 FROM inbox WHERE no = ?)",
+                    [(no, text, no) for no, text in texts])
+    try:   # WITHOUT ROWID: all or nothing; tags are the least of what a repair saves
+        tags = src.execute("SELECT no, tag FROM inbox_tags").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        tags = []
+    dst.executemany("INSERT INTO inbox_tags (no, tag) SELECT ?, ? WHERE EXISTS (SELECT 1 FROM inbox WHERE no = ?)",
+                    [(no, tag, no) for no, tag in tags])
+
+
+def _with_entries(dst: sqlite3.Connection, cols: list[str], rows: list[Any]) -> list[Any]:
+    """Mailbox copies whose entry was lost point at one made again from their bytes."""
+    where = {name: cols.index(name) for name in ("inbox_id", "queue_id", "received", "data")}
+    kept = {int(no) for (no,) in dst.execute("SELECT no FROM inbox")}
+    fixed = []
+    for row in rows:
+        if row[where["inbox_id"]] not in kept:
+            values = list(row)
+            values[where["inbox_id"]] = entry_for(dst, str(row[where["queue_id"]]), float(row[where["received"]]),
+                                                  bytes(row[where["data"]]), None)
+            kept.add(values[where["inbox_id"]])
+            row = tuple(values)
+        fixed.append(row)
+    return fixed
+
+
+def _finish_inbox(dst: sqlite3.Connection) -> None:
+    """Entries whose copies were all lost go; entries whose search text was lost get it
+    again; the change log starts empty (its rows were made by this copy's inserts)."""
+    dst.execute("DELETE FROM inbox WHERE no NOT IN (SELECT inbox_id FROM mailbox_messages WHERE inbox_id IS NOT NULL)")
+    missing = dst.execute("SELECT e.no, (SELECT m.data FROM mailbox_messages m WHERE m.inbox_id = e.no LIMIT 1)"
+                          " FROM inbox e WHERE e.no NOT IN (SELECT no FROM inbox_text)").fetchall()
+    dst.executemany("INSERT INTO inbox_text (no, text) VALUES (?, ?)",
+                    [(no, clean_text(summarize(entry_raw(bytes(data))).search_text)) for no, data in missing])
+    dst.execute("DELETE FROM inbox_changes")
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
