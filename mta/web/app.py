@@ -51,9 +51,18 @@ log = logging.getLogger("mta.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Modules whose add_routes(app, context) builds the application, in this order.
-ROUTE_MODULES: list[str] = ["mta.web.mailpit_api", "mta.web.release", "mta.web.events", "mta.web.chaos_api",
-                             "mta.web.swagger", "mta.web.queue_api", "mta.web.ui"]
+# Modules whose add_routes(app, context) builds the application, one per line, in this
+# order: aiohttp tries routes in the order they were added, so the API's fixed paths
+# (/view/{id}.html) come before a UI's catch-all ones (/view/{id}).
+ROUTE_MODULES: list[str] = [
+    "mta.web.mailpit_api",
+    "mta.web.release",
+    "mta.web.events",
+    "mta.web.chaos_api",
+    "mta.web.swagger",
+    "mta.web.queue_api",
+    "mta.web.ui",
+]
 
 KEEPALIVE_TIMEOUT = 75.0     # seconds an idle keep-alive connection is kept (aiohttp's default)
 SHUTDOWN_TIMEOUT = 1.0       # seconds stop() lets a request in progress finish

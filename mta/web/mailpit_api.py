@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -30,10 +31,13 @@ from aiohttp import web
 from mta import __version__
 from mta.inbox import mime
 from mta.inbox.model import InboxEntry, SearchTerm
+from mta.inbox.raw import entry_raw
 from mta.inbox.search import SearchError, parse_query, with_timezone
 from mta.store.api import Inbox
 from mta.web import mailpit_json
 from mta.web.app import CONTEXT, ApiError, WebContext, bad_request, not_found, text_response
+
+log = logging.getLogger("mta.web")
 
 DEFAULT_LIMIT = 50          # Mailpit's page size
 DELETED = "mailpit_api.deleted"   # context.extras: messages deleted through the API since start (RuntimeStats)
@@ -178,18 +182,8 @@ async def entry_and_raw(request: web.Request, missing: ApiError | None = None) -
     raw = await inbox.raw(entry_id) if entry is not None else None
     if entry is None or raw is None:
         raise missing or not_found()
-    return entry, public_raw(raw)
+    return entry, entry_raw(raw)
 
-
-_TRACE = re.compile(rb"\A((?:Return-Path:[^\r\n]*\r?\n)?)(?:(?:X-Original-To|Delivered-To):[^\r\n]*\r?\n)+",
-                    re.IGNORECASE)
-
-
-def public_raw(stored: bytes) -> bytes:
-    """The message as the API serves it: a stored copy without the X-Original-To and
-    Delivered-To lines local delivery put under Return-Path (they name one mailbox;
-    the entry is the message for every mailbox). Return-Path stays, as in Mailpit."""
-    return _TRACE.sub(rb"\1", stored, count=1)
 
 
 # --------------------------------------------------------------------------- the list and search
@@ -251,6 +245,10 @@ async def delete_search(request: web.Request) -> web.Response:
 def _count_deleted(request: web.Request, removed: Sequence[str]) -> None:
     extras = request.app[CONTEXT].extras
     extras[DELETED] = extras.get(DELETED, 0) + len(removed)
+    if removed:
+        # Like `mta mailbox purge`, a removal by hand is in the log: every mailbox copy went.
+        shown = ", ".join(removed[:10]) + (f" and {len(removed) - 10} more" if len(removed) > 10 else "")
+        log.info("inbox: %d message(s) deleted over HTTP from %s: %s", len(removed), request.remote, shown)
 
 
 # --------------------------------------------------------------------------- one message

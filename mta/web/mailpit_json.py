@@ -137,13 +137,18 @@ def message(entry: InboxEntry, raw: bytes) -> Json:
         "ListUnsubscribe": list_unsubscribe(parsed),
         "Date": timestamp(s.date if s.date is not None else entry.created),
         "Tags": list(entry.tags),
-        "Text": text,
-        "HTML": found.html,
+        "Text": _lines(text),
+        "HTML": _lines(found.html),
         "Size": entry.size,
         "Inline": [attachment(p, _payload(parsed, p)) for p in found.inline],
         "Attachments": [attachment(p, _payload(parsed, p)) for p in found.attachments],
         "Mailboxes": list(entry.mailboxes),
     }
+
+
+def _lines(text: str) -> str:
+    """Line ends as "\n", however the part wrote them (SMTP's CRLF, or a bare LF)."""
+    return text.replace("\r\n", "\n")
 
 
 def _payload(parsed: Message, part: mime.Part) -> bytes:
