@@ -41,7 +41,7 @@ from mta.errors import StoreError
 from mta.inbox.model import InboxChange, InboxEntry
 from mta.store.api import Inbox, Store
 from mta.web import mailpit_json
-from mta.web.app import WebContext
+from mta.web.app import ApiError, WebContext
 
 log = logging.getLogger("mta.web")
 
@@ -117,16 +117,22 @@ class EventsHub:
     # ------------------------------------------------------------------ the socket
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not _same_origin(request):
-            raise web.HTTPForbidden(text="cross-origin websocket refused")
+            raise ApiError(403, "cross-origin websocket refused")
         if self._closing:
-            raise web.HTTPServiceUnavailable(text="shutting down")
+            raise ApiError(503, "shutting down")
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, timeout=CLOSE_TIMEOUT)
         if not ws.can_prepare(request).ok:
-            raise web.HTTPBadRequest(text="websocket upgrade expected")
-        await ws.prepare(request)
+            raise ApiError(400, "websocket upgrade expected")
         client = _Client(ws, request, self.queue_size)
-        client.writer = asyncio.create_task(client.write(), name="events-writer")
+        # Joined before the handshake's answer: whatever commits after the client sees
+        # its socket open reaches it (events meanwhile wait in its queue).
         await self._join(client)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            self.clients.discard(client)
+            raise
+        client.writer = asyncio.create_task(client.write(), name="events-writer")
         try:
             async for message in ws:      # nothing is expected from the client: read to see it go
                 if message.type == WSMsgType.ERROR:
