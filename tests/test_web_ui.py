@@ -56,6 +56,11 @@ async def test_each_file_is_served_with_its_type_and_the_strict_policy():
                     assert resp.headers["X-Frame-Options"] == "DENY"
                     assert resp.headers["Referrer-Policy"] == "no-referrer"
                     assert resp.headers["Cache-Control"] == "no-cache"
+            # Mailpit's address of one message is the page, which opens it.
+            async with session.get(base + "/view/0A1B2C3D4E5F") as resp:
+                assert resp.status == 200
+                assert await resp.read() == (STATIC / "index.html").read_bytes()
+                assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
             async with session.get(base + "/static/nothing.js") as resp:
                 assert resp.status == 404
             async with session.head(base + "/static/app.js") as resp:

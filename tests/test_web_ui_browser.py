@@ -377,6 +377,17 @@ def test_release_to_an_address_goes_through_the_queue(lab: Lab, page: Page):
     assert b"Subject: release me" in data and b"for the outside" in data
 
 
+def test_view_latest_opens_the_newest_message(lab: Lab, page: Page):
+    """Mailpit's /view/latest redirects to /view/{ID}: the page with that message open."""
+    lab.send(message("the very latest", text="newest of all\n"))
+    lab.wait_listed("the very latest")
+    page.goto(lab.base + "/view/latest")
+    expect(page.locator("#msg-subject")).to_have_text("the very latest", timeout=WAIT_MS)
+    expect(page.locator("#tab-text")).to_have_text("newest of all\n")
+    assert page.url.startswith(lab.base + "/#/message/")
+    expect(row(page, "the very latest")).to_have_class(re.compile(r"\bselected\b"))
+
+
 def test_live_arrival_and_deletion_without_reload(lab: Lab, page: Page):
     page.evaluate("window.notReloaded = true")
     lab.send(message("arrives live"))

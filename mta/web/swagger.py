@@ -248,6 +248,12 @@ def paths() -> dict[str, Json]:
                        {"302": {"description": "To /view/{ID} (or / when there is none)"}},
                        parameters=[_query("query", "Only messages matching this search")]),
         },
+        "/view/{ID}": {
+            "get": _op("The web UI with this message open", "testing",
+                       {"200": {"description": "The UI's page (it opens the message itself)",
+                                "content": {"text/html": {"schema": STRING}}}},
+                       parameters=[_path_param("ID", "Message ID")]),
+        },
         "/view/{ID}.html": {
             "get": _op("A message's HTML part", "testing",
                        _responses({"description": "HTML", "content": {"text/html": {"schema": STRING}}}, 404),

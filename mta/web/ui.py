@@ -61,11 +61,20 @@ def load_static() -> dict[str, StaticFile]:
     return files
 
 
+# Mailpit's UI shows one message at /view/{ID} (where /view/latest redirects): the
+# page, which opens the message named in its path. Added after the message API's
+# /view/{ID}.html and .txt, which aiohttp then tries first.
+MESSAGE_PAGE = "/view/{id}"
+
+
 def add_routes(app: web.Application, context: object = None) -> None:
-    """GET (and HEAD) for each UI file on ``app``. ``context`` is unused: the UI
-    needs nothing of the daemon but the API it calls from the browser."""
-    for path, file in load_static().items():
+    """GET (and HEAD) for each UI file on ``app``, and the page at :data:`MESSAGE_PAGE`.
+    ``context`` is unused: the UI needs nothing of the daemon but the API it calls
+    from the browser."""
+    files = load_static()
+    for path, file in files.items():
         app.router.add_get(path, _handler(file))
+    app.router.add_get(MESSAGE_PAGE, _handler(files["/"]))
 
 
 def _handler(file: StaticFile) -> Handler:

@@ -467,6 +467,9 @@ function init() {
     for (const row of $("queue").tBodies[0].rows) row.cells[0].firstChild.checked = $("queue-all").checked;
   });
   window.addEventListener("hashchange", route);
+  // /view/ID (Mailpit's address of one message, where /view/latest leads): that message.
+  const view = location.pathname.match(/^\/view\/([^/]+)$/);
+  if (view) history.replaceState(null, "", `/#/message/${view[1]}`);
   loadList();
   route();
   connectEvents();
