@@ -392,9 +392,13 @@ def test_live_arrival_and_deletion_without_reload(lab: Lab, page: Page):
     page.evaluate("window.notReloaded = true")
     lab.send(message("arrives live"))
     expect(row(page, "arrives live")).to_have_count(1, timeout=WAIT_MS)
+    open_message(page, "arrives live")
+    # Deleted elsewhere (a test suite's DELETE) while open here: the row and the view go.
     [entry] = [m for m in lab.api("GET", "/api/v1/messages")["messages"] if m["Subject"] == "arrives live"]
     lab.api("DELETE", "/api/v1/messages", {"IDs": [entry["ID"]]})
     expect(row(page, "arrives live")).to_have_count(0, timeout=WAIT_MS)
+    expect(page.locator("#message-pane")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text(f"{entry['ID']} was deleted.")
     assert page.evaluate("window.notReloaded") is True
 
 
