@@ -50,6 +50,9 @@ TITLE = "mta lab inbox"
 UNREAD = re.compile(r"\bunread\b")
 WAIT_MS = 10_000      # what the page may take to show a change (events, a reload, delivery)
 
+# Every expectation and action may wait this long: CI runs these beside other tests on two cores.
+expect.set_options(timeout=WAIT_MS)
+
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(not CHROMIUM.exists(),
@@ -245,6 +248,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser, lab: Lab) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
