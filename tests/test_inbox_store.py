@@ -285,6 +285,8 @@ async def test_mailbox_filter_narrows_the_list_and_its_counts(store):
     page = await store.inbox.page(mailbox="Alice@Lab.Test")
     assert ids(page) == ["Q00000000051", "Q00000000050"]
     assert (page.total, page.unread, page.matched, page.matched_unread) == (2, 1, 2, 1)
+    page = await store.inbox.page(mailbox="alice@lab.test", start=1, limit=1)
+    assert ids(page) == ["Q00000000050"] and (page.total, page.unread) == (2, 1)
     page = await store.inbox.page(parse_query("subject:to"), mailbox="bob@lab.test")
     assert ids(page) == ["Q00000000052", "Q00000000050"] and (page.total, page.unread, page.matched) == (2, 2, 2)
     page = await store.inbox.page(parse_query("is:read"), mailbox="bob@lab.test")

@@ -42,7 +42,7 @@ _FLAGS = {"is": ("read", "unread", "tagged"), "has": ("attachment", "attachments
 _PREFIXED = tuple(f for f in FIELDS if f not in _FLAGS)
 _WORDY = re.compile(r"\w")   # Mailpit skips terms without a letter or digit ("-", "!!", '""')
 # Characters Mailpit's cleanString turns into spaces, in stored text and in free words alike.
-_CLEAN = re.compile(r'[\r\n\t<>",;()\ufeff]')
+_CLEAN = str.maketrans({c: " " for c in '\r\n\t<>",;()\ufeff'})
 _SPACE = re.compile(r"\s+")
 
 
@@ -187,7 +187,9 @@ def with_timezone(terms: Sequence[SearchTerm], tz: datetime.tzinfo) -> list[Sear
 def clean_text(text: str) -> str:
     """Text as free words match it, on both sides (Mailpit's cleanString): lower case,
     ``<>",;()`` and line breaks as spaces, runs of spaces as one."""
-    return _SPACE.sub(" ", _CLEAN.sub(" ", text)).strip().lower()
+    # translate and split/join: a few µs for a body's text, where two regex passes took 15
+    # (every local delivery stores one, mta/store/sqlite/entries.py).
+    return " ".join(text.translate(_CLEAN).split()).lower()
 
 
 def needle(term: SearchTerm) -> str:

@@ -65,6 +65,8 @@ def insert_entry(conn: sqlite3.Connection, queue_id: str, created: float, size: 
 
 
 def _json(addresses: Sequence[Address]) -> str:
+    if not addresses:   # most Cc, Bcc and Reply-To
+        return "[]"
     return json.dumps([[a.name, a.address] for a in addresses], ensure_ascii=False, separators=(",", ":"))
 
 

@@ -1,18 +1,22 @@
 """The queue file's schema: every migration from an empty file to today's.
 
 One SQLite file holds the queue (messages, bodies, recipients, history) and
-the lab mailboxes (mailbox_messages), so that a local delivery and its
-recipient's 'delivered' state are one commit. The version is PRAGMA
+the lab mailboxes (mailbox_messages) with their inbox entries (inbox, since
+version 6), so that a local delivery and its recipient's 'delivered' state
+are one commit. A migration may have a Python step after its SQL (BACKFILLS). The version is PRAGMA
 user_version; the engine (engine.py) migrates a file at open, and
 `mta queue repair` builds its new file with :func:`create_schema`.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
 
 from mta.store.sqlite.entries import entry_for
+
+log = logging.getLogger("mta.queue")
 
 # Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
 # Never edit a released entry: append a new one, so every old queue file upgrades.
@@ -152,7 +156,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE mailbox_messages ADD COLUMN inbox_id INTEGER;   -- inbox.no
     CREATE INDEX mailbox_messages_inbox ON mailbox_messages(inbox_id, mailbox);
-    CREATE INDEX mailbox_messages_box_inbox ON mailbox_messages(mailbox, inbox_id);
+    -- One mailbox's entries newest first (received = the entry's created), and their count.
+    CREATE INDEX mailbox_messages_box_inbox ON mailbox_messages(mailbox, received, inbox_id);
     CREATE TRIGGER inbox_last_copy AFTER DELETE ON mailbox_messages
     WHEN OLD.inbox_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mailbox_messages WHERE inbox_id = OLD.inbox_id)
     BEGIN
@@ -194,6 +199,8 @@ def _backfill_inbox(conn: sqlite3.Connection) -> None:
     nobody follows the log of a file that is being upgraded."""
     groups = conn.execute("SELECT queue_id, received, min(id) FROM mailbox_messages WHERE inbox_id IS NULL"
                           " GROUP BY queue_id, received ORDER BY received, min(id)").fetchall()
+    if groups:   # a few ms a message: say why a start with full mailboxes takes a while
+        log.info("lab inbox: making entries for the %d messages already in the mailboxes", len(groups))
     for queue_id, received, first in groups:
         data = conn.execute("SELECT data FROM mailbox_messages WHERE id = ?", (first,)).fetchone()[0]
         no = entry_for(conn, str(queue_id), float(received), bytes(data), None)
