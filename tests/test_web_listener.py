@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import socket
 import ssl
 import subprocess
@@ -195,3 +196,15 @@ async def test_a_port_in_use_is_one_line(make_config: Any, tmp_path: Path) -> No
             async with running(config):
                 pass
     assert str(caught.value) == f"listeners: cannot listen on 127.0.0.1:{port} (listener web): Address already in use"
+
+
+async def test_a_body_over_the_limit_is_413_in_one_line(make_config: Any, tmp_path: Path) -> None:
+    listeners = [{"name": "mta", "address": f"127.0.0.1:{free_port()}", "mode": "relay"},
+                 {"name": "web", "address": f"127.0.0.1:{free_port()}", "mode": "http"}]
+    config = make_config(listeners=listeners, limits={"message_size": 1000})
+    url = f"http://127.0.0.1:{listener_port(config, 'web')}/api/v1/messages"
+    async with running(config):
+        # The limit is message_size plus 1 MB: enough for any list of IDs.
+        status, _, body = await fetch("PUT", url, data=io.BytesIO(b"x" * (1000 + 1024 * 1024 + 1)),
+                                      headers={"Content-Type": "application/json"})
+        assert (status, body) == (413, "Request Entity Too Large")

@@ -284,11 +284,12 @@ async def get_part(request: web.Request) -> web.Response:
     part = mime.find_part(parsed, part_id)
     if part is None:
         raise not_found()
-    described = _described(parsed, part_id)
-    content_type = part.get_content_type()
+    found = mime.structure(parsed)
+    inline = {p.part_id: p for p in found.inline}
+    described = inline.get(part_id) or next((p for p in found.attachments if p.part_id == part_id), None)
     filename = (described.filename or described.content_id) if described else ""
-    inline = described is not None and any(p.part_id == part_id for p in mime.structure(parsed).inline)
-    disposition = "inline" if inline else "attachment"
+    content_type = part.get_content_type()
+    disposition = "inline" if part_id in inline else "attachment"
     if content_type in ACTIVE_TYPES:
         content_type, disposition = "application/octet-stream", "attachment"
     response = web.Response(body=mime.payload_of(part))
@@ -297,14 +298,6 @@ async def get_part(request: web.Request) -> web.Response:
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = PART_CSP
     return response
-
-
-def _described(parsed: Any, part_id: str) -> mime.Part | None:
-    found = mime.structure(parsed)
-    for item in (*found.inline, *found.attachments):
-        if item.part_id == part_id:
-            return item
-    return None
 
 
 def _disposition(kind: str, filename: str) -> str:
@@ -359,9 +352,8 @@ def link_inline_images(html: str, entry_id: str, parts: Sequence[mime.Part]) -> 
 
 
 async def view_text(request: web.Request) -> web.Response:
-    entry, raw = await entry_and_raw(request, missing=ApiError(404, "Message not found"))
-    text = mailpit_json.message(entry, raw)["Text"]
-    response = text_response(200, text)
+    _entry, raw = await entry_and_raw(request, missing=ApiError(404, "Message not found"))
+    response = text_response(200, mailpit_json.body_text(mime.structure(mime.parse(raw))))
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 

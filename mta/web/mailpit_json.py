@@ -122,7 +122,6 @@ def message(entry: InboxEntry, raw: bytes) -> Json:
     parsed = mime.parse(raw)
     found = mime.structure(parsed)
     s = entry.summary
-    text = found.text if found.text.strip() or not found.html else html_to_text(found.html).strip()
     return {
         "ID": entry.id,
         "MessageID": s.message_id,
@@ -137,13 +136,20 @@ def message(entry: InboxEntry, raw: bytes) -> Json:
         "ListUnsubscribe": list_unsubscribe(parsed),
         "Date": timestamp(s.date if s.date is not None else entry.created),
         "Tags": list(entry.tags),
-        "Text": _lines(text),
+        "Text": body_text(found),
         "HTML": _lines(found.html),
         "Size": entry.size,
         "Inline": [attachment(p, _payload(parsed, p)) for p in found.inline],
         "Attachments": [attachment(p, _payload(parsed, p)) for p in found.attachments],
         "Mailboxes": list(entry.mailboxes),
     }
+
+
+def body_text(found: mime.Structure) -> str:
+    """Mailpit's Text: the text part, else the text of the HTML part (as its MIME
+    library makes one), line ends as "\n"."""
+    text = found.text if found.text.strip() or not found.html else html_to_text(found.html).strip()
+    return _lines(text)
 
 
 def _lines(text: str) -> str:
@@ -173,10 +179,11 @@ def headers(raw: bytes) -> dict[str, list[str]]:
             found[name][-1] = f"{found[name][-1]} {line.strip()}".strip()
             continue
         key, sep, value = line.partition(":")
-        if not sep or not key.strip() or key != key.rstrip() and " " in key.strip():
+        key = key.rstrip()
+        if not sep or not key or any(c.isspace() for c in key):   # not a field (RFC 5322 §2.2)
             name = None
             continue
-        name = canonical_name(key.strip())
+        name = canonical_name(key)
         found.setdefault(name, []).append(value.strip())
     return dict(sorted(found.items()))
 
