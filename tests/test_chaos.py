@@ -1,8 +1,7 @@
 """Chaos (Mailpit's fault injection): triggers set over HTTP, seen on the wire by SMTP clients.
 
-The daemon runs in the test's process with a relay listener and a submission
-listener; the chaos API is served on a real socket next to it, sharing the
-daemon's triggers; smtplib (in a thread) and a raw wire client talk to the
+The daemon runs in the test's process with a relay listener, a submission
+listener and an http listener, which serves the chaos API; smtplib (in a thread) and a raw wire client talk to the
 listeners. What is checked: each trigger's reply at MAIL, RCPT and AUTH, that 0%
 never fires, the metric, the log line, every kind of bad PUT, and that nothing
 works with ``chaos: false``.
@@ -16,20 +15,21 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import smtplib
 from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from mta.config import Config
 from mta.daemon.main_process import App
 from mta.errors import ConfigError
 from mta.inbound.chaos import Chaos, Trigger
-from mta.web import chaos_api
+from tests.support.daemon import Daemon
+from tests.support.daemon import metric as scrape
 from tests.support.in_process import listener_port, running
 from tests.support.ports import free_port
 from tests.support.wire import Wire
@@ -47,26 +47,18 @@ def chaos_config(make_config: Callable[..., Config], users_file: Any) -> Callabl
         return make_config(
             listeners=[{"name": "mta", "address": f"127.0.0.1:{free_port()}", "mode": "relay"},
                        {"name": "submission", "address": f"127.0.0.1:{free_port()}", "mode": "submission",
-                        "allow_insecure_auth": True}],
+                        "allow_insecure_auth": True},
+                       {"name": "web", "address": f"127.0.0.1:{free_port()}", "mode": "http"}],
             auth={"users_file": str(users_file)}, relay_domains=["remote.test"], chaos=chaos)
     return make
 
 
 @contextlib.asynccontextmanager
 async def chaos_http(app: App) -> AsyncIterator[aiohttp.ClientSession]:
-    """The chaos routes on a real socket, sharing ``app``'s triggers; a client session for them."""
-    web_app = web.Application()
-    chaos_api.add_routes(web_app, SimpleNamespace(config=app.config, extras={"chaos": app.chaos}))
-    runner = web.AppRunner(web_app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}",
-                                         timeout=aiohttp.ClientTimeout(total=10)) as session:
-            yield session
-    finally:
-        await runner.cleanup()
+    """A client session for the daemon's http listener ("web")."""
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{listener_port(app.config, 'web')}",
+                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
 
 
 @contextlib.asynccontextmanager
@@ -361,14 +353,16 @@ def test_metric_series_exist_at_zero_for_every_smtp_listener(chaos_config):
     for listener in ("mta", "submission"):
         for trigger in ("sender", "recipient", "authentication"):
             assert f'mta_chaos_triggered_total{{listener="{listener}",trigger="{trigger}"}} 0.0' in text
+    assert 'listener="web"' not in text   # the http listener takes no SMTP
 
 
 async def test_reload_switches_chaos_off_and_drops_the_triggers(chaos_config, write_config):
     config = chaos_config()
     doc: dict[str, Any] = {
         "hostname": config.hostname, "queue": {"path": config.queue.path}, "metrics": {"address": None},
-        "listeners": [{"name": lc.name, "address": lc.address, "mode": lc.mode,
-                       "allow_insecure_auth": lc.allow_insecure_auth} for lc in config.listeners],
+        "listeners": [{"name": lc.name, "address": lc.address, "mode": lc.mode}
+                      | ({"allow_insecure_auth": True} if lc.mode == "submission" else {})
+                      for lc in config.listeners],
         "auth": {"users_file": config.auth.users_file}, "relay_domains": ["remote.test"], "chaos": True}
     path = write_config(doc)
     app = App(config, str(path), deliver=False)
@@ -387,3 +381,63 @@ async def test_reload_switches_chaos_off_and_drops_the_triggers(chaos_config, wr
             assert json.loads((await get(http))[2]) == DEFAULTS   # on again, with nothing set
     finally:
         await app.shutdown()
+
+
+# --------------------------------------------------------------------------- a real daemon
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00 \S+ "
+
+
+async def test_end_to_end_through_mta_serve(tmp_path: Path):
+    """`mta serve` with chaos: true: a PUT over HTTP, an SMTP client refused at RCPT, the log
+    line and the metric; the triggers reset; a SIGHUP to chaos: false closes the API."""
+    smtp_port, web_port, metrics_port = free_port(), free_port(), free_port()
+    doc: dict[str, Any] = {
+        "hostname": "relay.lab.test",
+        "listeners": [{"name": "mta", "address": f"127.0.0.1:{smtp_port}", "mode": "relay"},
+                      {"name": "web", "address": f"127.0.0.1:{web_port}", "mode": "http"}],
+        "queue": {"path": str(tmp_path / "queue.db")},
+        "metrics": {"address": f"127.0.0.1:{metrics_port}"},
+        "delivery": {"routes": {"remote.test": f"127.0.0.2:{free_port('127.0.0.2')}"},   # nobody there: deferred
+                     "retry": {"min_backoff": "1h"}},
+        "chaos": True,
+    }
+    mta = Daemon(tmp_path, doc)
+    await mta.started()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{web_port}",
+                                         timeout=aiohttp.ClientTimeout(total=10)) as http:
+            assert json.loads((await get(http))[2]) == DEFAULTS
+            await set_triggers(http, {"Recipient": {"ErrorCode": 451, "Probability": 100}})
+
+            def send() -> dict[str, tuple[int, bytes]]:
+                with smtp(smtp_port) as client:
+                    try:
+                        return client.sendmail("lab@lab.test", ["bob@remote.test"], BODY)
+                    except smtplib.SMTPRecipientsRefused as exc:
+                        return dict(exc.recipients)
+
+            assert await asyncio.to_thread(send) == {"bob@remote.test": (451, b"4.3.0 Chaos recipient error")}
+            assert await asyncio.to_thread(scrape, metrics_port,
+                                           'mta_chaos_triggered_total{listener="mta",trigger="recipient"}') == 1
+            await set_triggers(http, {})
+            assert await asyncio.to_thread(send) == {}   # accepted: no recipient refused
+
+            doc["chaos"] = False
+            mta.config_path.write_text(json.dumps(doc))   # JSON is YAML
+            assert mta.proc is not None
+            mta.proc.send_signal(signal.SIGHUP)
+            mta.wait_for("reload", lambda: "reload: configuration re-read" in mta.log_text())
+            assert await get(http) == (400, "text/plain; charset=utf-8", "Chaos is not enabled")
+        assert await mta.terminate() == 0
+    finally:
+        mta.ensure_dead()
+    log = mta.log_text()
+    assert "Traceback" not in log
+    [reject] = [line for line in log.splitlines() if "NOQUEUE: reject" in line]
+    assert re.fullmatch(STAMP + r"mta/smtpd\[\d+\]: NOQUEUE: reject: RCPT from \S+\[127\.0\.0\.1\]: "
+                        r"451 4\.3\.0 Chaos recipient error; from=<lab@lab\.test> to=<bob@remote\.test> "
+                        r"proto=ESMTP helo=<client\.test>", reject), reject
+    assert re.search(r"mta/chaos\[\d+\]: triggers set by HTTP client 127\.0\.0\.1: Sender 451 at 0%, "
+                     r"Recipient 451 at 100%, Authentication 535 at 0%", log), log
+    assert re.search(r"mta/master\[\d+\]: reload: chaos disabled, triggers cleared", log), log

@@ -21,8 +21,9 @@ import pytest
 from mta import __version__
 from mta.config import build_config
 from tests.support.in_process import running, submit
+from tests.support.users import write_users
 from tests.support.waiting import wait_until
-from tests.support.web_lab import HTTP_TIMEOUT, lab_config, web_lab
+from tests.support.web_lab import HTTP_TIMEOUT, basic, lab_config, web_lab
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,6 +110,22 @@ async def test_a_cross_site_handshake_is_refused_and_stopping_closes_with_1001(t
             assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1001)
             assert await asyncio.wait_for(lab.proc.wait(), 20) == 0
         assert "Traceback" not in lab.log_text()
+
+
+async def test_basic_auth_applies_to_the_socket(tmp_path):
+    web_users = tmp_path / "web.users"
+    write_users(web_users, {"tester": "web pw"})
+    async with web_lab(tmp_path, web={"users_file": str(web_users)}) as lab, \
+            aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+        for headers in ({}, {"Authorization": basic("tester", "wrong")}):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(lab.base + "/api/events", headers=headers)
+            assert refused.value.status == 401
+        async with session.ws_connect(lab.base + "/api/events",
+                                      headers={"Authorization": basic("tester", "web pw")}) as ws:
+            await lab.send(["alice@lab.test"], WELCOME)
+            new = await next_event(ws)
+            assert (new["Type"], new["Data"]["Subject"]) == ("new", "welcome")
 
 
 # --------------------------------------------------------------------------- a client that does not read

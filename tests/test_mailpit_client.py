@@ -1,12 +1,13 @@
 """Third-party Mailpit clients, unmodified, against a real `mta serve` with an http listener.
 
 * PyPI's ``mailpit-api-client`` (1.0.0, the only Mailpit client on PyPI): list with
-  paging, one message, an attachment, the header fields. It has no search and no
-  raw source, sends its delete and read-status requests as a form body (Mailpit
-  reads a delete it cannot decode as "delete everything"; see the xfail below), and
-  its Headers model requires Content-Type, Date, Delivered-To, From and Message-Id.
-* npm's ``mailpit-api`` (2.1.0, the TypeScript client of Mailpit's docs; no
-  dependencies, run by Node.js): everything else -- search, raw source, ``latest``,
+  paging, one message, an attachment, the header fields, read status, delete. It has
+  no search and no raw source, was written against Mailpit of 2023 (its Message needs
+  the Read field Mailpit has since dropped: mta sends it), sends read status and
+  delete as a form body, and its Headers model requires Content-Type, Date,
+  Delivered-To, From and Message-Id (the test message has them).
+* npm's ``mailpit-api`` (2.1.0, a TypeScript Mailpit client with no
+  dependencies of its own, run by Node.js): everything else -- search, raw source, ``latest``,
   headers, parts, the text view, read status, tags, info, release, waiting for a
   message, delete by search and by IDs. Installed from tests/clients/mailpit-api's
   lock file into a temporary directory (``npm ci``); skipped where there is no npm.
@@ -79,9 +80,16 @@ async def test_pypi_mailpit_api_client_lists_reads_and_downloads(tmp_path):
         assert (second_page.count, second_page.start, second_page.total) == (1, 1, 2)
         assert [m.id for m in second_page.messages] == [invoice_id]
 
-        # The parts the message JSON lists (the client's get_message cannot read it: see below).
-        [attachment] = (await lab.get_json(f"/api/v1/message/{invoice_id}"))["Attachments"]
-        assert (attachment["FileName"], attachment["PartID"]) == ("invoice.txt", "2")
+        message = await asyncio.to_thread(api.get_message, invoice_id)
+        assert (message.id, message.subject, message.read) == (invoice_id, "Invoice 42", True)
+        assert message.date == datetime.datetime(2026, 12, 2, 10, 0, tzinfo=datetime.UTC)
+        assert message.text.strip() == "Your invoice 42 is attached."
+        assert message.html.strip() == "<p>Your invoice <b>42</b> is attached.</p>"
+        [attachment] = message.attachments
+        assert (attachment.part_id, attachment.file_name, attachment.content_type, attachment.size) == \
+            ("2", "invoice.txt", "text/plain", len(b"Invoice 42: 10 EUR"))
+        # Opening it marked it read, as in Mailpit.
+        assert (await asyncio.to_thread(api.get_messages)).unread == 1
 
         content = await asyncio.to_thread(api.get_message_attachment, invoice_id, "2")
         assert content == "Invoice 42: 10 EUR"     # RFC 2046 §5.1.1: the CRLF before a boundary is the boundary's
@@ -100,37 +108,21 @@ async def test_pypi_mailpit_api_client_lists_reads_and_downloads(tmp_path):
         assert missing.value.response.status_code == 404
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "mailpit-api-client 1.0.0's Message model requires a Read field, which Mailpit's message "
-    "JSON had in 2023 (always true: opening marks it read) and has no more; mta sends today's "
-    "shape, so get_message raises KeyError('read') against current Mailpit and mta alike."))
-async def test_pypi_mailpit_api_client_get_message(tmp_path):
+async def test_pypi_mailpit_api_client_marks_and_deletes_by_id(tmp_path):
+    # The client sends these as a form body (ids=...&Read=...), not JSON: Mailpit answers
+    # its PUT with 400 and reads its DELETE as "no IDs", deleting every message; mta reads
+    # the form (mailpit_api.read_body) and does what the client asks.
     async with web_lab(tmp_path) as lab:
         by_subject = await two_messages(lab)
-        invoice_id = by_subject["Invoice 42"]["ID"]
+        invoice_id, welcome_id = by_subject["Invoice 42"]["ID"], by_subject["Welcome"]["ID"]
         api = API(lab.base, timeout=10)
-        message = await asyncio.to_thread(api.get_message, invoice_id)
-        assert (message.id, message.subject, message.read) == (invoice_id, "Invoice 42", True)
-        assert message.date == datetime.datetime(2026, 12, 2, 10, 0, tzinfo=datetime.UTC)
-        assert message.text.strip() == "Your invoice 42 is attached."
-        assert message.html.strip() == "<p>Your invoice <b>42</b> is attached.</p>"
-        [attachment] = message.attachments
-        assert (attachment.file_name, attachment.content_type, attachment.size) == \
-            ("invoice.txt", "text/plain", len(b"Invoice 42: 10 EUR"))
-        # Opening it marked it read, as in Mailpit.
-        assert (await asyncio.to_thread(api.get_messages)).unread == 1
-
-
-@pytest.mark.xfail(strict=True, raises=httpx.HTTPStatusError, reason=(
-    "mailpit-api-client 1.0.0 sends DELETE's IDs as a form body (ids=...), not JSON. Mailpit "
-    "cannot decode it and deletes every message (its DeleteMessages: a decode error or no IDs "
-    "means all); mta's DELETE /api/v1/messages answers 400 'invalid JSON body' instead."))
-async def test_pypi_mailpit_api_client_delete(tmp_path):
-    async with web_lab(tmp_path) as lab:
-        by_subject = await two_messages(lab)
-        api = API(lab.base, timeout=10)
-        await asyncio.to_thread(api.delete_messages, [by_subject["Welcome"]["ID"]])
-        assert (await asyncio.to_thread(api.get_messages)).total == 0   # Mailpit: every message went
+        await asyncio.to_thread(api.put_messages, [invoice_id], "Read", True)
+        assert {m.id: m.read for m in (await asyncio.to_thread(api.get_messages)).messages} == \
+            {invoice_id: True, welcome_id: False}
+        await asyncio.to_thread(api.delete_messages, [welcome_id])
+        assert [m.id for m in (await asyncio.to_thread(api.get_messages)).messages] == [invoice_id]
+        await asyncio.to_thread(api.delete_messages, [])      # the client's "delete all"
+        assert (await asyncio.to_thread(api.get_messages)).total == 0
 
 
 # --------------------------------------------------------------------------- npm: mailpit-api

@@ -65,7 +65,7 @@ async def test_release_goes_through_the_queue_to_the_next_hop(tmp_path, dns_serv
             + rb"\r\n\t\(released from inbox entry " + entry_id.encode() + rb"\)\r\n\tfor <bob@example\.test>; "
             rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d -0000", trace), trace
         assert b"Received: " + rest == raw.removeprefix(b"Return-Path: <ci@lab.test>\r\n")
-        await wait_until(lambda: "status=sent" in lab.log_text(), 10)
+        await wait_until(lambda: f"{queue_id}: removed" in lab.log_text(), 10)
         log = lab.log_text()
         assert (f"{queue_id}: released from inbox by http: entry={entry_id}, client=127.0.0.1, "
                 "to=<bob@example.test>") in log
@@ -179,3 +179,12 @@ async def test_bad_ids_and_bodies_get_mailpits_codes(tmp_path):
         await asyncio.sleep(0.2)
         assert "released from inbox" not in lab.log_text()
         assert "Traceback" not in lab.log_text()
+
+
+async def test_one_hop_too_many_is_refused_as_a_loop(tmp_path):
+    # Inbound accepts up to max_hops Received fields; the release adds one more of its own.
+    async with web_lab(tmp_path, limits={"max_hops": 2}) as lab:
+        await lab.send(["alice@lab.test"], b"Received: from elsewhere.test; Wed, 02 Dec 2026 10:00:00 +0000\r\n" + BODY)
+        [summary] = await lab.wait_for_messages(1)
+        status, _, text = await release(lab, summary["ID"], {"To": ["bob@lab.test"]})
+        assert (status, text) == (400, "Too many hops (mail loop?)")

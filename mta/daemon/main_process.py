@@ -37,6 +37,7 @@ from mta.store.factory import make_store
 from mta.store.sqlite.lock import QueueLock
 from mta.store.sqlite.lock import acquire as acquire_queue_lock
 from mta.web.app import WebContext, WebListener
+from mta.web.chaos_api import CONTEXT_KEY as CHAOS_KEY
 from mta.web.server import HttpServer
 
 log = logging.getLogger("mta.master")
@@ -151,7 +152,7 @@ class App:
             if lc.mode != "http":
                 continue
             context = WebContext(config=self.config, listener=lc, store=self.store, health=self.health,
-                                 metrics=self.metrics, extras={"chaos": self.chaos})   # mta/web/chaos_api.py
+                                 metrics=self.metrics, extras={CHAOS_KEY: self.chaos})
             web_listener = WebListener(context, health=self.health)
             try:
                 await web_listener.start()

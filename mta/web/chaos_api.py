@@ -16,24 +16,24 @@ listeners do with them, are mta/inbound/chaos.py's.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from aiohttp import web
 
 from mta.inbound.chaos import Chaos, ChaosError, parse_triggers
+from mta.web.app import WebContext, bad_request
 
 PATH = "/api/v1/chaos"
 NOT_ENABLED = "Chaos is not enabled"   # Mailpit's words
 CONTEXT_KEY = "chaos"                   # the daemon's Chaos in the web context's extras
 
 
-def add_routes(app: web.Application, context: Any) -> None:
-    """Register the two routes on an http listener's application. ``context`` is the web
-    context (mta/web/app.py); the daemon puts its one Chaos in ``context.extras["chaos"]``,
-    so that the SMTP listeners and every http listener share the same triggers."""
+def add_routes(app: web.Application, context: WebContext) -> None:
+    """Register the two routes on an http listener's application. The daemon puts its one
+    Chaos in ``context.extras["chaos"]``, so that the SMTP listeners and every http listener
+    share the same triggers."""
     chaos = context.extras.get(CONTEXT_KEY)
     if not isinstance(chaos, Chaos):   # a context built without the daemon (tests of other modules)
-        chaos = context.extras[CONTEXT_KEY] = Chaos(enabled=bool(getattr(context.config, "chaos", False)))
+        chaos = context.extras[CONTEXT_KEY] = Chaos(enabled=context.config.chaos)
     api = ChaosApi(chaos)
     app.router.add_get(PATH, api.get)
     app.router.add_put(PATH, api.put)
@@ -43,27 +43,29 @@ class ChaosApi:
     def __init__(self, chaos: Chaos):
         self.chaos = chaos
 
+    # Refusals are raised as the app's ApiError: its middleware answers Mailpit's httpError,
+    # a 400 with the reason as one line of text/plain.
     async def get(self, request: web.Request) -> web.Response:
         if not self.chaos.enabled:
-            return _bad_request(NOT_ENABLED)
+            raise bad_request(NOT_ENABLED)
         return self._triggers()
 
     async def put(self, request: web.Request) -> web.Response:
         if not self.chaos.enabled:
-            return _bad_request(NOT_ENABLED)
+            raise bad_request(NOT_ENABLED)
         body = await request.read()
         if not body.strip():
-            return _bad_request("request body is empty (want a JSON object of triggers)")
+            raise bad_request("request body is empty (want a JSON object of triggers)")
         try:
             document = json.loads(body)
         except json.JSONDecodeError as exc:
-            return _bad_request(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+            raise bad_request(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
         except ValueError:   # bytes that are no UTF-8, UTF-16 or UTF-32 (RFC 8259 §8.1)
-            return _bad_request("invalid JSON: not UTF-8 text")
+            raise bad_request("invalid JSON: not UTF-8 text") from None
         try:
             triggers = parse_triggers(document)
         except ChaosError as exc:
-            return _bad_request(str(exc))
+            raise bad_request(str(exc)) from None
         self.chaos.set(triggers, by=f"HTTP client {request.remote}")
         return self._triggers()
 
@@ -72,8 +74,3 @@ class ChaosApi:
         text = json.dumps(self.chaos.to_json(), separators=(",", ":")) + "\n"
         return web.Response(status=200, body=text.encode(), content_type="application/json")
 
-
-def _bad_request(reason: str) -> web.Response:
-    # Mailpit's httpError: 400, text/plain, the reason without a newline.
-    return web.Response(status=400, body=reason.encode("utf-8", "replace"),
-                        headers={"Content-Type": "text/plain; charset=utf-8"})

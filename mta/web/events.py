@@ -11,8 +11,8 @@ sends them (its server/websockets hub):
 Where the events come from: the store's change log (``Inbox.changes_since``),
 written in the commit of every change by whichever process made it -- local
 delivery in the delivery child, POP3 in the main process, ``mta mailbox
-purge`` in a CLI process, another node -- so one :class:`EventsHub` per daemon
-polls it (every :data:`POLL_INTERVAL`, and only while a client is connected)
+purge`` in a CLI process, another node -- so one :class:`EventsHub` per http
+listener (a daemon has one, usually) polls it (every :data:`POLL_INTERVAL`, and only while a client is connected)
 and fans each event out to every socket. Each client has its own bounded
 queue and writer: a client that does not read is dropped (close code 1013,
 "try again later") once :data:`QUEUE_SIZE` events wait for it, and never
@@ -107,6 +107,7 @@ class EventsHub:
         self.queue_size = queue_size
         self.clients: set[_Client] = set()
         self._follower: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None   # done once the follower has read last_change
         self._seq = 0
         self._closing = False
 
@@ -145,17 +146,14 @@ class EventsHub:
         return ws
 
     async def _join(self, client: _Client) -> None:
+        """Add the client; the first one starts the follower, and every one waits until
+        the follower knows where the log stands (what commits later reaches the client)."""
+        self.clients.add(client)
         if self._follower is None or self._follower.done():
-            # The first client: follow the log from now on (what happened before is in
-            # the list the client loads; Mailpit sends no history either).
-            try:
-                self._seq = await self.inbox.last_change()
-            except StoreError as exc:
-                log.warning("events: cannot read the inbox's change log: %s", exc)
-            self.clients.add(client)
-            self._follower = asyncio.create_task(self._follow(), name="events-follower")
-        else:
-            self.clients.add(client)
+            self._ready = asyncio.get_running_loop().create_future()
+            self._follower = asyncio.create_task(self._follow(self._ready), name="events-follower")
+        if self._ready is not None:
+            await asyncio.shield(self._ready)
 
     async def close(self, app: web.Application | None = None) -> None:
         """Close every socket with 1001 (going away) and stop following the log."""
@@ -170,8 +168,17 @@ class EventsHub:
             self._follower = None
 
     # ------------------------------------------------------------------ the change log
-    async def _follow(self) -> None:
-        """Poll the change log while anyone listens; fan each event out."""
+    async def _follow(self, ready: asyncio.Future[None]) -> None:
+        """Poll the change log while anyone listens; fan each event out. It starts where
+        the log stands (what happened before is in the list a client loads; Mailpit
+        sends no history either)."""
+        try:
+            self._seq = await self.inbox.last_change()
+        except StoreError as exc:
+            log.warning("events: cannot read the inbox's change log: %s", exc)
+        finally:
+            if not ready.done():
+                ready.set_result(None)
         while self.clients and not self._closing:
             try:
                 changes = await self.inbox.changes_since(self._seq, limit=BATCH)
@@ -187,6 +194,8 @@ class EventsHub:
                         continue       # more waiting: no pause
             except StoreError as exc:
                 log.warning("events: reading the inbox's change log failed, trying again: %s", exc)
+            except Exception as exc:   # a bug must not silently end the events of every client
+                log.error("events: following the inbox's change log failed, trying again: %r", exc)
             await asyncio.sleep(self.poll_interval)
 
     async def _frames(self, changes: list[InboxChange]) -> list[str]:

@@ -50,7 +50,7 @@ from mta.passwords import UsersFileUnavailable
 from mta.store.api import new_queue_id
 from mta.web.app import CONTEXT, ApiError, WebContext, bad_request, text_response
 from mta.web.auth import parse_basic
-from mta.web.mailpit_api import entry_and_raw, read_json
+from mta.web.mailpit_api import entry_and_raw, read_body
 
 log = logging.getLogger("mta.web")
 # The line that takes a message into the queue, under Postfix's name for that step
@@ -76,11 +76,13 @@ class Release:
 async def release(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
     entry, raw = await entry_and_raw(request)       # 404 first, as Mailpit checks the ID first
-    to = _to_of(await read_json(request, empty={}))
+    to = _to_of(await read_body(request))
     user = _user(context, request)
     client_ip = request.remote or ""
     recipients = _check_recipients(context, to, trusted=user is not None or context.config.in_mynetworks(client_ip))
     message = _new_message(context.config, Release(entry.id, recipients, client_ip, user), raw)
+    if policy.inspect_headers(message.data).received_count > context.config.limits.max_hops:
+        raise bad_request(REPLIES["too_many_hops"].text)   # as at the end of DATA: a loop
     try:
         await context.store.queue.enqueue(message)
     except StoreError as exc:
@@ -97,11 +99,10 @@ async def release(request: web.Request) -> web.Response:
     return response
 
 
-def _to_of(body: Any) -> list[str]:
-    """The ``To`` list of Mailpit's body; 400 with the reason otherwise."""
-    if not isinstance(body, dict):
-        raise bad_request("the JSON body must be an object")
-    to = body.get("To")
+def _to_of(body: dict[str, Any]) -> list[str]:
+    """The ``To`` list of Mailpit's body (keys without regard to case, as Go decodes
+    them: mailpit_api.read_body); 400 with the reason otherwise."""
+    to = body.get("to")
     if to is None or to == []:
         raise bad_request("No valid addresses found")
     if not isinstance(to, list) or not all(isinstance(item, str) for item in to):

@@ -133,8 +133,11 @@ async def web_lab(tmp_path: Path, **extra: Any) -> AsyncIterator[WebLab]:
     config_path.write_text(yaml.safe_dump(doc))
     log_path = tmp_path / "mta.log"
     ports = [int(lc["address"].rsplit(":", 1)[1]) for lc in doc["listeners"]]
-    proc = await start_serving(mta_command("serve", "--config", str(config_path)), log_path, ports[0],
-                               env=subprocess_env())
+    try:
+        proc = await start_serving(mta_command("serve", "--config", str(config_path)), log_path, ports[0],
+                                   env=subprocess_env())
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{log_path.read_text(errors='replace')[-3000:]}") from None
     lab = WebLab(proc, ports[0], ports[1], ports[2], config_path, log_path, doc)
     try:
         await _wait_live(lab)
