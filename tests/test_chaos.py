@@ -32,6 +32,7 @@ from tests.support.daemon import Daemon
 from tests.support.daemon import metric as scrape
 from tests.support.in_process import listener_port, running
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 from tests.support.wire import Wire
 
 pytestmark = pytest.mark.timeout(30)
@@ -405,6 +406,8 @@ async def test_end_to_end_through_mta_serve(tmp_path: Path):
     mta = Daemon(tmp_path, doc)
     await mta.started()
     try:
+        # started() waits for the SMTP greeting; the http listener opens after the SMTP ones.
+        await wait_until(lambda: "mta ready" in mta.log_text(), 15, mta.log_tail)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{web_port}",
                                          timeout=aiohttp.ClientTimeout(total=10)) as http:
             assert json.loads((await get(http))[2]) == DEFAULTS
