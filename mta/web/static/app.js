@@ -424,7 +424,7 @@ function route() {
   if (queue) {
     document.title = "mta queue";
     loadQueue();
-    state.queueTimer = setInterval(loadQueue, QUEUE_POLL_MS);
+    state.queueTimer = setInterval(() => { if (!document.hidden) loadQueue(); }, QUEUE_POLL_MS);
     return;
   }
   document.title = "mta lab inbox";
