@@ -342,6 +342,35 @@ def test_search_and_the_mailbox_filter(lab: Lab, page: Page):
     expect(row(page, "invoice 4711")).to_have_count(1, timeout=WAIT_MS)
 
 
+def test_paging_and_mark_all_read_of_one_mailbox(lab: Lab, page: Page):
+    lab.send(message("not for the pager", to="elsewhere@lab.test"))
+    with smtplib.SMTP("127.0.0.1", lab.smtp_port, timeout=10) as smtp:
+        for i in range(52):
+            smtp.send_message(message(f"page test {i:02d}", to="pager@lab.test"))
+    wait_until_sync(lambda: lab.api("GET", "/api/v1/messages?mailbox=pager@lab.test&limit=1")["total"] == 52,
+                    15, "52 messages for pager@lab.test")
+    page.locator("#mailbox").fill("pager@lab.test")
+    page.locator("#mailbox").press("Enter")
+    expect(page.locator("#list-counts")).to_contain_text("1\u201350 of 52 messages, 52 unread")
+    expect(page.locator("#messages tbody tr")).to_have_count(50)
+    expect(page.locator("#messages tbody tr").first).to_contain_text("page test 51")
+    expect(page.locator("#page-prev")).to_be_disabled()
+    page.locator("#page-next").click()
+    expect(page.locator("#list-counts")).to_contain_text("51\u201352 of 52 messages")
+    expect(page.locator("#messages tbody tr")).to_have_count(2)
+    expect(page.locator("#messages tbody tr").last).to_contain_text("page test 00")
+    expect(page.locator("#page-next")).to_be_disabled()
+    page.locator("#page-prev").click()
+    expect(page.locator("#messages tbody tr")).to_have_count(50)
+
+    page.locator("#mark-all-read").click()
+    expect(page.locator("#list-counts")).to_contain_text("1\u201350 of 52 messages, 0 unread")
+    expect(page.locator("#messages tbody tr.unread")).to_have_count(0)
+    assert lab.api("GET", "/api/v1/messages?mailbox=pager@lab.test&limit=1")["unread"] == 0
+    # Only what the list shows: another mailbox's mail stays unread.
+    assert lab.api("GET", "/api/v1/messages?mailbox=elsewhere@lab.test")["messages"][0]["Read"] is False
+
+
 def test_download_an_attachment(lab: Lab, page: Page, tmp_path: Path):
     data = b"id,amount\n1,42\n" * 100
     lab.send(message("with attachment", attachments=(("report.csv", "text/csv", data),)))

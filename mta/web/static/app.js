@@ -285,9 +285,11 @@ async function markOpenUnread() {
   showStatus(`Marked ${id} unread.`);
 }
 
+// All the list shows (every page): the search and the mailbox filter as one search.
 async function markAllRead() {
+  const search = [state.mailbox ? `mailbox:${state.mailbox}` : "", state.query].filter(Boolean).join(" ");
   try {
-    await api("PUT", "/api/v1/messages", { Read: true });
+    await api("PUT", "/api/v1/messages", search ? { Read: true, Search: search } : { Read: true });
   } catch (err) {
     reportError(err);
     return;
