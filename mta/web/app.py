@@ -60,6 +60,8 @@ ROUTE_MODULES: list[str] = [
     "mta.web.events",
     "mta.web.chaos_api",
     "mta.web.swagger",
+    "mta.web.queue_api",
+    "mta.web.ui",
 ]
 
 KEEPALIVE_TIMEOUT = 75.0     # seconds an idle keep-alive connection is kept (aiohttp's default)

@@ -148,6 +148,20 @@ SCHEMAS: dict[str, Json] = {
     "ChaosTrigger": _object({"ErrorCode": INTEGER, "Probability": {**INTEGER, "minimum": 0, "maximum": 100}}),
     "ChaosTriggers": _object({"Sender": _ref("ChaosTrigger"), "Recipient": _ref("ChaosTrigger"),
                               "Authentication": _ref("ChaosTrigger")}),
+    # mta's queue (mta/web/queue_api.py): the web mailq.
+    "QueueRecipient": _object({"Address": STRING, "State": {"type": "string",
+                                                             "enum": ["queued", "active", "deferred", "held"]},
+                               "Attempts": INTEGER, "NextAttempt": {**TIME, "nullable": True},
+                               "LastError": STRING}),
+    "QueueMessage": _object({"ID": STRING, "Queue": {"type": "string", "enum": ["active", "deferred", "hold"]},
+                             "Sender": {**STRING, "description": '"" for a bounce (MAILER-DAEMON)'},
+                             "Arrival": TIME, "Size": INTEGER, "Recipients": _array(_ref("QueueRecipient"))}),
+    "QueueList": _object({"total": INTEGER, "start": INTEGER, "count": INTEGER, "active": INTEGER,
+                          "deferred": INTEGER, "hold": INTEGER, "messages": _array(_ref("QueueMessage"))}),
+    "QueueActionRequest": _object({"IDs": STRINGS}, required=("IDs",)),
+    "QueueActionResult": _object({"Found": STRINGS, "NotFound": STRINGS,
+                                  "Changed": {"type": "object", "additionalProperties": INTEGER,
+                                              "description": "Recipients changed (removed) per queue ID"}}),
     "Event": _object({"Type": {"type": "string", "enum": ["new", "delete", "update", "stats"]},
                       "Data": {"description": "new: a MessageSummary; delete: {ID}; update: {ID, Read}; "
                                               "stats: {Total, Unread, Version}"}}),
@@ -219,6 +233,7 @@ def paths() -> dict[str, Json]:
                        description="Refused (400) unless the config has chaos: true; applied on the SMTP "
                                    "listeners at MAIL (Sender), RCPT (Recipient) and AUTH (Authentication)."),
         },
+        **queue_paths(),
         SWAGGER_PATH: {
             "get": _op("This document", "application", _responses(_json({"type": "object"}))),
         },
@@ -233,6 +248,12 @@ def paths() -> dict[str, Json]:
                        {"302": {"description": "To /view/{ID} (or / when there is none)"}},
                        parameters=[_query("query", "Only messages matching this search")]),
         },
+        "/view/{ID}": {
+            "get": _op("The web UI with this message open", "testing",
+                       {"200": {"description": "The UI's page (it opens the message itself)",
+                                "content": {"text/html": {"schema": STRING}}}},
+                       parameters=[_path_param("ID", "Message ID")]),
+        },
         "/view/{ID}.html": {
             "get": _op("A message's HTML part", "testing",
                        _responses({"description": "HTML", "content": {"text/html": {"schema": STRING}}}, 404),
@@ -242,6 +263,28 @@ def paths() -> dict[str, Json]:
             "get": _op("A message's text part", "testing", _responses(_text("The text"), 404), parameters=[ID]),
         },
     }
+
+
+def queue_paths() -> dict[str, Json]:
+    """mta's own: the queue page's API (mta/web/queue_api.py), like `mta queue …`."""
+    found: dict[str, Json] = {
+        "/api/mta/queue": {
+            "get": _op("List the mail queue (like mailq)", "queue", _responses(_json(_ref("QueueList")), 400),
+                       parameters=[_query("start", "Offset", {"type": "integer", "default": 0}),
+                                   _query("limit", "Messages (at most 5000)", {"type": "integer", "default": 500})],
+                       description="Messages with recipients still pending, oldest first."),
+        },
+    }
+    what = {"hold": "Put the pending recipients on hold",
+            "release": "Release held recipients: due now",
+            "flush": "Make deferred recipients due now",
+            "delete": "Remove messages from the queue"}
+    for action, summary in what.items():
+        found[f"/api/mta/queue/{action}"] = {
+            "post": _op(summary, "queue", _responses(_json(_ref("QueueActionResult")), 400),
+                        body=_json_body(_ref("QueueActionRequest"), "Queue IDs (at least one)", True)),
+        }
+    return found
 
 
 def document() -> Json:
