@@ -21,8 +21,13 @@ slowest of --runs timings of:
   mailbox filter   page(mailbox=user3@lab.test)
   counts           page(limit=0): total, unread and the tags in use
 
-Only the store's own code runs: no HTTP. The file lives under --tmpdir (a real
-disk), in a temporary directory removed at the end unless --keep.
+Then the same file is served by a real `mta serve` with an http listener,
+and the newest 50, the subject search and the mailbox filter are timed again
+as a Mailpit client sees them: GET /api/v1/messages and /api/v1/search over
+one keep-alive connection, JSON read to the end (--no-http skips this).
+
+The file lives under --tmpdir (a real disk), in a temporary directory removed
+at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -30,13 +35,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import http.client
+import json
 import os
 import random
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -158,6 +169,65 @@ async def bench(args: argparse.Namespace, directory: Path) -> None:
         await store.close()
 
 
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def bench_http(args: argparse.Namespace, path: Path, directory: Path) -> None:
+    """The reads through a real daemon's Mailpit API (store, HTTP and JSON together)."""
+    smtp, web = free_port("127.0.0.1"), free_port("127.0.0.1")
+    config = directory / "mta.yaml"
+    config.write_text(json.dumps({   # JSON is YAML
+        "hostname": "inbox-bench.test", "local_domains": ["lab.test"], "mailboxes": {"catch_all": True},
+        "queue": {"path": str(path)}, "metrics": {"address": None},
+        "listeners": [{"name": "mta", "address": f"127.0.0.1:{smtp}", "mode": "relay"},
+                      {"name": "web", "address": f"127.0.0.1:{web}", "mode": "http"}]}))
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(directory / "mta.log", "wb") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--config", str(config)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", web), timeout=1).close()
+                break
+            except OSError:
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"inbox_bench: mta serve did not start; see {directory / 'mta.log'}") from None
+                time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
+        cases = [("newest 50", "/api/v1/messages?limit=50"),
+                 ("subject search", "/api/v1/search?limit=50&query="
+                  + urllib.parse.quote('subject:"order 04242"')),
+                 ("mailbox filter", "/api/v1/messages?limit=50&mailbox=user3@lab.test")]
+        print(f"\nthrough mta serve's HTTP API (keep-alive, JSON read and parsed; {args.runs} runs)")
+        print(f"{'GET':<16} {'median ms':>10} {'max ms':>8}  {'total':>8} {'count':>6}")
+        for name, url in cases:
+            times, body = [], {}
+            for run in range(args.runs + 1):   # the first one warms the daemon's caches
+                started = time.perf_counter()
+                conn.request("GET", url)
+                reply = conn.getresponse()
+                body = json.loads(reply.read())
+                if reply.status != 200:
+                    raise SystemExit(f"inbox_bench: GET {url}: {reply.status} {body}")
+                if run:
+                    times.append(time.perf_counter() - started)
+            print(f"{name:<16} {statistics.median(times) * 1000:>10.1f} {max(times) * 1000:>8.1f}"
+                  f"  {body['messages_count']:>8} {body['count']:>6}")
+        conn.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=100_000)
@@ -165,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tmpdir", default=None, help="where the queue file lives (default: $TMPDIR or /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the queue file (to run again with --queue)")
     p.add_argument("--queue", type=Path, default=None, help="read this kept queue file instead of filling one")
+    p.add_argument("--no-http", action="store_true", help="time the store only, not a daemon's HTTP API")
     return p.parse_args(argv)
 
 
@@ -173,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="inbox-bench-", dir=args.tmpdir))
     try:
         asyncio.run(bench(args, directory))
+        if not args.no_http:
+            bench_http(args, args.queue or directory / "queue.db", directory)
     finally:
         if args.keep:
             print(f"kept {directory}")
