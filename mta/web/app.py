@@ -45,7 +45,7 @@ from mta.metrics import Metrics
 from mta.passwords import UsersFile
 from mta.store.api import Store
 from mta.web.auth import BasicAuth
-from mta.web.server import _server_log
+from mta.web.server import serve
 
 log = logging.getLogger("mta.web")
 
@@ -65,7 +65,6 @@ ROUTE_MODULES: list[str] = [
 ]
 
 KEEPALIVE_TIMEOUT = 75.0     # seconds an idle keep-alive connection is kept (aiohttp's default)
-SHUTDOWN_TIMEOUT = 1.0       # seconds stop() lets a request in progress finish
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OPEN_PATHS = frozenset({"/livez", "/readyz"})   # no basic auth: liveness and readiness probes
 
@@ -244,19 +243,9 @@ class WebListener:
 
     async def start(self) -> list[tuple[str, int]]:
         """Listen on the listener's address; OSError when it cannot be bound (nothing left running)."""
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
-                               logger=_server_log(), keepalive_timeout=KEEPALIVE_TIMEOUT,
-                               shutdown_timeout=SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.listener.host, self.listener.port, ssl_context=self.tls_context())
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        server = site._server                                # noqa: SLF001  (aiohttp has no public accessor)
-        self.addresses = [sock.getsockname()[:2] for sock in getattr(server, "sockets", None) or ()]
+        self._runner, self.addresses = await serve(self.application(), self.listener.host, self.listener.port,
+                                                   keepalive_timeout=KEEPALIVE_TIMEOUT,
+                                                   ssl_context=self.tls_context())
         scheme = "https" if self.listener.tls else "http"
         auth = ", basic auth" if self.users is not None else ""
         for host, port in self.addresses:

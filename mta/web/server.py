@@ -21,6 +21,7 @@ Metrics records and renders; this module only serves.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -81,19 +82,7 @@ class HttpServer:
         """
         if host is None:
             raise ValueError("metrics: no listen address (metrics are disabled)")
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False, logger=_server_log(),
-                               keepalive_timeout=READ_TIMEOUT, shutdown_timeout=SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        server = site._server                                # noqa: SLF001  (aiohttp has no public accessor)
-        sockets = getattr(server, "sockets", None) or ()
-        self.addresses = [sock.getsockname()[:2] for sock in sockets]
+        self._runner, self.addresses = await serve(self.application(), host, port, keepalive_timeout=READ_TIMEOUT)
         for addr in self.addresses:
             log.info("metrics listening on http://%s/metrics", _format_addr(addr))
         return self.addresses
@@ -138,6 +127,23 @@ class HttpServer:
 
     async def _live(self, request: web.Request) -> web.Response:
         return _text(200, "ok\n")
+
+
+async def serve(app: web.Application, host: str, port: int, *, keepalive_timeout: float,
+                ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, list[tuple[str, int]]]:
+    """Serve ``app`` on ``host:port`` (TLS with ``ssl_context``): its runner, to clean up,
+    and the addresses bound. OSError when the address cannot be bound (nothing is left running)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_server_log(),
+                           keepalive_timeout=keepalive_timeout, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    server = site._server                                # noqa: SLF001  (aiohttp has no public accessor)
+    return runner, [sock.getsockname()[:2] for sock in getattr(server, "sockets", None) or ()]
 
 
 def _text(status: int, text: str) -> web.Response:
