@@ -43,8 +43,9 @@ VOLUME /var/lib/mta
 WORKDIR /var/lib/mta
 USER mta
 
-# 2525: SMTP relay (map to 25), 2587: submission if configured (map to 587), 9101: /metrics
-EXPOSE 2525 2587 9101
+# 2525: SMTP relay (map to 25), 2587: submission if configured (map to 587), 9101: /metrics,
+# 8025: the lab inbox's web UI and Mailpit API if configured (config/docker.yaml)
+EXPOSE 2525 2587 8025 9101
 
 # The metrics listener answers /healthz (no curl in slim: Python's urllib, proxies
 # ignored). Change MTA_HEALTHCHECK_URL if your config moves metrics.address.
