@@ -34,6 +34,10 @@ _CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
                       asyncpg.exceptions.AdminShutdownError)
 
 
+# The health component (/healthz, mta_health) while the database cannot be reached.
+HEALTH_COMPONENT = "database"
+
+
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"PostgreSQL: {text}"
@@ -84,17 +88,20 @@ class PgEngine:
             raise StoreError("queue is not open")
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
-                return await op(conn)
+                result: T = await op(conn)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, _CONNECTION_ERRORS):
-                await self._expire(pool)
+                await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
         except _CONNECTION_ERRORS as exc:
-            await self._expire(pool)
+            await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
+        if self.health.failing(HEALTH_COMPONENT):
+            self.health.clear(HEALTH_COMPONENT)
+        return result
 
-    @staticmethod
-    async def _expire(pool: Any) -> None:
-        """Every pooled connection is replaced at its next use: after a server restart
-        each would otherwise fail once before the pool noticed."""
+    async def _unreachable(self, pool: Any, exc: BaseException) -> None:
+        """Report it to health, and have every pooled connection replaced at its next use:
+        after a server restart each would otherwise fail once before the pool noticed."""
+        self.health.fail(HEALTH_COMPONENT, one_line(exc))
         await pool.expire_connections()
