@@ -206,3 +206,55 @@ async def test_open_fails_with_store_error_when_nothing_listens():
         await engine.open()
     with pytest.raises(StoreError, match="not open"):
         await PostgreSQLQueue(engine).enqueue(message(1))
+
+
+async def test_commits_are_synchronous_whatever_the_database_default(postgres_cluster):
+    """250 after COMMIT: the engine's sessions wait for the WAL flush even where the
+    database's default says not to (a DBA's synchronous_commit = off)."""
+    name = postgres_cluster.create_database()
+    try:
+        postgres_cluster.psql(f"ALTER DATABASE {name} SET synchronous_commit = off")
+        engine = PgEngine(postgres_cluster.dsn(name))
+        await engine.open()
+
+        async def setting(conn):
+            return await conn.fetchval("SHOW synchronous_commit")
+
+        assert await engine.run(setting) == "on"
+        await engine.close()
+    finally:
+        postgres_cluster.drop_database(name)
+
+
+async def test_new_mail_on_one_node_wakes_the_other(nodes):
+    a, b = nodes
+    woken_a: list[object] = []
+    woken_b = asyncio.Event()
+    a.queue.add_listener(woken_a.append)
+    b.queue.add_listener(lambda messages: woken_b.set())
+    b.queue.listen_to_other_nodes()
+    a.queue.listen_to_other_nodes()
+    await asyncio.wait_for(woken_b.wait(), 5)       # woken once on connecting: "look again"
+    await asyncio.sleep(0.1)
+    woken_a.clear()
+    woken_b.clear()
+    m = message(1)
+    started = time.monotonic()
+    await a.queue.enqueue(m)
+    await asyncio.wait_for(woken_b.wait(), 5)
+    assert time.monotonic() - started < 0.5
+    assert woken_a == [[m]]                        # a's own commit, not again through NOTIFY
+    # A failed enqueue wakes nobody: the NOTIFY went with the rolled-back transaction.
+    woken_b.clear()
+    with pytest.raises(StoreError):
+        await a.queue.enqueue(m)
+    await asyncio.sleep(0.3)
+    assert not woken_b.is_set()
+    # b's listening connection cut (a failover): it comes back by itself and wakes b.
+    await a.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                  " WHERE application_name = 'mta listen' AND pid <> pg_backend_pid()")
+    await asyncio.wait_for(woken_b.wait(), 5)
+    await asyncio.sleep(1.5)                        # both listeners are back
+    woken_b.clear()
+    await a.queue.enqueue(message(2))
+    await asyncio.wait_for(woken_b.wait(), 5)

@@ -14,6 +14,8 @@ caller's back, since a COMMIT cut off by a broken connection may have happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,6 +24,8 @@ import asyncpg
 from mta.errors import StoreError
 from mta.health import Health
 from mta.store.postgresql.schema import migrate
+
+log = logging.getLogger("mta.queue")
 
 T = TypeVar("T")
 # An operation: given a connection inside an open transaction, does its queries.
@@ -54,6 +58,7 @@ class PgEngine:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: Any = None
+        self._listening: list[asyncio.Task[None]] = []
         self.schema_found: int | None = None   # the schema version open() found (0: empty)
 
     async def open(self) -> None:
@@ -74,6 +79,12 @@ class PgEngine:
             raise StoreError(one_line(exc)) from exc
 
     async def close(self) -> None:
+        for task in self._listening:
+            task.cancel()
+        for task in self._listening:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._listening.clear()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -105,3 +116,31 @@ class PgEngine:
         after a server restart each would otherwise fail once before the pool noticed."""
         self.health.fail(HEALTH_COMPONENT, one_line(exc))
         await pool.expire_connections()
+
+    def listen(self, channel: str, on_payload: Callable[[str], None], *, retry: float = 1.0) -> None:
+        """Call ``on_payload`` for each NOTIFY on ``channel`` (PostgreSQL delivers them after
+        the sender's COMMIT), on a connection of its own outside the pool, until close().
+        The connection is made again whenever it breaks; notifications sent meanwhile are
+        lost, so ``on_payload("")`` is called after every (re)connection: "look again"."""
+        self._listening.append(asyncio.create_task(self._listen(channel, on_payload, retry)))
+
+    async def _listen(self, channel: str, on_payload: Callable[[str], None], retry: float) -> None:
+        def received(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            on_payload(payload)
+
+        while True:
+            conn: Any = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
+                                             server_settings={"application_name": "mta listen"})
+                ended = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, ended=ended: ended.set())
+                await conn.add_listener(channel, received)
+                on_payload("")
+                await ended.wait()
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                log.debug("listening on %s: %s", channel, one_line(exc))
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(retry)

@@ -36,6 +36,9 @@ HISTORY_ROWS_PER_MESSAGE = 32
 
 DEFAULT_LEASE = 60.0
 
+# NOTIFY channel for new mail committed by any node (payload: the committing node's identity).
+NEW_MAIL_CHANNEL = "mta_new_mail"
+
 _DUE_COLUMNS = (
     "r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, m.sender, m.arrival, m.smtputf8,"
     " m.body_8bit, r.notify, r.orcpt, m.ret, m.envid, m.delay_warned, m.listener, m.size")
@@ -70,6 +73,17 @@ class PostgreSQLQueue:
         for callback in self._listeners:
             callback(list(messages))
 
+    def listen_to_other_nodes(self) -> None:
+        """Wake this node's listeners when another node commits new mail too (LISTEN/NOTIFY:
+        the queue managers of all nodes wake as one node's does). The messages themselves
+        are not sent along: the listeners get an empty list, "look at the queue"."""
+
+        def on_payload(node: str) -> None:
+            if node != self.node:   # this node's own commits called the listeners already
+                self._notify([])
+
+        self.engine.listen(NEW_MAIL_CHANNEL, on_payload)
+
     # ----------------------------------------------------------------- inbound
 
     async def enqueue(self, message: NewMessage) -> None:
@@ -77,6 +91,7 @@ class PostgreSQLQueue:
 
         async def insert(conn: Any) -> None:
             await _insert_messages(conn, [message])
+            await _tell_other_nodes(conn, self.node)
 
         await self.engine.run(insert)
         self._notify([message])
@@ -194,7 +209,9 @@ class PostgreSQLQueue:
                 return False, False
             if mailbox_copies:
                 await _insert_copies(conn, mailbox_copies, now)
-            await _insert_messages(conn, new_messages)
+            if new_messages:
+                await _insert_messages(conn, new_messages)
+                await _tell_other_nodes(conn, self.node)
             if delay_warned:
                 await conn.execute("UPDATE messages SET delay_warned = true WHERE id = $1", message_id)
             pending = await conn.fetchval(
@@ -241,6 +258,12 @@ class PostgreSQLQueue:
             return None if data is None else bytes(data)
 
         return await self.engine.run(read)
+
+
+async def _tell_other_nodes(conn: Any, node: str) -> None:
+    """NOTIFY inside the transaction: PostgreSQL sends it to the listeners at COMMIT, and
+    not at all if the transaction rolls back."""
+    await conn.execute("SELECT pg_notify($1, $2)", NEW_MAIL_CHANNEL, node)
 
 
 async def _next_due(conn: Any, node: str) -> float | None:
