@@ -141,7 +141,8 @@ class PostgreSQLQueue:
                     break
                 rows = await conn.fetch(
                     f"SELECT r.message_id, r.rcpt_no FROM recipients r WHERE {where}"
-                    " ORDER BY r.next_attempt LIMIT $2 FOR UPDATE SKIP LOCKED", now, limit - len(picked), *more)
+                    " ORDER BY r.next_attempt, r.message_id, r.rcpt_no LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    now, limit - len(picked), *more)
                 picked.extend((str(row[0]), int(row[1])) for row in rows)
             if not picked:
                 return Claimed([], {}, await _next_due(conn, self.node))
