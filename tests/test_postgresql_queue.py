@@ -14,15 +14,17 @@ import time
 
 import pytest
 
-from mta.errors import StoreError
-from mta.model import RcptState
-from mta.store.api import RecipientUpdate
-from mta.store.postgresql.engine import PgEngine
-from mta.store.postgresql.queue import PostgreSQLQueue
-from mta.store.postgresql.schema import SCHEMA_VERSION
-from tests.support.backends import QueueBackend
-from tests.support.messages import message
-from tests.support.postgres import Cluster, unavailable_reason
+pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install -e '.[test]')")
+
+from mta.errors import StoreError  # noqa: E402
+from mta.model import RcptState  # noqa: E402
+from mta.store.api import RecipientUpdate  # noqa: E402
+from mta.store.postgresql.engine import PgEngine  # noqa: E402
+from mta.store.postgresql.queue import PostgreSQLQueue  # noqa: E402
+from mta.store.postgresql.schema import SCHEMA_VERSION  # noqa: E402
+from tests.support.backends import QueueBackend  # noqa: E402
+from tests.support.messages import message  # noqa: E402
+from tests.support.postgres import Cluster, unavailable_reason  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 

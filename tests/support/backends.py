@@ -10,12 +10,13 @@ from __future__ import annotations
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mta.store.api import Queue
-from mta.store.postgresql.engine import PgEngine
-from mta.store.postgresql.queue import PostgreSQLQueue
 from mta.store.sqlite.store import SQLiteStore
+
+if TYPE_CHECKING:   # imported when used: asyncpg is an optional extra
+    from mta.store.postgresql.engine import PgEngine
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -37,6 +38,9 @@ class QueueBackend:
 
     @classmethod
     async def postgresql(cls, dsn: str, *, node: str = "node-a", lease: float = 60.0) -> QueueBackend:
+        from mta.store.postgresql.engine import PgEngine
+        from mta.store.postgresql.queue import PostgreSQLQueue
+
         engine = PgEngine(dsn)
         await engine.open()
         return cls("postgresql", PostgreSQLQueue(engine, node=node, lease=lease), engine.close, engine=engine)
