@@ -105,7 +105,7 @@ async def test_a_dead_nodes_recipients_are_delivered_by_the_survivor_when_its_le
         assert await b.queue.recover_in_flight() == 0
         assert (await b.queue.claim(time.time(), 10)).due == []
         due_at = await b.queue.next_due_time()
-        assert due_at == pytest.approx(claimed_at + 0.5)
+        assert due_at == claimed_at + 0.5
         await asyncio.sleep(max(0.0, due_at - time.time()) + 0.05)
         assert await b.queue.recover_in_flight() == 5        # due again: queued, never tried
         assert await b.recipients() == {m.id: [("b@example.org", "queued", 0)] for m in sent}
@@ -244,7 +244,7 @@ async def test_new_mail_on_one_node_wakes_the_other(nodes):
     started = time.monotonic()
     await a.queue.enqueue(m)
     await asyncio.wait_for(woken_b.wait(), 5)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0   # milliseconds in practice
     assert woken_a == [[m]]                        # a's own commit, not again through NOTIFY
     # A failed enqueue wakes nobody: the NOTIFY went with the rolled-back transaction.
     woken_b.clear()
