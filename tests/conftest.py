@@ -3,7 +3,7 @@ tests/support/; a test module imports them from there, never from another test m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,10 @@ import yaml
 
 from mta.config import Config, build_config
 from mta.passwords import set_password
+from tests.support.backends import BACKENDS, QueueBackend
 from tests.support.fakedns import FakeDNS
 from tests.support.ports import PEER_HOSTS, free_port, free_port_all
+from tests.support.postgres import Cluster, unavailable_reason
 from tests.support.tls import make_tls
 
 
@@ -100,3 +102,41 @@ def relay_config(make_config: Callable[..., Config], dns_server: FakeDNS,
         return make_config(delivery=doc)
 
     return make
+
+
+# ----------------------------------------------------------------- PostgreSQL (issue 16)
+# One private cluster for the whole session (tests/support/postgres.py), started on first
+# use; each test gets a fresh database in it. Without PostgreSQL the tests that need it skip.
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_cluster: Cluster) -> Iterator[str]:
+    """The DSN of a fresh, empty database, dropped after the test."""
+    name = postgres_cluster.create_database()
+    yield postgres_cluster.dsn(name)
+    postgres_cluster.drop_database(name)
+
+
+@pytest.fixture(params=BACKENDS)
+async def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueBackend]:
+    """The queue on each backend in turn: SQLite, then PostgreSQL (skipped without it)."""
+    if request.param == "sqlite":
+        backend = await QueueBackend.sqlite(tmp_path / "queue.db")
+    else:
+        backend = await QueueBackend.postgresql(request.getfixturevalue("postgres_dsn"))
+    try:
+        yield backend
+    finally:
+        await backend.close()

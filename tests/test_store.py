@@ -1,4 +1,5 @@
-"""The SQLite queue itself: schema, versioning, durability settings, file mode."""
+"""The queue store: its behaviour on both backends (``store_backend``: SQLite and PostgreSQL),
+then SQLite's own schema, versioning, durability settings and file mode."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import stat
 import pytest
 
 from mta.errors import StoreError
-from mta.model import RcptState
-from mta.store.api import new_queue_id
+from mta.model import MailboxCopy, RcptState
+from mta.store.api import HistoryEntry, RecipientUpdate, new_queue_id
 from mta.store.sqlite.schema import SCHEMA_VERSION
 from mta.store.sqlite.store import SQLiteStore
 from tests.support.messages import message
@@ -34,17 +35,16 @@ async def test_new_queue_file_is_private_wal_and_versioned(tmp_path):
     assert "recipients_due" in indexes
 
 
-async def test_enqueue_stores_one_row_per_recipient(tmp_path):
-    store = SQLiteStore(tmp_path / "queue.db")
-    await store.open()
+async def test_enqueue_stores_one_row_per_recipient(store_backend):
     m = message(rcpts=("x@example.org", "y@example.net"))
-    await store.queue.enqueue(m)
-    [listed] = await store.admin.list_messages()
-    assert listed.id == m.id and listed.size == len(m.data)
-    assert [(r.address, r.state) for r in listed.recipients] == [
-        ("x@example.org", RcptState.QUEUED), ("y@example.net", RcptState.QUEUED)]
-    assert await store.queue.message_data(m.id) == m.data
-    await store.close()
+    woken = []
+    store_backend.queue.add_listener(woken.append)
+    await store_backend.queue.enqueue(m)
+    assert await store_backend.recipients() == {m.id: [("x@example.org", "queued", 0), ("y@example.net", "queued", 0)]}
+    assert await store_backend.query("SELECT id, size FROM messages") == [(m.id, len(m.data))]
+    assert await store_backend.queue.message_data(m.id) == m.data
+    assert await store_backend.queue.message_data("NOSUCHID") is None
+    assert woken == [[m]]   # after the commit: the queue manager wakes up
 
 
 async def test_concurrent_enqueues_share_commits(tmp_path):
@@ -56,16 +56,87 @@ async def test_concurrent_enqueues_share_commits(tmp_path):
     await store.close()
 
 
-async def test_a_failed_batch_raises_and_the_store_recovers(tmp_path):
-    store = SQLiteStore(tmp_path / "queue.db")
-    await store.open()
+async def test_a_failed_enqueue_raises_and_the_store_recovers(store_backend):
     m = message()
-    await store.queue.enqueue(m)
+    await store_backend.queue.enqueue(m)
     with pytest.raises(StoreError):
-        await store.queue.enqueue(m)  # same id: the PRIMARY KEY refuses it, the transaction rolls back
-    await store.queue.enqueue(message(1))
-    assert len(await store.admin.list_messages()) == 2
-    await store.close()
+        await store_backend.queue.enqueue(m)  # same id: the PRIMARY KEY refuses it, the transaction rolls back
+    await store_backend.queue.enqueue(message(1))
+    assert len(await store_backend.recipients()) == 2
+    assert len(await store_backend.query("SELECT data FROM bodies")) == 2   # nothing half-written
+
+
+async def test_claim_prefetches_bodies_and_outcomes_finish_messages(store_backend):
+    queue = store_backend.queue
+    first, second = message(1, rcpts=("x@example.org", "y@example.org")), message(2)
+    await queue.enqueue(first)
+    await queue.enqueue(second)
+    claimed = await queue.claim(2e9, 10, prefetch_bytes=len(first.data))
+    assert [(d.message_id, d.rcpt_no, d.address) for d in claimed.due] == [
+        (first.id, 0, "x@example.org"), (first.id, 1, "y@example.org"), (second.id, 0, "b@example.org")]
+    assert claimed.due[0].sender == "a@lab.test" and claimed.due[0].arrival == first.arrival
+    assert claimed.bodies == {first.id: first.data}     # the budget held one body
+    assert claimed.next_due is None
+    assert (await queue.claim(2e9, 10)).due == []       # claimed ones are not claimed again
+    # One recipient delivered, one deferred: the message stays, with its history.
+    finished = await queue.record_outcomes(
+        first.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None),
+                   RecipientUpdate(1, RcptState.DEFERRED, 1, 2e9 + 300, "451 4.4.1 later")], 2e9,
+        history=[HistoryEntry(2e9, "y@example.org", "deferred", "451 4.4.1 later")], delay_warned=True)
+    assert not finished
+    assert await queue.next_due_time() == 2e9 + 300
+    await queue.give_back(second.id, [0])
+    assert await store_backend.recipients() == {
+        first.id: [("x@example.org", "delivered", 1), ("y@example.org", "deferred", 1)],
+        second.id: [("b@example.org", "queued", 0)]}
+    assert await store_backend.query("SELECT event, detail FROM history") == [("deferred", "451 4.4.1 later")]
+    [(warned,)] = await store_backend.query(f"SELECT delay_warned FROM messages WHERE id = '{first.id}'")
+    assert warned
+    # Not due yet, then due: deferred mail comes back with what it had.
+    assert [d.message_id for d in (await queue.claim(2e9 + 1, 10)).due] == [second.id]
+    [again] = (await queue.claim(2e9 + 300, 10)).due
+    assert (again.rcpt_no, again.attempts, again.last_error, again.delay_warned) == (1, 1, "451 4.4.1 later", True)
+    # The same deferral again writes no second history row.
+    await queue.record_outcomes(first.id, [RecipientUpdate(1, RcptState.DEFERRED, 2, 2e9 + 900, "451 4.4.1 later")],
+                                2e9 + 300, history=[HistoryEntry(2e9 + 300, "y@example.org", "deferred",
+                                                                 "451 4.4.1 later")])
+    assert len(await store_backend.query("SELECT event FROM history")) == 1
+    [again] = (await queue.claim(2e9 + 900, 10)).due
+    assert await queue.record_outcomes(first.id, [RecipientUpdate(1, RcptState.BOUNCED, 3, 0.0, "550 5.1.1 no")],
+                                       2e9 + 900, new_messages=[message(3, rcpts=("a@lab.test",))])
+    # Gone with its body and history; the bounce (a new message) is queued in the same commit.
+    remaining = await store_backend.recipients()
+    assert first.id not in remaining and len(remaining) == 2
+    assert await queue.message_data(first.id) is None
+    assert await store_backend.query("SELECT event FROM history") == []
+
+
+async def test_recover_in_flight_makes_claimed_recipients_due(store_backend):
+    queue = store_backend.queue
+    fresh, tried = message(1), message(2)
+    await queue.enqueue(fresh)
+    await queue.enqueue(tried)
+    await queue.claim(2e9, 10)
+    await queue.record_outcomes(tried.id, [RecipientUpdate(0, RcptState.DEFERRED, 1, 2e9, "451 4.4.1 later")], 2e9)
+    await queue.claim(2e9, 10)
+    # As after a crash: both left 'active' by this node's previous life.
+    assert await queue.recover_in_flight() == 2
+    assert await store_backend.recipients() == {fresh.id: [("b@example.org", "queued", 0)],
+                                                tried.id: [("b@example.org", "deferred", 1)]}
+
+
+async def test_local_delivery_copies_are_stored_with_the_outcome(store_backend):
+    queue = store_backend.queue
+    m = message(1, rcpts=("Bob@lab.test",))
+    await queue.enqueue(m)
+    await queue.claim(2e9, 10)
+    copy = MailboxCopy("Bob@lab.test", m.id, m.sender, "1", b"Return-Path: <a@lab.test>\r\n" + m.data,
+                       arrival=m.arrival)
+    assert await queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9,
+                                       mailbox_copies=[copy])
+    assert await store_backend.query("SELECT mailbox, queue_id, received, sender, subject, size, data"
+                                     " FROM mailbox_messages") == [
+        ("bob@lab.test", m.id, m.arrival, m.sender, "1", len(copy.data), copy.data)]
 
 
 async def test_open_migrates_an_empty_file_and_refuses_a_newer_schema(tmp_path):
