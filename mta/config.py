@@ -43,12 +43,16 @@ from mta.config_values import (
     parse_hostport,
     parse_size,
     port_number,
+    postgresql_dsn,
     show,
     string,
 )
 from mta.errors import ConfigError
 
 LISTENER_MODES = ("relay", "submission", "pop3", "http")
+QUEUE_BACKENDS = ("sqlite", "postgresql")
+# A node renews its leases every lease/3: shorter leases would mostly be renewals.
+MIN_LEASE = 3.0
 DELIVERY_TLS_MODES = ("may", "encrypt", "none")
 SMTP_PORT = 25   # delivery.port, and the port of a route or smarthost written without one
 
@@ -94,6 +98,9 @@ class AuthConfig:
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
     path: str = "var/queue.db"
+    backend: str = "sqlite"          # sqlite (the file at path) | postgresql (the database at dsn)
+    dsn: str | None = None           # libpq URI of the shared database (issue 16)
+    lease: float = 60.0              # how long a node's claim on a recipient lasts unrenewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,9 +344,7 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
     auth: AuthConfig = _section(top, "auth", AuthConfig, users_file=string)
     if any(item.mode == "submission" for item in listeners) and not auth.users_file:
         raise ConfigError("auth.users_file", "missing (a submission listener needs credentials)")
-    queue = top.section("queue")
-    queue_cfg = QueueConfig(path=queue.get("path", default_queue_path(), string))
-    queue.done()
+    queue_cfg = _queue(top.section("queue"))
     delivery = _delivery(top.section("delivery"))
     limits: LimitsConfig = _section(
         top, "limits", LimitsConfig, message_size=parse_size, max_recipients=integer(1),
@@ -355,6 +360,22 @@ def build_config(data: Any, source: str = "<built-in defaults>") -> Config:
                   delivery=delivery, limits=limits, metrics=metrics, bounce=bounce,
                   local_domains=local_domains, mailboxes=mailboxes, dsn=dsn, mydestination=mydestination,
                   postmaster=postmaster, chaos=chaos, source=source)
+
+
+def _queue(queue: Section) -> QueueConfig:
+    path = queue.get("path", default_queue_path(), string)
+    backend = queue.get("backend", default_of(QueueConfig, "backend"), choice(QUEUE_BACKENDS))
+    dsn = queue.get("dsn", None, postgresql_dsn)
+    lease = queue.get("lease", default_of(QueueConfig, "lease"), parse_duration)
+    if backend == "postgresql" and dsn is None:
+        raise ConfigError("queue.dsn", "missing (backend postgresql needs the database's URI)")
+    if backend == "sqlite" and dsn is not None:
+        raise ConfigError("queue.dsn", "only used with backend: postgresql")
+    if lease < MIN_LEASE:
+        raise ConfigError("queue.lease", f"{lease:g}s is too short (at least {MIN_LEASE:g}s: "
+                          "a node renews its leases every third of it)")
+    queue.done()
+    return QueueConfig(path=path, backend=backend, dsn=dsn, lease=lease)
 
 
 def _listeners(top: Section) -> tuple[ListenerConfig, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -161,6 +162,36 @@ def string(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(path, f"{show(value)} is not a string")
     return value
+
+
+def postgresql_dsn(value: Any, path: str) -> str:
+    """A libpq connection URI (postgresql://user@host:port/dbname?...). Only its form is
+    checked: the database need not be up (`mta check-config`). A password written in
+    it is allowed (libpq takes it) but PGPASSWORD or ~/.pgpass keep it out of the file."""
+    text = string(value, path)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(path, f"{show(redacted_dsn(text))} is not a PostgreSQL URI ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(path, f"{show(redacted_dsn(text))} is not a PostgreSQL URI "
+                          "(postgresql://user@host:port/database)")
+    if port == 0:
+        raise ConfigError(path, "port 0 is not a port")
+    return text
+
+
+def redacted_dsn(dsn: str) -> str:
+    """``dsn`` fit for a log line or an error: the password, if any, as ***."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return dsn
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def choice(options: Sequence[str]) -> Converter[str]:

@@ -29,8 +29,8 @@ from mta.inbox.model import InboxChange, InboxEntry, InboxPage, SearchTerm
 from mta.model import MailboxCopy, NewMessage, QueuedMessage, RcptState
 
 __all__ = [
-    "QUEUE_NAMES", "AdminResult", "Claimed", "DueRecipient", "HistoryEntry", "Inbox", "MailboxCopy", "MailboxSummary",
-    "Mailboxes", "MessageDetail", "MessageSummary", "Queue", "QueueAdmin", "QueueEntry", "QueueSummary",
+    "QUEUE_NAMES", "AdminResult", "Claimed", "DueRecipient", "HistoryEntry", "Inbox", "MailboxCopy", "MailboxLock",
+    "MailboxSummary", "Mailboxes", "MessageDetail", "MessageSummary", "Queue", "QueueAdmin", "QueueEntry", "QueueSummary",
     "RecipientUpdate", "Store", "StoredMessage", "classify_message", "mailbox_key", "new_queue_id", "uidl",
 ]
 
@@ -300,8 +300,21 @@ class QueueAdmin(Protocol):
         ...
 
 
+class MailboxLock(Protocol):
+    """RFC 1939 §8's maildrop lock, held by one POP3 session from login to its end."""
+
+    async def release(self) -> None:
+        """Give the lock up (idempotent); also given up when the holder's process dies."""
+        ...
+
+
 class Mailboxes(Protocol):
     """The lab mailboxes, as POP3 and `mta mailbox` see them."""
+
+    async def lock(self, mailbox: str) -> MailboxLock | None:
+        """Lock ``mailbox`` for one POP3 session against every other session on every
+        process and node sharing this store; None when another session holds it."""
+        ...
 
     async def messages(self, mailbox: str) -> list[StoredMessage]: ...
     async def read(self, mailbox: str, message_id: int) -> bytes | None: ...

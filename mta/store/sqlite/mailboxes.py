@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Collection, Sequence
 
 from mta.model import MailboxCopy
-from mta.store.api import MailboxSummary, MessageSummary, StoredMessage, mailbox_key
+from mta.store.api import MailboxLock, MailboxSummary, MessageSummary, StoredMessage, mailbox_key
 from mta.store.sqlite.engine import Engine
 from mta.store.sqlite.entries import entry_for
 
@@ -58,6 +58,16 @@ class SQLiteMailboxes:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        # One daemon per SQLite queue (mta/store/sqlite/lock.py), so the maildrop locks
+        # of its POP3 sessions live in this process.
+        self._locked: set[str] = set()
+
+    async def lock(self, mailbox: str) -> MailboxLock | None:
+        key = mailbox_key(mailbox)
+        if key in self._locked:
+            return None
+        self._locked.add(key)
+        return _ProcessLock(self._locked, key)
 
     async def messages(self, mailbox: str) -> list[StoredMessage]:
         """The maildrop in arrival order (POP3 message numbers follow it)."""
@@ -134,3 +144,14 @@ class SQLiteMailboxes:
             return [MessageSummary(int(i), str(q), int(s), float(r), str(f), str(t)) for i, q, s, r, f, t in rows]
 
         return await self.engine.read(read)
+
+
+class _ProcessLock:
+    def __init__(self, locked: set[str], key: str):
+        self._locked = locked
+        self._key: str | None = key
+
+    async def release(self) -> None:
+        if self._key is not None:
+            self._locked.discard(self._key)
+            self._key = None
