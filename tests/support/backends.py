@@ -10,6 +10,8 @@ on the same DSN is a second node: its own engine (pool) on the same database."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import sqlite3
 import time
 from contextlib import closing
@@ -72,6 +74,26 @@ class QueueBackend:
             return [tuple(row) for row in await conn.fetch(sql)]
 
         return await self._engine.run(read)
+
+    def query_blocking(self, sql: str) -> list[tuple[Any, ...]]:
+        """:meth:`query` for synchronous callers (a test's plain assert): on PostgreSQL a
+        connection of its own in a thread, so the caller's event loop is not re-entered."""
+        if self._path is not None:
+            with closing(sqlite3.connect(self._path)) as db:
+                return [tuple(row) for row in db.execute(sql)]
+        import asyncpg
+
+        dsn = self.engine.dsn
+
+        async def read() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return [tuple(row) for row in await conn.fetch(sql)]
+            finally:
+                await conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, read()).result(timeout=30)
 
     async def execute(self, sql: str) -> None:
         """Change rows directly (as an old release or a hand-made change would), committed."""
