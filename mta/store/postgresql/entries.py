@@ -19,49 +19,41 @@ from mta.inbox.search import clean_text
 from mta.inbox.summary import summarize
 from mta.store.inbox_rows import ENTRY_COLUMNS, row_to_entry, summary_columns
 
-_INSERT = (
-    "INSERT INTO inbox (id, queue_id, created, size, message_id, from_name, from_address, to_list, cc_list,"
-    " bcc_list, reply_to_list, subject, date, attachments, snippet, find_from, find_to, find_cc, find_bcc,"
+# One statement, one round trip (local delivery's commit runs it for each new message):
+# the entry with its search text, or the entry already made for this message (queue id and
+# arrival: an earlier attempt's copies, or another node's storing the same message right
+# now, which the unique index makes us wait for). The no-op DO UPDATE returns that row and
+# locks it until our COMMIT: a transaction removing it (its last copy deleted on another
+# node) waits for ours and then finds the copy we add. Its ID is the queue id, with "-2",
+# "-3"... only while an entry of that ID is still there (queue ids wrap).
+_UPSERT = (
+    "WITH RECURSIVE taken(n) AS (SELECT 1 WHERE EXISTS (SELECT 1 FROM inbox WHERE id = $1)"
+    " UNION ALL SELECT n + 1 FROM taken WHERE EXISTS (SELECT 1 FROM inbox WHERE id = $1 || '-' || (n + 1))),"
+    " entry AS (INSERT INTO inbox (id, queue_id, created, size, message_id, from_name, from_address, to_list,"
+    " cc_list, bcc_list, reply_to_list, subject, date, attachments, snippet, find_from, find_to, find_cc, find_bcc,"
     " find_reply_to, find_subject, find_message_id)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22)"
-    " ON CONFLICT (queue_id, created) DO NOTHING RETURNING no")
+    " SELECT coalesce((SELECT $1 || '-' || (max(n) + 1) FROM taken HAVING count(*) > 0), $1),"
+    " $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21"
+    " ON CONFLICT (queue_id, created) DO UPDATE SET queue_id = EXCLUDED.queue_id RETURNING no),"
+    " text AS (INSERT INTO inbox_text (no, text) SELECT no, $22 FROM entry ON CONFLICT (no) DO NOTHING)"
+    " SELECT no FROM entry")
 
 
 async def entry_for(conn: Any, queue_id: str, created: float, data: bytes, summary: InboxSummary | None) -> int:
     """The row number (``inbox.no``) of the entry of the message that arrived as
-    ``queue_id`` at ``created``, made from ``data`` (one copy's bytes) if it has none yet.
-
-    The entry is locked (FOR KEY SHARE) until the caller's COMMIT, so that a
-    transaction removing it meanwhile (its last copy deleted on another node) waits
-    for ours and then finds the copy we add. Two nodes storing the first copies of
-    one message at once both try the INSERT; the second waits for the first's
-    COMMIT (the unique index on queue id and arrival) and then uses its entry."""
-    while True:
-        no = await conn.fetchval("SELECT no FROM inbox WHERE queue_id = $1 AND created = $2 FOR KEY SHARE",
+    ``queue_id`` at ``created``, made from ``data`` (one copy's bytes) if it has none yet;
+    locked until the caller's COMMIT (see _UPSERT). Without a summary (the back-fill, or
+    a store that was not given one) an existing entry is looked for first, so that the
+    copy is parsed only for a new one."""
+    raw = entry_raw(data)
+    if summary is None:
+        no = await conn.fetchval("SELECT no FROM inbox WHERE queue_id = $1 AND created = $2 FOR NO KEY UPDATE",
                                  queue_id, created)
         if no is not None:
             return int(no)
-        raw = entry_raw(data)
-        if summary is None:
-            summary = summarize(raw)
-        made = await insert_entry(conn, queue_id, created, len(raw), summary)
-        if made is not None:
-            return made
-
-
-async def insert_entry(conn: Any, queue_id: str, created: float, size: int, s: InboxSummary) -> int | None:
-    """A new entry (the schema's trigger logs it as 'new'); its ID is the queue id, with
-    "-2", "-3"... only while an entry of that ID is still there (queue ids wrap). None
-    if another transaction made this message's entry first."""
-    entry_id, n = queue_id, 1
-    while await conn.fetchval("SELECT 1 FROM inbox WHERE id = $1", entry_id) is not None:
-        n += 1
-        entry_id = f"{queue_id}-{n}"
-    no = await conn.fetchval(_INSERT, entry_id, queue_id, created, size, *summary_columns(s))
-    if no is None:
-        return None
-    await conn.execute("INSERT INTO inbox_text (no, text) VALUES ($1, $2)", no, clean_text(s.search_text))
-    return int(no)
+        summary = summarize(raw)
+    return int(await conn.fetchval(_UPSERT, queue_id, created, len(raw), *summary_columns(summary),
+                                   clean_text(summary.search_text)))
 
 
 async def load_entries(conn: Any, where: str, args: Sequence[Any], order: str = "") -> list[InboxEntry]:
