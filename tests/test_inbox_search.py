@@ -1,4 +1,5 @@
-"""Mailpit's search language: mta/inbox/search.py's parser (the store's matching is in test_inbox_store.py)."""
+"""Mailpit's search language: mta/inbox/search.py's parser, and what parsed queries match in
+each backend's store (every field on its own is in test_inbox_store.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from mta.inbox.search import (
     parse_size,
     with_timezone,
 )
+from tests.support.backends import QueueBackend
+from tests.support.inbox import deliver, message
 
 
 def test_free_words_and_phrases():
@@ -119,3 +122,49 @@ def test_needles_are_lower_case_and_cleaned_as_mailpit_cleans():
     assert needle(SearchTerm(None, "The Body <x;y>")) == "the body x y"
     assert needle(SearchTerm("to", "<Bob@Lab.Test>")) == "bob@lab.test"
     assert needle(SearchTerm("subject", "Re: (DRAFT)")) == "re: (draft)"
+
+
+# --------------------------------------------------------------------------- on each backend's store
+# What a parsed query matches in the store, on SQLite and on PostgreSQL alike (the fields
+# one by one are in test_inbox_store.py): queries as a client types them, parsed here.
+
+
+async def search(store: QueueBackend, query: str) -> list[str]:
+    return [e.id for e in (await store.inbox.page(parse_query(query))).entries]
+
+
+@pytest.mark.timeout(60)
+async def test_queries_match_the_same_on_both_backends(store_backend: QueueBackend):
+    store = store_backend
+    await deliver(store, "QS0000000001", message("Re: Été report [draft]", to="Zoë <zoe@lab.test>",
+                                                 body="Ünïcode body; 100% done_now\n"), ["zoe@lab.test"])
+    await deliver(store, "QS0000000002", message("plain ascii", body="nothing special\n"), ["zoe@lab.test"])
+    await store.inbox.set_tags(["QS0000000001"], ["Été", "CI"])
+    one, two, both = ["QS0000000001"], ["QS0000000002"], ["QS0000000002", "QS0000000001"]
+    cases = {
+        'subject:"été report"': one, "subject:ÉTÉ": one, "subject:[draft]": one, "ünïcode": one, "ÜNÏCODE": one,
+        # ';' is cleaned to a space on both sides, as Mailpit's cleanString does
+        '"100% done_now"': one, "done%now": [], "done_": one, '"body 100%"': one, "to:zoë": one, "to:ZOË": one,
+        "tag:ci": one, "tag:CI": one, "tag:Été": one, "tag:été": [],   # tags ignore ASCII case only (NOCASE)
+        "-tag:ci": two, "is:tagged subject:report": one, "!is:tagged": two,
+        "subject:plain -subject:report": two, "zoe@lab.test": one, "-zoe": two, "lab.test": both,
+        "has:attachment": [],
+    }
+    assert {query: await search(store, query) for query in cases} == cases
+
+
+@pytest.mark.timeout(60)
+async def test_dates_in_a_time_zone_match_on_both_backends(store_backend: QueueBackend):
+    store = store_backend
+    midnight = datetime.datetime(2024, 1, 31, tzinfo=datetime.UTC).timestamp()
+    await deliver(store, "QT0000000001", message("before"), ["zoe@lab.test"], arrival=midnight - 3600)
+    await deliver(store, "QT0000000002", message("after"), ["zoe@lab.test"], arrival=midnight + 3600)
+    plus2 = datetime.timezone(datetime.timedelta(hours=2))   # its midnight is 22:00 UTC the day before
+
+    async def dated(query: str, tz: datetime.tzinfo) -> list[str]:
+        return [e.id for e in (await store.inbox.page(with_timezone(parse_query(query), tz))).entries]
+
+    assert await dated("before:2024-01-31", datetime.UTC) == ["QT0000000001"]
+    assert await dated("after:2024-01-31", datetime.UTC) == ["QT0000000002"]
+    assert await dated("before:2024-01-31", plus2) == []
+    assert await dated("-before:2024-01-31", plus2) == ["QT0000000002", "QT0000000001"]
