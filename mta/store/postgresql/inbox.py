@@ -135,8 +135,12 @@ class PostgreSQLInbox:
             tags = [str(t) for t in tags]
             if not terms:
                 if key is None:
-                    rows = await conn.fetch(f"SELECT {ENTRY_COLUMNS} FROM inbox e {NEWEST_FIRST} LIMIT $1 OFFSET $2",
-                                            limit, start)
+                    # The page's row numbers off the created index alone (index-only: a deep
+                    # page skips its offset without reading those rows), then its rows.
+                    rows = await conn.fetch(
+                        f"SELECT {ENTRY_COLUMNS} FROM (SELECT created, no FROM inbox {NEWEST_FIRST.replace('e.', '')}"
+                        " LIMIT $1 OFFSET $2) AS w JOIN inbox e USING (no) ORDER BY w.created DESC, w.no DESC",
+                        limit, start)
                 else:
                     # Off the mailbox's own index, where received is the entry's created.
                     rows = await conn.fetch(
