@@ -28,12 +28,12 @@ from typing import Any
 from mta.errors import StoreError
 from mta.store.api import MailboxLock, MailboxSummary, MessageSummary, StoredMessage, mailbox_key
 from mta.store.postgresql.engine import PgEngine, one_line
-from mta.store.postgresql.schema import MIGRATION_LOCK
+from mta.store.postgresql.schema import CHANGES_LOCK, MIGRATION_LOCK
 
 # pg_try_advisory_xact_lock's key for max_age pruning ("mta\0prun" as 8 bytes), next to
 # schema.py's MIGRATION_LOCK in the one-bigint key space of advisory locks.
 PRUNE_LOCK = 0x6D7461_00_7072756E
-_FIXED_KEYS = (MIGRATION_LOCK, PRUNE_LOCK)
+_FIXED_KEYS = (MIGRATION_LOCK, PRUNE_LOCK, CHANGES_LOCK)
 
 
 def maildrop_key(mailbox: str) -> int:
