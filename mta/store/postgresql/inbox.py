@@ -227,9 +227,17 @@ class PostgreSQLInbox:
         where, args = _selection(entry_ids, terms)
 
         async def delete(conn: Any) -> list[str]:
-            rows = await conn.fetch(f"DELETE FROM inbox WHERE no IN (SELECT e.no FROM inbox e WHERE {where})"
-                                    " RETURNING no, id", *args)
-            return [str(r[1]) for r in sorted(rows)]
+            targets = await conn.fetch(f"SELECT e.no, e.id FROM inbox e WHERE {where} ORDER BY e.no", *args)
+            nos = [int(r[0]) for r in targets]
+            # Copies first, then entries, as POP3, pruning and purge remove them (the
+            # trigger locks and removes the entries left without copies): one lock order
+            # on every path, so that a delete over HTTP and a delivery's pruning of the
+            # same message on another node wait for each other instead of deadlocking.
+            await conn.execute("DELETE FROM mailbox_messages WHERE inbox_id = ANY($1::bigint[])", nos)
+            # An entry that got a copy meanwhile (another node's delivery, committed since
+            # our look) goes too, with its copies: the API deletes a message from every mailbox.
+            await conn.execute("DELETE FROM inbox WHERE no = ANY($1::bigint[])", nos)
+            return [str(entry_id) for _, entry_id in targets]
 
         return await self.engine.run(delete)
 
