@@ -59,6 +59,13 @@ async def store_copies(node: QueueBackend, queue_id: str, data: bytes, mailboxes
     await node.engine.run(insert)
 
 
+async def assert_counts_are_the_rows(node: QueueBackend) -> None:
+    """The list's total and unread (kept by triggers in inbox_counts) are what counting finds."""
+    page = await node.inbox.page(limit=0)
+    assert [(page.total, page.unread)] == await node.query("SELECT count(*), count(*) FILTER (WHERE NOT read)"
+                                                           " FROM inbox")
+
+
 # --------------------------------------------------------------------------- two nodes
 
 
@@ -107,6 +114,7 @@ async def test_both_nodes_deleting_the_last_two_copies_at_once_leave_no_entry(no
                          *(b.mailboxes.delete("bob@lab.test", [i]) for i in bob))
     assert await a.query("SELECT count(*) FROM inbox") == [(0,)]
     assert await a.query("SELECT count(*) FROM mailbox_messages") == [(0,)]
+    await assert_counts_are_the_rows(b)
     assert sorted(c.id for c in await a.inbox.changes_since(20)) == [f"Q0000000C{n:03d}" for n in range(20)]
 
 
@@ -118,6 +126,7 @@ async def test_two_nodes_storing_the_first_copies_of_one_message_at_once_make_on
     [entry] = (await a.inbox.page()).entries
     assert (entry.id, entry.mailboxes) == ("Q0000000D001", ("alice@lab.test", "bob@lab.test"))
     assert [c.kind for c in await b.inbox.changes_since(0)] == ["new"]
+    await assert_counts_are_the_rows(b)
 
 
 async def test_concurrent_writers_never_make_a_poller_skip_a_change(nodes, postgres_dsn):
@@ -172,6 +181,9 @@ async def test_concurrent_writers_never_make_a_poller_skip_a_change(nodes, postg
               await a.query(f"SELECT seq, kind, id FROM inbox_changes WHERE seq > {start} ORDER BY seq")]
     assert len(logged) == 8 * 10
     assert seen == logged
+    await assert_counts_are_the_rows(b)
+    # The counts' rows of those 80 transactions were summed at their commits.
+    assert (await a.query("SELECT count(*) FROM inbox_counts"))[0][0] <= 10
 
 
 async def test_deleting_over_http_while_another_node_prunes_the_same_messages(nodes):
@@ -198,6 +210,7 @@ async def test_deleting_over_http_while_another_node_prunes_the_same_messages(no
                          " (SELECT 1 FROM mailbox_messages m WHERE m.inbox_id = e.no)") == [(0,)]
     assert await a.query("SELECT count(*) FROM mailbox_messages m WHERE NOT EXISTS"
                          " (SELECT 1 FROM inbox e WHERE e.no = m.inbox_id)") == [(0,)]
+    await assert_counts_are_the_rows(a)
 
 
 # --------------------------------------------------------------------------- schema versions
@@ -245,6 +258,7 @@ async def test_a_version_1_database_is_upgraded_with_entries_for_its_copies(post
         assert page.entries[1].size == len(f"Return-Path: <{SENDER}>\r\n") + len(one)
         assert [e.id for e in (await node.inbox.page(parse_query("from:other"))).entries] == ["QOLD00000002"]
         assert await node.inbox.changes_since(0) == []   # the back-fill is not news
+        await assert_counts_are_the_rows(node)
         # And the upgraded database behaves: POP3 deletes bob's copy, then alice's go.
         [bob] = await node.mailboxes.messages("bob@lab.test")
         await node.mailboxes.delete("bob@lab.test", [bob.id])

@@ -158,8 +158,8 @@ MIGRATIONS: tuple[str, ...] = (
     -- The list, newest first (the row number breaks ties); the unread count.
     CREATE INDEX inbox_created ON inbox(created, no);
     CREATE INDEX inbox_unread ON inbox(no) WHERE NOT read;
-    -- The list's counts are index-only scans while the visibility map is fresh: vacuum
-    -- after 2% of the entries changed or were added, not the default 20%.
+    -- The mailbox filter's counts are index-only scans while the visibility map is fresh:
+    -- vacuum after 2% of the entries changed or were added, not the default 20%.
     ALTER TABLE inbox SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02,
                            autovacuum_analyze_scale_factor = 0.02);
     -- Free-word search text, apart so that list rows stay small.
@@ -182,6 +182,15 @@ MIGRATIONS: tuple[str, ...] = (
         time DOUBLE PRECISION NOT NULL
     );
     ALTER SEQUENCE inbox_changes_seq OWNED BY inbox_changes.seq;
+    -- The list's counts (Mailpit's total and unread), kept by the triggers: counting
+    -- 100,000 entries took 13 ms of the newest 50's 21. Each transaction adds its own row
+    -- of differences (no row that every node's deliveries would update and wait for),
+    -- and sums them at COMMIT into one (inbox_changes_bounded): a reader sums a few rows.
+    CREATE TABLE inbox_counts (
+        no     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        total  BIGINT NOT NULL,
+        unread BIGINT NOT NULL
+    );
     CREATE INDEX mailbox_messages_inbox ON mailbox_messages(inbox_id, mailbox);
     -- One mailbox's entries newest first (received = the entry's created), and their count.
     CREATE INDEX mailbox_messages_box_inbox ON mailbox_messages(mailbox, received, inbox_id);
@@ -225,6 +234,12 @@ MIGRATIONS: tuple[str, ...] = (
             SELECT seq FROM inbox_changes WHERE time < newest - 3600
             AND seq IN (SELECT seq FROM inbox_changes ORDER BY seq LIMIT 2 * made)
             FOR UPDATE SKIP LOCKED);
+        -- The counts' rows summed into one (rows another transaction is summing are its own).
+        IF (SELECT count(*) FROM inbox_counts) > 8 THEN
+            WITH summed AS (DELETE FROM inbox_counts WHERE no IN (
+                SELECT no FROM inbox_counts FOR UPDATE SKIP LOCKED) RETURNING total, unread)
+            INSERT INTO inbox_counts (total, unread) SELECT sum(total), sum(unread) FROM summed HAVING count(*) > 0;
+        END IF;
         RETURN NULL;
     END $$;
     CREATE CONSTRAINT TRIGGER inbox_changes_bounded AFTER INSERT ON inbox_changes
@@ -232,6 +247,8 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE FUNCTION inbox_added() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
+        INSERT INTO inbox_counts (total, unread)
+            SELECT count(*), count(*) FILTER (WHERE NOT read) FROM added HAVING count(*) > 0;
         PERFORM inbox_log(ARRAY(SELECT 'new' FROM added ORDER BY no), ARRAY(SELECT id FROM added ORDER BY no));
         RETURN NULL;
     END $$;
@@ -240,6 +257,9 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE FUNCTION inbox_read_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
+        INSERT INTO inbox_counts (total, unread)
+            SELECT 0, sum(CASE WHEN n.read THEN -1 ELSE 1 END) FROM new_rows n JOIN old_rows o USING (no)
+            WHERE n.read <> o.read HAVING count(*) > 0;
         PERFORM inbox_log(
             ARRAY(SELECT CASE WHEN n.read THEN 'read' ELSE 'unread' END FROM new_rows n JOIN old_rows o USING (no)
                   WHERE n.read <> o.read ORDER BY n.no),
@@ -260,6 +280,7 @@ MIGRATIONS: tuple[str, ...] = (
         DELETE FROM mailbox_messages WHERE inbox_id IN (SELECT no FROM removed);
         DELETE FROM inbox_text WHERE no IN (SELECT no FROM removed);
         DELETE FROM inbox_tags WHERE no IN (SELECT no FROM removed);
+        INSERT INTO inbox_counts (total, unread) SELECT -count(*), -count(*) FILTER (WHERE NOT read) FROM removed;
         PERFORM inbox_log(ARRAY(SELECT 'delete' FROM removed ORDER BY no),
                           ARRAY(SELECT id FROM removed ORDER BY no));
         RETURN NULL;
