@@ -23,6 +23,7 @@ from mta.config import Config
 from mta.health import Health
 from mta.store.api import Store
 from mta.store.sqlite.store import SQLiteStore
+from mta.store.transfer import TransferStore
 
 Role = Literal["inbound", "delivery", "admin"]
 
@@ -39,3 +40,14 @@ def make_store(config: Config, *, role: Role, health: Health | None = None) -> S
                        commit_delay=COMMIT_DELAY if delivery else 0.0,
                        # claims and outcomes commit on the event loop's thread (Engine._run_inline)
                        inline_writes=delivery)
+
+
+def make_transfer(config: Config) -> TransferStore:
+    """The configured queue as `mta queue export` reads it and `mta queue import` writes it,
+    not yet opened (mta/store/transfer.py)."""
+    if config.queue.backend == "postgresql":
+        # Imported here: asyncpg is the optional extra `mta[postgresql]`.
+        from mta.store.postgresql.transfer import PostgreSQLTransfer
+        return PostgreSQLTransfer(config.queue.dsn or "")
+    from mta.store.sqlite.transfer import SQLiteTransfer
+    return SQLiteTransfer(config.queue.path)

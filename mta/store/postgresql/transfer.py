@@ -1,0 +1,251 @@
+"""A PostgreSQL database as `mta queue export` reads it and `mta queue import` writes it
+(mta/store/transfer.py has the records and the file).
+
+Import runs beside the nodes: each batch is one transaction, and one that stored new
+mail sends the new-mail NOTIFY (queue.py), so every node's queue manager looks at the
+queue as soon as it commits. Export copies the database and leaves it as it is, so it
+is refused while a node is connected (its LISTEN connection is in pg_stat_activity)
+or still holds a lease: a running node accepts mail the dump would miss, and delivers
+mail the dump holds, which the target would then deliver again. Stop every node
+first; a recipient whose node died is exported as due again once its lease has ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from typing import Any
+
+from mta.store.api import HistoryEntry, mailbox_key, new_queue_id
+from mta.store.postgresql.engine import PgEngine
+from mta.store.postgresql.queue import _tell_other_nodes
+from mta.store.transfer import Added, CopyRecord, MessageRecord, RecipientRecord, TransferError, due_again
+
+# An export batch: this many messages, or fewer whose bodies reach BATCH_BYTES.
+BATCH_MESSAGES = 500
+BATCH_BYTES = 8 * 1024 * 1024
+
+# The NOTIFY payload of an import (queue.py's listeners wake for any payload but their own node's).
+IMPORT_PAYLOAD = "mta queue import"
+
+# The application_name of a node's LISTEN connection (PgEngine.listen): a node is running.
+NODE_CONNECTION = "mta listen"
+
+
+class PostgreSQLTransfer:
+    """mta.store.transfer.TransferStore on one PostgreSQL database."""
+
+    name = "postgresql"
+
+    def __init__(self, dsn: str):
+        self.engine = PgEngine(dsn, max_connections=2)
+
+    async def open(self) -> None:
+        await self.engine.open()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def check_quiet(self) -> None:
+        async def look(conn: Any) -> tuple[int, list[str], list[tuple[str, float]]]:
+            nodes = await conn.fetch(
+                "SELECT coalesce(host(client_addr), 'local') FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
+                NODE_CONNECTION)
+            leases = await conn.fetch(
+                "SELECT lease_node, max(lease_until) FROM recipients WHERE state = 'active' AND lease_until > $1"
+                " GROUP BY lease_node ORDER BY lease_node", time.time())
+            return len(nodes), sorted({str(n[0]) for n in nodes}), [(str(n), float(u)) for n, u in leases]
+
+        connected, addresses, leases = await self.engine.run(look)
+        if connected:
+            raise TransferError(
+                f"{connected} mta node{'s are' if connected != 1 else ' is'} connected to the database (from"
+                f" {', '.join(addresses)}): stop every node first (mail arriving or being delivered during the"
+                " export would be missed or delivered twice)")
+        if leases:
+            until = max(u for _, u in leases)
+            raise TransferError(
+                f"recipients are being delivered by node {', '.join(n for n, _ in leases)} (leases until"
+                f" {time.strftime('%H:%M:%S', time.localtime(until))}): stop every node first, or wait until"
+                " those leases end")
+
+    # ----------------------------------------------------------------- export
+
+    async def messages(self) -> AsyncIterator[list[MessageRecord]]:
+        after = ""
+        while True:
+            batch = await self.engine.run(partial(_read_messages, after=after))
+            if not batch:
+                return
+            yield batch
+            after = batch[-1].id
+
+    async def copies(self) -> AsyncIterator[list[CopyRecord]]:
+        after = 0
+        while True:
+            batch = await self.engine.run(partial(_read_copies, after=after))
+            if not batch:
+                return
+            yield batch
+            after = batch[-1].id
+
+    # ----------------------------------------------------------------- import
+
+    async def add_messages(self, records: Sequence[MessageRecord]) -> Added:
+        return await self.engine.run(lambda conn: _add_messages(conn, records))
+
+    async def add_copies(self, records: Sequence[tuple[CopyRecord, int]]) -> Added:
+        return await self.engine.run(lambda conn: _add_copies(conn, records))
+
+
+async def _read_messages(conn: Any, after: str) -> list[MessageRecord]:
+    """The next batch of messages after queue id ``after``, whole, in one transaction.
+    (COLLATE "C": queue ids sort by their bytes, as SQLite sorts them.)"""
+    rows = await conn.fetch(
+        "SELECT id, sender, arrival, client, listener, helo, auth_user, smtputf8, body_8bit, ret, envid,"
+        ' delay_warned, size FROM messages WHERE id > $1 COLLATE "C" ORDER BY id COLLATE "C" LIMIT $2',
+        after, BATCH_MESSAGES)
+    kept: list[Any] = []
+    total = 0
+    for row in rows:
+        if kept and total + int(row["size"]) > BATCH_BYTES:
+            break
+        kept.append(row)
+        total += int(row["size"])
+    if not kept:
+        return []
+    ids = [str(r["id"]) for r in kept]
+    recipients: dict[str, list[RecipientRecord]] = {i: [] for i in ids}
+    for r in await conn.fetch(
+            "SELECT message_id, address, state, attempts, next_attempt, last_error, notify, orcpt, updated"
+            " FROM recipients WHERE message_id = ANY($1) ORDER BY message_id, rcpt_no", ids):
+        recipients[r[0]].append(RecipientRecord(str(r[1]), due_again(str(r[2]), int(r[3])), int(r[3]), float(r[4]),
+                                                r[5], r[6], r[7], float(r[8])))
+    history: dict[str, list[HistoryEntry]] = {i: [] for i in ids}
+    for h in await conn.fetch("SELECT message_id, time, recipient, event, detail FROM history"
+                              " WHERE message_id = ANY($1) ORDER BY message_id, time, no", ids):
+        history[h[0]].append(HistoryEntry(float(h[1]), h[2], str(h[3]), h[4]))
+    bodies = {str(b[0]): bytes(b[1]) for b in await conn.fetch(
+        "SELECT message_id, data FROM bodies WHERE message_id = ANY($1)", ids)}
+    return [MessageRecord(
+        id=str(m["id"]), sender=str(m["sender"]), arrival=float(m["arrival"]),
+        recipients=tuple(recipients[m["id"]]), data=bodies.get(m["id"], b""), client=str(m["client"]),
+        listener=str(m["listener"]), helo=str(m["helo"]), auth_user=m["auth_user"], smtputf8=bool(m["smtputf8"]),
+        body_8bit=bool(m["body_8bit"]), ret=m["ret"], envid=m["envid"], delay_warned=bool(m["delay_warned"]),
+        history=tuple(history[m["id"]])) for m in kept]
+
+
+async def _read_copies(conn: Any, after: int) -> list[CopyRecord]:
+    rows = await conn.fetch(
+        "SELECT id, mailbox, queue_id, received, sender, subject, size FROM mailbox_messages"
+        " WHERE id > $1 ORDER BY id LIMIT $2", after, BATCH_MESSAGES)
+    kept: list[Any] = []
+    total = 0
+    for row in rows:
+        if kept and total + int(row["size"]) > BATCH_BYTES:
+            break
+        kept.append(row)
+        total += int(row["size"])
+    if not kept:
+        return []
+    ids = [int(r["id"]) for r in kept]
+    data = {int(r[0]): bytes(r[1]) for r in await conn.fetch(
+        "SELECT id, data FROM mailbox_messages WHERE id = ANY($1::bigint[])", ids)}
+    marks = await _read_marks(conn, ids)
+    return [CopyRecord(mailbox=str(r["mailbox"]), id=int(r["id"]), queue_id=str(r["queue_id"]),
+                       received=float(r["received"]), sender=str(r["sender"]), subject=str(r["subject"]),
+                       data=data[int(r["id"])], read=marks.get(int(r["id"]), (False, ()))[0],
+                       tags=marks.get(int(r["id"]), (False, ()))[1]) for r in kept]
+
+
+async def _read_marks(conn: Any, ids: list[int]) -> dict[int, tuple[bool, tuple[str, ...]]]:
+    """The read flag and tags of the inbox entries of these copies (none before the lab
+    inbox's tables exist)."""
+    return {}
+
+
+async def _add_messages(conn: Any, records: Sequence[MessageRecord]) -> Added:
+    added = recipients = skipped = 0
+    renamed: list[tuple[str, str]] = []
+    found = {str(r[0]): float(r[1]) for r in await conn.fetch(
+        "SELECT id, arrival FROM messages WHERE id = ANY($1)", [m.id for m in records])}
+    for m in records:
+        queue_id = m.id
+        if queue_id in found:
+            if found[queue_id] == m.arrival:
+                skipped += 1   # imported before (a second run after an interruption)
+                continue
+            # Another message has this id: the mail must not be lost, so it gets an id of its own.
+            queue_id = await _free_id(conn)
+            renamed.append((m.id, queue_id))
+        await _insert(conn, queue_id, m)
+        found[queue_id] = m.arrival
+        added += 1
+        recipients += len(m.recipients)
+    if added:
+        # Sent at COMMIT: every node's queue manager looks at the queue at once.
+        await _tell_other_nodes(conn, IMPORT_PAYLOAD)
+    return Added(added, recipients, skipped, tuple(renamed))
+
+
+async def _free_id(conn: Any) -> str:
+    while True:
+        queue_id = new_queue_id()
+        if await conn.fetchval("SELECT 1 FROM messages WHERE id = $1", queue_id) is None:
+            return queue_id
+
+
+async def _insert(conn: Any, queue_id: str, m: MessageRecord) -> None:
+    await conn.execute(
+        "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user, smtputf8, body_8bit,"
+        " ret, envid, delay_warned) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+        queue_id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user, m.smtputf8,
+        m.body_8bit, m.ret, m.envid, m.delay_warned)
+    await conn.execute("INSERT INTO bodies (message_id, data) VALUES ($1, $2)", queue_id, m.data)
+    await conn.executemany(
+        "INSERT INTO recipients (message_id, rcpt_no, address, state, attempts, next_attempt, last_error, notify,"
+        " orcpt, updated) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+        [(queue_id, n, r.address, due_again(r.state, r.attempts), r.attempts, r.next_attempt, r.last_error,
+          r.notify, r.orcpt, r.updated) for n, r in enumerate(m.recipients)])
+    if m.history:
+        await conn.executemany(
+            "INSERT INTO history (message_id, time, recipient, event, detail) VALUES ($1,$2,$3,$4,$5)",
+            [(queue_id, h.time, h.recipient, h.event, h.detail) for h in m.history])
+
+
+async def _add_copies(conn: Any, records: Sequence[tuple[CopyRecord, int]]) -> Added:
+    """Each copy not yet here, keeping its id where it is free (its POP3 UIDL stays what
+    clients know), without pruning: an import removes no mail."""
+    added = skipped = 0
+    # Move the id sequence past the ids kept first, so no node's next copy takes one of them.
+    await conn.execute(
+        "SELECT setval(s, greatest($1::bigint, coalesce(pg_sequence_last_value(s), 1)))"
+        " FROM CAST(pg_get_serial_sequence('mailbox_messages', 'id') AS regclass) AS s",
+        max(c.id for c, _ in records))
+    for c, nth in records:
+        mailbox = mailbox_key(c.mailbox)
+        present = await conn.fetchval(
+            "SELECT count(*) FROM mailbox_messages WHERE mailbox = $1 AND queue_id = $2 AND received = $3",
+            mailbox, c.queue_id, c.received)
+        if int(present) >= nth:
+            skipped += 1
+            continue
+        row = (mailbox, c.queue_id, c.received, c.sender, c.subject, len(c.data), c.data)
+        new_id = await conn.fetchval(
+            "INSERT INTO mailbox_messages (id, mailbox, queue_id, received, sender, subject, size, data)"
+            " OVERRIDING SYSTEM VALUE VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (id) DO NOTHING RETURNING id",
+            c.id, *row)
+        if new_id is None:   # the id is taken here: a new one
+            new_id = await conn.fetchval(
+                "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING id", *row)
+        await _mark(conn, int(new_id), c)
+        added += 1
+    return Added(added, 0, skipped)
+
+
+async def _mark(conn: Any, copy_id: int, c: CopyRecord) -> None:
+    """The copy's lab inbox entry, with the read flag and tags recorded (none before the
+    lab inbox's tables exist)."""
