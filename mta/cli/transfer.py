@@ -36,9 +36,7 @@ from mta.store.transfer import (
 def export(config: Config, path: str) -> int:
     if config.queue.backend == "sqlite" and not os.path.exists(config.queue.path):
         raise NoQueue(f"mta: queue export: {config.queue.path}: no queue database")
-    target = _store(config, "export")
-    if target is None:
-        return 1
+    target = make_transfer(config)
     try:
         counts = asyncio.run(_export(target, path))
     except TransferError as exc:
@@ -76,9 +74,7 @@ def import_(config: Config, path: str) -> int:
             records = read_dump(stream)
             # The header is checked before the target is opened: a wrong file creates no queue.
             first = list(itertools.islice(records, 1))
-            target = _store(config, "import")
-            if target is None:
-                return 1
+            target = make_transfer(config)
             asyncio.run(_import(itertools.chain(first, records), target, counts))
     except TransferError as exc:
         done = f"; imported {counts.summary()} before it" if counts.messages or counts.copies else \
@@ -102,11 +98,3 @@ async def _import(records: Iterator[tuple[int, Record]], target: TransferStore, 
     finally:
         await target.close()
 
-
-def _store(config: Config, command: str) -> TransferStore | None:
-    try:
-        return make_transfer(config)
-    except ImportError:
-        print(f"mta: queue {command}: the postgresql backend needs its driver: pip install 'mta[postgresql]'",
-              file=sys.stderr)
-        return None

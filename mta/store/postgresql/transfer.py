@@ -29,7 +29,9 @@ BATCH_BYTES = 8 * 1024 * 1024
 # The NOTIFY payload of an import (queue.py's listeners wake for any payload but their own node's).
 IMPORT_PAYLOAD = "mta queue import"
 
-# The application_name of a node's LISTEN connection (PgEngine.listen): a node is running.
+# The application_name of a node's connections: the one holding its name (node.py: "mta node
+# <name>") and its delivery process's LISTEN (PgEngine.listen). Either means a node runs.
+NODE_NAME_CONNECTION = "mta node "
 NODE_CONNECTION = "mta listen"
 
 
@@ -48,22 +50,28 @@ class PostgreSQLTransfer:
         await self.engine.close()
 
     async def check_quiet(self) -> None:
-        async def look(conn: Any) -> tuple[int, list[str], list[tuple[str, float]]]:
-            nodes = await conn.fetch(
-                "SELECT coalesce(host(client_addr), 'local') FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
-                NODE_CONNECTION)
+        async def look(conn: Any) -> tuple[list[str], list[tuple[str, float]]]:
+            # A node's main process holds its name on a connection of its own (node.py), its
+            # delivery process listens for new mail on another (PgEngine.listen).
+            apps = await conn.fetch(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+                " AND (application_name LIKE $1 OR application_name = $2) AND pid <> pg_backend_pid()",
+                NODE_NAME_CONNECTION + "%", NODE_CONNECTION)
             leases = await conn.fetch(
                 "SELECT lease_node, max(lease_until) FROM recipients WHERE state = 'active' AND lease_until > $1"
                 " GROUP BY lease_node ORDER BY lease_node", time.time())
-            return len(nodes), sorted({str(n[0]) for n in nodes}), [(str(n), float(u)) for n, u in leases]
+            return [str(a[0]) for a in apps], [(str(n), float(u)) for n, u in leases]
 
-        connected, addresses, leases = await self.engine.run(look)
-        if connected:
-            raise TransferError(
-                f"{connected} mta node{'s are' if connected != 1 else ' is'} connected to the database (from"
-                f" {', '.join(addresses)}): stop every node first (mail arriving or being delivered during the"
-                " export would be missed or delivered twice)")
+        apps, leases = await self.engine.run(look)
+        names = sorted({a[len(NODE_NAME_CONNECTION):] for a in apps if a.startswith(NODE_NAME_CONNECTION)})
+        why = "stop every node first (mail arriving or being delivered during the export would be missed or" \
+              " delivered twice)"
+        if names:
+            raise TransferError(f"node{_s(len(names))} {', '.join(names)} {'is' if len(names) == 1 else 'are'}"
+                                f" running on this database: {why}")
+        if apps:
+            raise TransferError(f"{len(apps)} mta node{_s(len(apps))} {'is' if len(apps) == 1 else 'are'}"
+                                f" connected to this database: {why}")
         if leases:
             until = max(u for _, u in leases)
             raise TransferError(
@@ -98,6 +106,10 @@ class PostgreSQLTransfer:
 
     async def add_copies(self, records: Sequence[tuple[CopyRecord, int]]) -> Added:
         return await self.engine.run(lambda conn: _add_copies(conn, records))
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 async def _read_messages(conn: Any, after: str) -> list[MessageRecord]:
