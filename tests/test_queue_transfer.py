@@ -206,7 +206,6 @@ def test_sqlite_to_postgresql_and_back_keeps_every_row_and_byte(tmp_path: Path, 
     done = mta("queue", "export", str(again), "--config", str(pg))
     assert (done.returncode, done.stdout) == (0, "exported 4 messages (7 recipients), 3 mailbox copies\n")
     assert json.loads(again.read_bytes().splitlines()[0])["source"] == "postgresql"
-    assert records(again) == exported
 
     # And back into a fresh SQLite file: the operator sees the same queue and mailboxes, byte for byte.
     back = tmp_path / "back.db"
@@ -215,9 +214,12 @@ def test_sqlite_to_postgresql_and_back_keeps_every_row_and_byte(tmp_path: Path, 
     assert (done.returncode, done.stdout) == (0, "imported 4 messages (7 recipients), 3 mailbox copies\n")
     asyncio.run(recover(source))
     everything = [ids.deferred, ids.held, ids.bounce, ids.multi]
-    assert views(new, everything) == views(old, everything)
+    seen = views(old, everything)
+    assert views(pg, everything) == seen
+    assert views(new, everything) == seen
     assert inbox_marks(back) == inbox_marks(source) == [
         (ids.local[0], 0, "lab,urgent"), (ids.local[1], 1, None), (ids.local[2], 0, None)]
+    assert records(again) == exported
 
 
 # --------------------------------------------------------------------------- bad files
