@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import sqlite3
 import subprocess
 import time
@@ -20,6 +21,7 @@ import yaml
 from mta.model import MailboxCopy, NewMessage, RcptState, Recipient
 from mta.store.api import HistoryEntry, RecipientUpdate, new_queue_id
 from mta.store.sqlite.store import SQLiteStore
+from tests.support.backends import BACKENDS, QueueBackend
 from tests.support.daemon import Daemon, mta_command, subprocess_env
 from tests.support.messages import message
 from tests.support.ports import free_port
@@ -220,6 +222,56 @@ def test_sqlite_to_postgresql_and_back_keeps_every_row_and_byte(tmp_path: Path, 
     assert inbox_marks(back) == inbox_marks(source) == [
         (ids.local[0], 0, "lab,urgent"), (ids.local[1], 1, None), (ids.local[2], 0, None)]
     assert records(again) == exported
+
+
+# --------------------------------------------------------------------------- into a store in use
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_ids_taken_in_the_target_are_given_new_ones(tmp_path: Path, backend: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    """Importing into a store that has mail of its own: a queue id another message has, and
+    mailbox copy ids (part of POP3 UIDLs) that are taken, get new ones; the rest are kept."""
+    source = tmp_path / "source.db"
+    ids = await build_source(source)
+    dump = tmp_path / "queue.export"
+    done = await asyncio.to_thread(mta, "queue", "export", str(dump), "--config",
+                                   str(sqlite_config(tmp_path, "old", source)))
+    assert done.returncode == 0, done.stderr
+    if backend == "sqlite":
+        target = await QueueBackend.sqlite(tmp_path / "target.db")
+        config = sqlite_config(tmp_path, "new", tmp_path / "target.db")
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+        target = await QueueBackend.postgresql(dsn)
+        config = postgresql_config(tmp_path, dsn)
+    try:
+        other = NewMessage(id=ids.deferred, sender="zed@lab.test", recipients=(Recipient("k@example.org"),),
+                           data=b"Subject: other\r\n\r\n.\r\n", arrival=1_600_000_000.0)
+        await target.queue.enqueue(other)
+        for m in (message(8, rcpts=("dave@lab.test",)), message(9, rcpts=("dave@lab.test",))):
+            await target.queue.enqueue(m)
+            await target.queue.claim(2e9, 10)
+            await target.queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], 2e9,
+                                               mailbox_copies=[_copy("dave@lab.test", m)])
+        await target.queue.give_back(other.id, [0])
+
+        done = await asyncio.to_thread(mta, "queue", "import", str(dump), "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        [renamed, summary] = done.stdout.splitlines()
+        assert summary == "imported 4 messages (7 recipients), 3 mailbox copies"
+        match = re.fullmatch(rf"{ids.deferred}: its queue id is another message's here: imported as ([0-9A-F]{{12}})",
+                             renamed)
+        assert match is not None, renamed
+        assert sorted(await target.query("SELECT id, sender FROM messages WHERE sender IN ('zed@lab.test',"
+                                         " 'alice@lab.test')")) == sorted(
+            [(ids.deferred, "zed@lab.test"), (match[1], "alice@lab.test")])
+        # Copies 3 and 4 keep their ids; 2 is taken here, so bob's copy gets one above the file's highest.
+        assert await target.query("SELECT id, mailbox FROM mailbox_messages ORDER BY id") == [
+            (1, "dave@lab.test"), (2, "dave@lab.test"), (3, "alice@lab.test"), (4, "carol@lab.test"),
+            (5, "bob@lab.test")]
+    finally:
+        await target.close()
 
 
 # --------------------------------------------------------------------------- bad files

@@ -51,7 +51,7 @@ async def _export(source: TransferStore, path: str) -> Counts:
     await source.open()
     try:
         await source.check_quiet()
-        writer = DumpWriter(path, source.name)
+        writer = DumpWriter(path, source.name, await source.max_copy_id())
         try:
             return await export_store(source, writer)
         except BaseException:

@@ -124,6 +124,16 @@ class CopyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class DumpHeader:
+    """The first line: what the file is, and the highest mailbox copy id in it, so that an
+    import can give a copy whose id is taken a new one above every id still to come."""
+
+    source: str
+    created: float
+    max_copy_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Added:
     """What one batch of an import did."""
 
@@ -175,6 +185,14 @@ class TransferStore(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+
+    async def max_copy_id(self) -> int:
+        """The highest mailbox copy id (0 without copies), for the dump's header."""
+        ...
+
+    async def reserve_copy_ids(self, up_to: int) -> None:
+        """Make the ids this store gives new copies from now on higher than ``up_to``."""
+        ...
 
     async def check_quiet(self) -> None:
         """TransferError unless the store may be exported now: no daemon or node is
@@ -234,7 +252,7 @@ class DumpWriter:
     """Writes a dump to ``path`` atomically: into a temporary file beside it, synced and
     renamed over ``path`` only when whole (:meth:`finish`); ``-`` is standard output."""
 
-    def __init__(self, path: str, source: str):
+    def __init__(self, path: str, source: str, max_copy_id: int):
         self.path = path
         self._temp: str | None = None
         try:
@@ -247,7 +265,7 @@ class DumpWriter:
         except OSError as exc:
             raise TransferError(f"{path}: {exc.strerror or exc}") from None
         self._line(json.dumps({"format": FORMAT, "version": VERSION, "created": time.time(), "source": source,
-                               "mta": mta.__version__}))
+                               "mta": mta.__version__, "max_copy_id": max_copy_id}))
 
     def _line(self, text: str) -> None:
         try:
@@ -314,7 +332,7 @@ async def export_store(source: TransferStore, writer: DumpWriter) -> Counts:
 # --------------------------------------------------------------------------- reading
 
 
-Record = MessageRecord | CopyRecord
+Record = DumpHeader | MessageRecord | CopyRecord
 
 
 class _Bad(Exception):
@@ -334,7 +352,7 @@ def read_dump(stream: IO[bytes]) -> Iterator[tuple[int, Record]]:
                 raise _Bad("the line is cut off (the file is truncated)")
             doc = _json(raw)
             if number == 1:
-                _check_header(doc)
+                yield number, _header(doc)
                 continue
             kind = doc.get("type")
             if kind == "message":
@@ -363,11 +381,13 @@ def _json(raw: bytes) -> dict[str, Any]:
     return doc
 
 
-def _check_header(doc: dict[str, Any]) -> None:
+def _header(doc: dict[str, Any]) -> DumpHeader:
     if doc.get("format") != FORMAT:
         raise _Bad(f"not an mta queue export (no \"format\": \"{FORMAT}\" header)")
     if doc.get("version") != VERSION:
         raise _Bad(f"format version {doc.get('version')!r}: this mta reads version {VERSION}")
+    return DumpHeader(_field(doc, "source", str), float(_field(doc, "created", (int, float))),
+                      _field(doc, "max_copy_id", int))
 
 
 def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
@@ -448,7 +468,7 @@ async def import_dump(records: Iterator[tuple[int, Record]], target: TransferSto
     ``counts`` as each commits. A bad line (TransferError from the reader) ends it after
     the whole records before it are written: a message is stored whole or not at all, and
     a second run skips what the first stored."""
-    batch: list[Record] = []
+    batch: list[MessageRecord | CopyRecord] = []
     size = 0
     seen: dict[tuple[str, str, float], int] = {}   # copies per key so far in the file
 
@@ -469,6 +489,9 @@ async def import_dump(records: Iterator[tuple[int, Record]], target: TransferSto
 
     try:
         for _line, record in records:
+            if isinstance(record, DumpHeader):
+                await target.reserve_copy_ids(record.max_copy_id)
+                continue
             if batch and type(batch[0]) is not type(record):
                 await flush()
             batch.append(record)

@@ -60,6 +60,12 @@ class SQLiteTransfer:
 
     # ----------------------------------------------------------------- export
 
+    async def max_copy_id(self) -> int:
+        def read(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT coalesce(max(id), 0) FROM mailbox_messages").fetchone()[0])
+
+        return await self.engine.read(read)
+
     async def messages(self) -> AsyncIterator[list[MessageRecord]]:
         after = ""
         while True:
@@ -79,6 +85,16 @@ class SQLiteTransfer:
             after = batch[-1].id
 
     # ----------------------------------------------------------------- import
+
+    async def reserve_copy_ids(self, up_to: int) -> None:
+        """AUTOINCREMENT takes the next id above sqlite_sequence's (and above every row)."""
+
+        def reserve(conn: sqlite3.Connection) -> None:
+            if conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'mailbox_messages'",
+                            (up_to,)).rowcount == 0:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('mailbox_messages', ?)", (up_to,))
+
+        await self.engine.write(reserve)
 
     async def add_messages(self, records: Sequence[MessageRecord]) -> Added:
         return await self.engine.write(lambda conn: _add_messages(conn, records))
@@ -187,7 +203,8 @@ def _insert(conn: sqlite3.Connection, queue_id: str, m: MessageRecord) -> None:
 def _add_copies(conn: sqlite3.Connection, records: Sequence[tuple[CopyRecord, int]]) -> Added:
     """Like mailboxes.insert_copies (an entry per message, made with its first copy), but
     keeping each copy's id where it is free, so its POP3 UIDL stays what clients know
-    (AUTOINCREMENT moves past it), and without pruning: an import removes no mail."""
+    (AUTOINCREMENT moves past it; one whose id is taken gets a new one above every id
+    of the file: reserve_copy_ids), and without pruning: an import removes no mail."""
     added = skipped = 0
     for c, nth in records:
         mailbox = mailbox_key(c.mailbox)
