@@ -10,6 +10,8 @@ on the same DSN is a second node: its own engine (pool) on the same database."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import sqlite3
 import time
 from contextlib import closing
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mta.model import MailboxCopy, NewMessage, RcptState, Recipient
-from mta.store.api import Mailboxes, Queue, QueueAdmin, RecipientUpdate, new_queue_id
+from mta.store.api import Inbox, Mailboxes, Queue, QueueAdmin, RecipientUpdate, new_queue_id
 from mta.store.sqlite.store import SQLiteStore
 
 if TYPE_CHECKING:   # imported when used: asyncpg is an optional extra
@@ -33,6 +35,7 @@ class QueueBackend:
         self.queue = queue
         self.admin = admin
         self.mailboxes = mailboxes
+        self.inbox: Inbox | None = None   # the lab inbox on the same database (test_inbox_store.py)
         self._closer = closer
         self._path = path
         self._engine = engine
@@ -41,19 +44,24 @@ class QueueBackend:
     async def sqlite(cls, path: Path) -> QueueBackend:
         store = SQLiteStore(path)
         await store.open()
-        return cls("sqlite", store.queue, store.admin, store.mailboxes, store.close, path=path)
+        backend = cls("sqlite", store.queue, store.admin, store.mailboxes, store.close, path=path)
+        backend.inbox = store.inbox
+        return backend
 
     @classmethod
     async def postgresql(cls, dsn: str, *, node: str = "node-a", lease: float = 60.0) -> QueueBackend:
         from mta.store.postgresql.admin import PostgreSQLQueueAdmin
         from mta.store.postgresql.engine import PgEngine
+        from mta.store.postgresql.inbox import PostgreSQLInbox
         from mta.store.postgresql.mailboxes import PostgreSQLMailboxes
         from mta.store.postgresql.queue import PostgreSQLQueue
 
         engine = PgEngine(dsn)
         await engine.open()
-        return cls("postgresql", PostgreSQLQueue(engine, node=node, lease=lease), PostgreSQLQueueAdmin(engine),
-                   PostgreSQLMailboxes(engine), engine.close, engine=engine)
+        backend = cls("postgresql", PostgreSQLQueue(engine, node=node, lease=lease), PostgreSQLQueueAdmin(engine),
+                      PostgreSQLMailboxes(engine), engine.close, engine=engine)
+        backend.inbox = PostgreSQLInbox(engine)
+        return backend
 
     @property
     def engine(self) -> PgEngine:
@@ -72,6 +80,26 @@ class QueueBackend:
             return [tuple(row) for row in await conn.fetch(sql)]
 
         return await self._engine.run(read)
+
+    def query_blocking(self, sql: str) -> list[tuple[Any, ...]]:
+        """:meth:`query` for synchronous callers (a test's plain assert): on PostgreSQL a
+        connection of its own in a thread, so the caller's event loop is not re-entered."""
+        if self._path is not None:
+            with closing(sqlite3.connect(self._path)) as db:
+                return [tuple(row) for row in db.execute(sql)]
+        import asyncpg
+
+        dsn = self.engine.dsn
+
+        async def read() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return [tuple(row) for row in await conn.fetch(sql)]
+            finally:
+                await conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, read()).result(timeout=30)
 
     async def execute(self, sql: str) -> None:
         """Change rows directly (as an old release or a hand-made change would), committed."""
