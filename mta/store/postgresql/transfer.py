@@ -19,6 +19,7 @@ from typing import Any
 
 from mta.store.api import HistoryEntry, mailbox_key, new_queue_id
 from mta.store.postgresql.engine import PgEngine
+from mta.store.postgresql.entries import entry_for
 from mta.store.postgresql.queue import _tell_other_nodes
 from mta.store.transfer import Added, CopyRecord, MessageRecord, RecipientRecord, TransferError, due_again
 
@@ -81,6 +82,12 @@ class PostgreSQLTransfer:
 
     # ----------------------------------------------------------------- export
 
+    async def max_copy_id(self) -> int:
+        async def read(conn: Any) -> int:
+            return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM mailbox_messages"))
+
+        return await self.engine.run(read)
+
     async def messages(self) -> AsyncIterator[list[MessageRecord]]:
         after = ""
         while True:
@@ -100,6 +107,19 @@ class PostgreSQLTransfer:
             after = batch[-1].id
 
     # ----------------------------------------------------------------- import
+
+    async def reserve_copy_ids(self, up_to: int) -> None:
+        """Move the id sequence past ``up_to`` (never back): from now on no node's new copy
+        takes an id of the file. (A node that drew an id just before is seen by the
+        import's ON CONFLICT: that copy of the file then gets a new id.)"""
+
+        async def reserve(conn: Any) -> None:
+            await conn.execute(
+                "SELECT setval(s, greatest($1::bigint, coalesce(pg_sequence_last_value(s), 1)))"
+                " FROM CAST(pg_get_serial_sequence('mailbox_messages', 'id') AS regclass) AS s", up_to)
+
+        if up_to > 0:
+            await self.engine.run(reserve)
 
     async def add_messages(self, records: Sequence[MessageRecord]) -> Added:
         return await self.engine.run(lambda conn: _add_messages(conn, records))
@@ -173,16 +193,22 @@ async def _read_copies(conn: Any, after: int) -> list[CopyRecord]:
 
 
 async def _read_marks(conn: Any, ids: list[int]) -> dict[int, tuple[bool, tuple[str, ...]]]:
-    """The read flag and tags of the inbox entries of these copies (none before the lab
-    inbox's tables exist)."""
-    return {}
+    """The read flag and tags of the inbox entries of these copies (tags in byte order, as
+    SQLite sorts them)."""
+    rows = await conn.fetch(
+        "SELECT m.id, e.read, ARRAY(SELECT t.tag FROM inbox_tags t WHERE t.no = e.no ORDER BY t.tag COLLATE \"C\")"
+        " FROM mailbox_messages m JOIN inbox e ON e.no = m.inbox_id WHERE m.id = ANY($1::bigint[])", ids)
+    return {int(r[0]): (bool(r[1]), tuple(str(t) for t in r[2])) for r in rows}
 
 
 async def _add_messages(conn: Any, records: Sequence[MessageRecord]) -> Added:
-    added = recipients = skipped = 0
+    """The batch in one transaction, a statement per table (asyncpg pipelines each
+    executemany: a few round trips per batch, not per message)."""
+    recipients = skipped = 0
     renamed: list[tuple[str, str]] = []
     found = {str(r[0]): float(r[1]) for r in await conn.fetch(
         "SELECT id, arrival FROM messages WHERE id = ANY($1)", [m.id for m in records])}
+    chosen: list[tuple[str, MessageRecord]] = []
     for m in records:
         queue_id = m.id
         if queue_id in found:
@@ -190,74 +216,74 @@ async def _add_messages(conn: Any, records: Sequence[MessageRecord]) -> Added:
                 skipped += 1   # imported before (a second run after an interruption)
                 continue
             # Another message has this id: the mail must not be lost, so it gets an id of its own.
-            queue_id = await _free_id(conn)
+            queue_id = await _free_id(conn, found)
             renamed.append((m.id, queue_id))
-        await _insert(conn, queue_id, m)
         found[queue_id] = m.arrival
-        added += 1
+        chosen.append((queue_id, m))
         recipients += len(m.recipients)
-    if added:
-        # Sent at COMMIT: every node's queue manager looks at the queue at once.
-        await _tell_other_nodes(conn, IMPORT_PAYLOAD)
-    return Added(added, recipients, skipped, tuple(renamed))
-
-
-async def _free_id(conn: Any) -> str:
-    while True:
-        queue_id = new_queue_id()
-        if await conn.fetchval("SELECT 1 FROM messages WHERE id = $1", queue_id) is None:
-            return queue_id
-
-
-async def _insert(conn: Any, queue_id: str, m: MessageRecord) -> None:
-    await conn.execute(
+    if not chosen:
+        return Added(0, 0, skipped)
+    await conn.executemany(
         "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user, smtputf8, body_8bit,"
         " ret, envid, delay_warned) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
-        queue_id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user, m.smtputf8,
-        m.body_8bit, m.ret, m.envid, m.delay_warned)
-    await conn.execute("INSERT INTO bodies (message_id, data) VALUES ($1, $2)", queue_id, m.data)
+        [(i, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user, m.smtputf8, m.body_8bit,
+          m.ret, m.envid, m.delay_warned) for i, m in chosen])
+    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES ($1, $2)", [(i, m.data) for i, m in chosen])
     await conn.executemany(
         "INSERT INTO recipients (message_id, rcpt_no, address, state, attempts, next_attempt, last_error, notify,"
         " orcpt, updated) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-        [(queue_id, n, r.address, due_again(r.state, r.attempts), r.attempts, r.next_attempt, r.last_error,
-          r.notify, r.orcpt, r.updated) for n, r in enumerate(m.recipients)])
-    if m.history:
+        [(i, n, r.address, due_again(r.state, r.attempts), r.attempts, r.next_attempt, r.last_error, r.notify,
+          r.orcpt, r.updated) for i, m in chosen for n, r in enumerate(m.recipients)])
+    history = [(i, h.time, h.recipient, h.event, h.detail) for i, m in chosen for h in m.history]
+    if history:   # in the file's order: the identity column keeps it
         await conn.executemany(
-            "INSERT INTO history (message_id, time, recipient, event, detail) VALUES ($1,$2,$3,$4,$5)",
-            [(queue_id, h.time, h.recipient, h.event, h.detail) for h in m.history])
+            "INSERT INTO history (message_id, time, recipient, event, detail) VALUES ($1,$2,$3,$4,$5)", history)
+    # Sent at COMMIT: every node's queue manager looks at the queue at once.
+    await _tell_other_nodes(conn, IMPORT_PAYLOAD)
+    return Added(len(chosen), recipients, skipped, tuple(renamed))
+
+
+async def _free_id(conn: Any, taken: dict[str, float]) -> str:
+    while True:
+        queue_id = new_queue_id()
+        if queue_id not in taken and await conn.fetchval("SELECT 1 FROM messages WHERE id = $1", queue_id) is None:
+            return queue_id
 
 
 async def _add_copies(conn: Any, records: Sequence[tuple[CopyRecord, int]]) -> Added:
     """Each copy not yet here, keeping its id where it is free (its POP3 UIDL stays what
-    clients know), without pruning: an import removes no mail."""
+    clients know; one whose id is taken gets a new one above every id of the file:
+    reserve_copy_ids), without pruning: an import removes no mail."""
     added = skipped = 0
-    # Move the id sequence past the ids kept first, so no node's next copy takes one of them.
-    await conn.execute(
-        "SELECT setval(s, greatest($1::bigint, coalesce(pg_sequence_last_value(s), 1)))"
-        " FROM CAST(pg_get_serial_sequence('mailbox_messages', 'id') AS regclass) AS s",
-        max(c.id for c, _ in records))
-    for c, nth in records:
-        mailbox = mailbox_key(c.mailbox)
-        present = await conn.fetchval(
-            "SELECT count(*) FROM mailbox_messages WHERE mailbox = $1 AND queue_id = $2 AND received = $3",
-            mailbox, c.queue_id, c.received)
-        if int(present) >= nth:
+    keys = [(mailbox_key(c.mailbox), c.queue_id, c.received) for c, _ in records]
+    wanted = sorted(set(keys))
+    present = {(str(r[0]), str(r[1]), float(r[2])): int(r[3]) for r in await conn.fetch(
+        "SELECT m.mailbox, m.queue_id, m.received, count(*) FROM mailbox_messages m"
+        " JOIN unnest($1::text[], $2::text[], $3::float8[]) AS k(mailbox, queue_id, received)"
+        " ON m.mailbox = k.mailbox AND m.queue_id = k.queue_id AND m.received = k.received"
+        " GROUP BY 1, 2, 3", [k[0] for k in wanted], [k[1] for k in wanted], [k[2] for k in wanted])}
+    for (c, nth), key in zip(records, keys, strict=True):
+        mailbox = key[0]
+        if present.get(key, 0) >= nth:
             skipped += 1
             continue
-        row = (mailbox, c.queue_id, c.received, c.sender, c.subject, len(c.data), c.data)
-        new_id = await conn.fetchval(
-            "INSERT INTO mailbox_messages (id, mailbox, queue_id, received, sender, subject, size, data)"
-            " OVERRIDING SYSTEM VALUE VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (id) DO NOTHING RETURNING id",
+        present[key] = present.get(key, 0) + 1
+        # The message's entry, made with its first copy as local delivery makes it (entries.py).
+        no = await entry_for(conn, c.queue_id, c.received, c.data, None)
+        row = (mailbox, c.queue_id, c.received, c.sender, c.subject, len(c.data), c.data, no)
+        kept = await conn.fetchval(
+            "INSERT INTO mailbox_messages (id, mailbox, queue_id, received, sender, subject, size, data, inbox_id)"
+            " OVERRIDING SYSTEM VALUE VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) ON CONFLICT (id) DO NOTHING RETURNING id",
             c.id, *row)
-        if new_id is None:   # the id is taken here: a new one
-            new_id = await conn.fetchval(
-                "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING id", *row)
-        await _mark(conn, int(new_id), c)
+        if kept is None:   # the id is another copy's here: a new one
+            await conn.execute(
+                "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data, inbox_id)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8)", *row)
+        if c.read:
+            await conn.execute("UPDATE inbox SET read = true WHERE no = $1 AND NOT read", no)
+        if c.tags:
+            await conn.execute("INSERT INTO inbox_tags (no, tag) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+                               no, list(c.tags))
         added += 1
     return Added(added, 0, skipped)
 
-
-async def _mark(conn: Any, copy_id: int, c: CopyRecord) -> None:
-    """The copy's lab inbox entry, with the read flag and tags recorded (none before the
-    lab inbox's tables exist)."""
