@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from mta.config_values import redacted_dsn
 from mta.errors import StoreError
 from mta.health import Health
 from mta.store.postgresql.schema import migrate
@@ -80,7 +81,8 @@ class PgEngine:
             raise
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             await self.close()
-            raise StoreError(one_line(exc)) from exc
+            # The one line `mta serve` and the CLI print: name the database (never its password).
+            raise StoreError(f"cannot open {redacted_dsn(self.dsn)}: {one_line(exc)}") from exc
 
     async def close(self) -> None:
         for task in self._listening:
