@@ -493,11 +493,12 @@ async def test_deferred_mail_moved_into_postgresql_is_delivered_by_a_node(tmp_pa
 
 
 def test_a_database_that_is_down_is_one_line(tmp_path: Path, dump: Path) -> None:
-    down = postgresql_config(tmp_path, f"postgresql://mta@127.0.0.1:{free_port()}/mta")
+    dsn = f"postgresql://mta@127.0.0.1:{free_port()}/mta"
+    down = postgresql_config(tmp_path, dsn)
     for command in ("export", "import"):
         target = tmp_path / f"{command}.export" if command == "export" else dump
         done = mta("queue", command, str(target), "--config", str(down))
         assert (done.returncode, done.stdout) == (1, ""), command
         [line] = done.stderr.splitlines()
-        assert line.startswith("mta: queue: PostgreSQL: "), line
+        assert line.startswith(f"mta: queue: cannot open {dsn}: PostgreSQL: "), line
     assert not (tmp_path / "export.export").exists()
