@@ -5,7 +5,8 @@ The dump is one self-describing file, independent of either backend: JSON lines
 (UTF-8), first a header, then one record per queued message, then one per lab
 mailbox copy, then an end record with the counts::
 
-    {"format": "mta-queue-export", "version": 1, "created": 1764732000.5, "source": "sqlite", ...}
+    {"format": "mta-queue-export", "version": 1, "created": 1764732000.5, "source": "sqlite",
+     "mta": "1.0", "max_copy_id": 7}
     {"type": "message", "id": "0A1B2C3D4E5F", "sender": ..., "recipients": [...], "history": [...],
      "data": "<base64>"}
     {"type": "copy", "mailbox": "alice@lab.test", "id": 7, "queue_id": ..., "read": true, "tags": [...],
@@ -15,7 +16,9 @@ mailbox copy, then an end record with the counts::
 A message record carries the whole message: envelope, every recipient (whatever its
 state) with its attempts, next attempt, last error and RFC 3461 NOTIFY/ORCPT, the
 history, and the bytes. A copy record carries one lab mailbox's copy with its id (part
-of the POP3 UIDL, kept when the target can) and its inbox entry's read flag and tags.
+of the POP3 UIDL, kept when the target can) and its inbox entry's read flag and tags;
+the header's ``max_copy_id`` lets an import give a copy whose id is taken there a new
+id above every id still to come in the file.
 Recipients that were being delivered ('active') are written as due again: queued, or
 deferred once tried (as recover_in_flight makes them after a crash). The end record
 tells a file cut at a line boundary from a whole one.

@@ -4,8 +4,8 @@
 Import runs beside the nodes: each batch is one transaction, and one that stored new
 mail sends the new-mail NOTIFY (queue.py), so every node's queue manager looks at the
 queue as soon as it commits. Export copies the database and leaves it as it is, so it
-is refused while a node is connected (its LISTEN connection is in pg_stat_activity)
-or still holds a lease: a running node accepts mail the dump would miss, and delivers
+is refused while a node is connected (its node-name and LISTEN connections are in
+pg_stat_activity) or a lease has not ended: a running node accepts mail the dump would miss, and delivers
 mail the dump holds, which the target would then deliver again. Stop every node
 first; a recipient whose node died is exported as due again once its lease has ended.
 """
