@@ -331,3 +331,37 @@ async def test_check_reports_rows_that_break_the_rules(nodes):
         f"mailbox alice@lab.test message {box_id} ({len(NEW) + 1} stored, {len(NEW)} in the data): wrong size",
     ]
     assert len(await a.admin.check(limit=3)) == 3
+
+
+async def test_requeue_racing_another_nodes_claims_never_takes_a_claimed_recipient(nodes):
+    a, b = nodes
+    sent = [message(n, rcpts=("x@example.org", "y@example.org")) for n in range(200)]
+    for m in sent:
+        await a.queue.enqueue(m)
+    claimed: list[tuple[str, int]] = []
+
+    async def claim_all() -> None:
+        # Until all are claimed: a claim skips the rows the requeue has locked (SKIP LOCKED),
+        # so it may come back empty meanwhile.
+        deadline = time.monotonic() + 20
+        while len(claimed) < 400 and time.monotonic() < deadline:
+            due = (await a.queue.claim(NOW, 5)).due
+            claimed.extend((d.message_id, d.rcpt_no) for d in due)
+            if not due:
+                await asyncio.sleep(0.005)
+
+    # Node a claims while the operator requeues everything on node b (in chunks of 500
+    # messages: one chunk here, one UPDATE racing many claims).
+    claims = asyncio.create_task(claim_all())
+    await asyncio.sleep(0.01)
+    result = await b.admin.requeue([m.id for m in sent], NOW)
+    await claims
+    rows = await a.query("SELECT message_id, rcpt_no, state, lease_node FROM recipients")
+    requeued = await a.query("SELECT count(*) FROM history WHERE event = 'requeued'")
+    assert {(m, n): (s, node) for m, n, s, node in rows} == {
+        (m.id, n): ("active", "node-a") for m in sent for n in (0, 1)}   # every one claimed in the end
+    assert len(claimed) == len(set(claimed)) == 400
+    # No recipient was claimed twice: the requeue changed only what was not claimed yet
+    # when it reached it (re-checked after each claim committed), and said so exactly.
+    assert sum(result.changed.values()) == requeued[0][0]
+    assert len(result.found) == 200

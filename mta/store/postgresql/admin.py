@@ -234,12 +234,17 @@ class PostgreSQLQueueAdmin:
                     return {str(r[0]) for r in rows}, counts
                 present = {str(r[0]) for r in await conn.fetch(
                     "SELECT id FROM messages WHERE id = ANY($1::text[])", chunk)}
-                # One statement: a row a node claims meanwhile is re-checked after its
-                # commit, and only the rows changed are in the history.
+                # One statement: a row a node claims meanwhile is re-checked after that
+                # claim's commit, and only the rows changed are in the history. Rows are
+                # locked in primary key order, as a node's outcomes lock its message's
+                # (rcpt_no order), so the two never wait for each other in a cycle.
                 rows = await conn.fetch(
-                    f"UPDATE recipients SET {assignment}, updated = $3"
-                    " WHERE message_id = ANY($1::text[]) AND state = ANY($2::text[])"
-                    " RETURNING message_id, rcpt_no, address",
+                    f"UPDATE recipients r SET {assignment}, updated = $3"
+                    " FROM (SELECT message_id, rcpt_no FROM recipients WHERE message_id = ANY($1::text[])"
+                    " AND state = ANY($2::text[]) ORDER BY message_id, rcpt_no FOR UPDATE) AS locked"
+                    " WHERE r.message_id = locked.message_id AND r.rcpt_no = locked.rcpt_no"
+                    " AND r.state = ANY($2::text[])"
+                    " RETURNING r.message_id, r.rcpt_no, r.address",
                     chunk, acted_on, now, *args)
                 if rows:
                     done = sorted((str(m), int(n), str(a)) for m, n, a in rows)
