@@ -130,10 +130,10 @@ class PgEngine:
                 while rows := await cursor.fetch(batch):
                     yield rows
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS):
                 await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
 
@@ -151,7 +151,7 @@ class PgEngine:
                 self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout,
                 server_settings={"synchronous_commit": "on", "application_name": application_name,
                                  **SERVER_KEEPALIVES})
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             raise StoreError(one_line(exc)) from exc
 
     async def _unreachable(self, pool: Any, exc: BaseException) -> None:
