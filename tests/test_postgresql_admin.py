@@ -22,12 +22,14 @@ import asyncpg  # noqa: E402
 
 from mta.errors import StoreError  # noqa: E402
 from mta.model import NewMessage, RcptState, Recipient  # noqa: E402
+from mta.pop3 import POP3Listener  # noqa: E402
 from mta.store.api import AdminResult, QueueSummary, RecipientUpdate  # noqa: E402
 from mta.store.postgresql.engine import PgEngine  # noqa: E402
 from mta.store.postgresql.mailboxes import PRUNE_LOCK, PostgreSQLMailboxes, maildrop_key  # noqa: E402
 from mta.store.postgresql.schema import MIGRATION_LOCK  # noqa: E402
 from tests.support.backends import QueueBackend  # noqa: E402
 from tests.support.messages import message  # noqa: E402
+from tests.support.pop3 import TWO, Client, pop3_lab  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,6 +92,30 @@ async def test_the_maildrop_lock_goes_with_its_connection(nodes):
         await asyncio.sleep(0.05)
     await again.release()
     await held.release()   # its connection is gone: nothing to do, and no error
+
+
+async def test_in_use_across_two_nodes_over_pop3(nodes, tmp_path):
+    """RFC 1939 §8 over the wire: two nodes' POP3 listeners (each with its own engine
+    and its own in-process lock set, as two daemons have) on one database."""
+    a, b = nodes
+    async with pop3_lab(tmp_path, backend=a) as lab:
+        other = POP3Listener(lab.config, lab.second_listener(allow_insecure_auth=True).listener, b.mailboxes, lab.users,
+                             throttle=lab.listener.throttle)
+        await other.start()
+        try:
+            async with await Client.connect(lab.port) as first, \
+                    await Client.connect(other.sockets()[0][1]) as second:
+                assert await first.login() == b"+OK alice@lab.test has 3 messages (177 octets)\r\n"
+                assert await second.login() == b"-ERR [IN-USE] mailbox is locked by another POP3 session\r\n"
+                assert await first.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
+                assert (await first.cmd("QUIT")).startswith(b"+OK relay.lab.test POP3 server signing off")
+                assert await first.closed()
+                # Node b sees node a's deletion, and the maildrop is free.
+                assert await second.login() == b"+OK alice@lab.test has 2 messages (80 octets)\r\n"
+                assert await second.multi("RETR 1") == b"+OK 40 octets\r\n" + TWO + b".\r\n"
+        finally:
+            other.stop_accepting()
+            await other.drain(1.0)
 
 
 async def test_the_lock_uses_connections_of_its_own_not_the_pool(postgres_dsn):
