@@ -267,6 +267,39 @@ async def test_hold_of_a_recipient_another_node_delivers(nodes):
     assert await a.recipients() == {m.id: [("x@example.org", "held", 1), ("y@example.org", "delivered", 1)]}
 
 
+async def test_released_while_another_node_still_delivers_it_is_delivered_once(nodes):
+    # As tests/test_queue_admin.py's hold-and-release during delivery, across nodes: the
+    # released recipient is that delivery's again, not fresh work for another node.
+    a, b = nodes
+    m, n = message(1), message(2)
+    await a.queue.enqueue(m)
+    await a.queue.enqueue(n)
+    assert len((await a.queue.claim(NOW, 10)).due) == 2        # leases until NOW + 10
+    assert await b.admin.hold([m.id, n.id], NOW + 1) == AdminResult((m.id, n.id), {m.id: 1, n.id: 1})
+    assert await b.admin.release([m.id], NOW + 2) == AdminResult((m.id,), {m.id: 1})
+    assert await b.admin.requeue([n.id], NOW + 2) == AdminResult((n.id,), {n.id: 1})
+    assert await a.query("SELECT message_id, state, lease_node, lease_until FROM recipients ORDER BY 1") == sorted(
+        [(m.id, "active", "node-a", NOW + 10), (n.id, "active", "node-a", NOW + 10)])
+    assert (await b.queue.claim(NOW + 3, 10)).due == []         # nothing for node b
+    assert await a.queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], NOW + 4)
+    assert await a.queue.record_outcomes(n.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], NOW + 4)
+    assert await a.recipients() == {}
+
+
+async def test_released_after_the_delivering_nodes_lease_ended_is_due_for_any_node(nodes):
+    a, b = nodes
+    m = message(1)
+    await a.queue.enqueue(m)
+    await a.queue.claim(NOW, 10)                                 # lease until NOW + 10
+    await b.admin.hold([m.id], NOW + 1)
+    # Node a is gone (its lease is not renewed while held, and it has ended).
+    assert await b.admin.release([m.id], NOW + 11) == AdminResult((m.id,), {m.id: 1})
+    assert await a.query("SELECT state, lease_node, lease_until, next_attempt FROM recipients") == [
+        ("queued", None, None, NOW + 11)]
+    [due] = (await b.queue.claim(NOW + 11, 10)).due
+    assert due.message_id == m.id
+
+
 async def test_hold_after_a_takeover_keeps_the_node_that_lost_its_lease_out(nodes):
     a, b = nodes
     m = message(1)

@@ -39,6 +39,12 @@ _PENDING = ("queued", "active", "deferred", "held")
 _PENDING_SQL = "('queued', 'active', 'deferred', 'held')"
 _CLASSIFY_SQL = ("CASE WHEN bool_or(r.state = 'held') THEN 'hold'"
                  " WHEN bool_or(r.state IN ('queued', 'active')) THEN 'active' ELSE 'deferred' END")
+# A held recipient whose delivery is still running: hold keeps the delivering node's lease
+# (lease_node is cleared when that node records its outcome), and it has not ended ($4: now).
+# Once the lease has ended the node is taken for dead or stalled, as a claim would take it.
+_IN_FLIGHT = "state = 'held' AND lease_node IS NOT NULL AND lease_until > $4"
+_KEEP_LIVE_LEASE = ("lease_node = CASE WHEN lease_until > $4 THEN lease_node END,"
+                    " lease_until = CASE WHEN lease_until > $4 THEN lease_until END")
 ADMIN_CHUNK = 500  # messages per admin write transaction: the nodes never wait long
 _RCPT_STATES = {str(s): s for s in RcptState}
 CHECK_LIMIT = 100  # problems reported by check(), as SQLite's integrity_check(100)
@@ -175,10 +181,13 @@ class PostgreSQLQueueAdmin:
                                  "state = 'held'", (), now, detail)
 
     async def release(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
-        """Held recipients are due now: 'deferred' if tried before, else 'queued'."""
+        """Held recipients are due now: 'deferred' if tried before, else 'queued'. One held
+        while a node was delivering it, whose lease still runs, is 'active' again: that
+        delivery goes on and records its outcome, and no other node starts a second one
+        (on SQLite the one queue manager knows what it has in flight)."""
         return await self._admin(ids, ("held",), "released",
-                                 "state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
-                                 " next_attempt = $4", (now,), now, detail)
+                                 f"state = CASE WHEN {_IN_FLIGHT} THEN 'active' WHEN attempts > 0 THEN 'deferred'"
+                                 f" ELSE 'queued' END, {_KEEP_LIVE_LEASE}, next_attempt = $4", (now,), now, detail)
 
     async def flush(self, ids: Iterable[str] | None, now: float, *, detail: str | None = None) -> AdminResult:
         """Deferred recipients (of ``ids``, or all) are due now; they stay 'deferred'."""
@@ -186,9 +195,11 @@ class PostgreSQLQueueAdmin:
 
     async def requeue(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
         """Queued, deferred and held recipients become fresh work due now ('queued'; attempts
-        kept). Active ones are left to the delivery in progress."""
+        kept). Active ones are left to the delivery in progress, and so are held ones still
+        being delivered (see release)."""
         return await self._admin(ids, ("queued", "deferred", "held"), "requeued",
-                                 "state = 'queued', next_attempt = $4", (now,), now, detail)
+                                 f"state = CASE WHEN {_IN_FLIGHT} THEN 'active' ELSE 'queued' END,"
+                                 f" {_KEEP_LIVE_LEASE}, next_attempt = $4", (now,), now, detail)
 
     async def delete(self, ids: Iterable[str] | None) -> AdminResult:
         """Remove messages (``ids``, or all); recipients, bodies and history go with them
