@@ -8,12 +8,15 @@ Several nodes deliver from the same tables, so every change is made by one UPDAT
 (or DELETE) that says which states it acts on: PostgreSQL re-checks that condition
 on each row after waiting for a node's claim of it, and the history is written
 from what the statement RETURNed, so a recipient claimed meanwhile is neither
-changed wrongly nor reported as changed. The lease columns are left alone: a
-recipient held while a node delivers it keeps that node's ``lease_node``, so the
-node still records a final outcome (as on SQLite) and a deferral leaves it held
-(PostgreSQLQueue.record_outcomes); a node whose lease another node took over
-records nothing, held or not. Summaries and counts are read from the database,
-so every node reports the same numbers.
+changed wrongly nor reported as changed.
+
+Leases: a recipient held while a node delivers it keeps that node's ``lease_node``,
+so the node still records a final outcome (as on SQLite) and a deferral leaves it
+held (PostgreSQLQueue.record_outcomes); a node whose lease another node took over
+records nothing, held or not. Released (or requeued) while that lease still runs,
+it is 'active' again, that delivery's: no other node starts a second one, as on
+SQLite the one queue manager never does. Summaries and counts are read from the
+database, so every node reports the same numbers.
 """
 
 from __future__ import annotations
@@ -212,8 +215,8 @@ class PostgreSQLQueueAdmin:
         """Update the recipients in ``states`` of the messages ``ids`` with ``assignment``
         (its parameters ``args`` are $4 on: $1 to $3 are the messages, the states and now)
         and write an ``event`` history row for each; delete the messages when ``states``
-        is None. ids=None means every message with a
-        recipient in ``states`` (every message, for delete)."""
+        is None. ids=None means every message with a recipient in ``states`` (every
+        message, for delete)."""
         acted_on = list(states) if states else list(_PENDING)
         if ids is None:
             async def every(conn: Any) -> list[str]:
