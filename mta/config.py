@@ -44,6 +44,7 @@ from mta.config_values import (
     parse_size,
     port_number,
     postgresql_dsn,
+    redacted_dsn,
     show,
     string,
 )
@@ -101,6 +102,14 @@ class QueueConfig:
     backend: str = "sqlite"          # sqlite (the file at path) | postgresql (the database at dsn)
     dsn: str | None = None           # libpq URI of the shared database (issue 16)
     lease: float = 60.0              # how long a node's claim on a recipient lasts unrenewed
+
+    @property
+    def location(self) -> str:
+        """Where the queue is, fit for a log line: the file, or the database's URI
+        without its password."""
+        if self.backend == "postgresql" and self.dsn is not None:
+            return redacted_dsn(self.dsn)
+        return self.path
 
 
 @dataclass(frozen=True, slots=True)

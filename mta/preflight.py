@@ -9,12 +9,18 @@ creating or binding anything for good), so `check-config && systemctl restart`
 finds them before the restart does.
 
 In order: the queue directory, the queue lock (serve only: one daemon per
-queue, mta/store/sqlite/lock.py), TLS certificates and keys, the users files, then
-the listening addresses (a test bind, the way the daemon binds).
+queue, mta/store/sqlite/lock.py), the database driver (queue.backend:
+postgresql), TLS certificates and keys, the users files, then the listening
+addresses (a test bind, the way the daemon binds). With a shared database the
+queue directory still holds the node's lock file: one daemon per config on a
+machine, whichever backend. Whether the database is up is not checked here:
+`mta serve` finds out when it opens the store (one line, exit 1; systemd starts
+it again), and `mta check-config` only warns.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import ssl
@@ -54,6 +60,9 @@ def check(config: Config) -> None:
 
 
 def _files(config: Config) -> None:
+    if config.queue.backend == "postgresql" and importlib.util.find_spec("asyncpg") is None:
+        raise StartupError("queue.backend: postgresql needs its driver (asyncpg is not installed): "
+                           "pip install 'mta[postgresql]'")
     for i, lc in enumerate(config.listeners):
         if lc.tls is not None:
             tls_files(lc.tls, f"listeners[{i}].tls")

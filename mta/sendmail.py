@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from mta.config import Config, ListenerConfig, load_config
-from mta.errors import ConfigError, StoreError
+from mta.errors import ConfigError, StartupError, StoreError
 from mta.model import NewMessage, Recipient, normalize_line_ends
 
 EX_OK = 0
@@ -297,7 +297,7 @@ async def enqueue_directly(config: Config, message: NewMessage) -> None:
     """Commit to the queue file as the daemon would (the daemon delivers it when it starts)."""
     from mta.store.factory import make_store  # only on this path: the SMTP path stays light
 
-    store = make_store(config, role="inbound")
+    store = make_store(config, role="sendmail")
     await store.open()
     try:
         await store.queue.enqueue(message)
@@ -420,7 +420,9 @@ def _send(opts: Options, config: Config) -> int:
             pass   # the daemon is down: queue it ourselves
         except (OSError, smtplib.SMTPException) as exc:
             raise TempFail(f"cannot hand the message to the daemon at {lc.address}: {exc}") from None
-    if not queue_writable(config.queue.path):
+    # A shared database (queue.backend: postgresql) is written with the config's
+    # credentials, whoever runs sendmail: there is no file whose owner to become.
+    if config.queue.backend == "sqlite" and not queue_writable(config.queue.path):
         where = f"nothing listens on {lc.address}" if lc is not None else "no relay listener is configured"
         raise TempFail(f"mail system unavailable: {where}, and the queue {config.queue.path} cannot be written "
                        f"by uid {os.getuid()}")
@@ -435,6 +437,7 @@ def _send(opts: Options, config: Config) -> int:
     )
     try:
         asyncio.run(enqueue_directly(config, message))
-    except StoreError as exc:
-        raise TempFail(f"queue {config.queue.path}: {exc}") from None
+    except (StoreError, StartupError) as exc:
+        where = config.queue.path if config.queue.backend == "sqlite" else "database"
+        raise TempFail(f"queue {where}: {exc}") from None
     return EX_OK

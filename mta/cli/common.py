@@ -22,8 +22,9 @@ class NoQueue(Exception):
 
 
 def require_queue(config: Config, command: str) -> None:
-    """Before the event loop starts: NoQueue unless the queue file is there."""
-    if not os.path.exists(config.queue.path):
+    """Before the event loop starts: NoQueue unless the queue file is there (a shared
+    database is made by the first node or command that opens it)."""
+    if config.queue.backend == "sqlite" and not os.path.exists(config.queue.path):
         raise NoQueue(f"mta: {command}: {config.queue.path}: no queue database (has the daemon run?)")
 
 

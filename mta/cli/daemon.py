@@ -53,8 +53,29 @@ def check_config(config: Config) -> int:
     # The users files' content too: one bad byte there made every mailbox unknown (issue 12).
     for key, users_file in users_files(config):
         check_users_file(key, users_file, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    if config.queue.backend == "postgresql":
+        problem = _database_unreachable(config)
+        if problem is not None:   # the file is still right: the database may be down for now
+            print(f"warning: queue.dsn: {config.queue.location}: {problem}", file=sys.stderr)
     print(f"config: {config.source}: ok")
     return 0
+
+
+def _database_unreachable(config: Config) -> str | None:
+    """Why the shared database cannot be reached now (a quick connect), or None."""
+    import asyncio
+
+    import asyncpg  # preflight.check found the driver
+
+    async def connect() -> None:
+        conn = await asyncpg.connect(config.queue.dsn, timeout=3.0)
+        await conn.close()
+
+    try:
+        asyncio.run(connect())
+    except Exception as exc:   # anything the driver or the network says is the answer
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None
 
 
 def serve(config: Config, path: str | None, log_level: str) -> int:

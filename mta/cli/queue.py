@@ -124,6 +124,10 @@ def _add_file_actions(action: _AddAction) -> None:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.queue_command == "repair":
+        if config.queue.backend != "sqlite":
+            print("mta: queue repair: only for a SQLite queue file (the database server keeps its own "
+                  "files sound)", file=sys.stderr)
+            return EXIT_USAGE
         return _repair(str(config.queue.path), args.output)
     require_queue(config, "queue")
     return asyncio.run(_queue(args, config))
@@ -139,7 +143,7 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
         if command == "show":
             return await _show(admin, args.id, args.body)
         if command == "check":
-            return await _check(admin, config.queue.path)
+            return await _check(admin, config.queue.location)
         return await _admin(admin, command, args)
 
 

@@ -144,7 +144,7 @@ class App:
                 await self.shutdown()
                 raise preflight.metrics_cannot_listen(self.config, exc) from None
         log.info("mta ready: hostname=%s, queue=%s, %d listener(s)", self.config.hostname,
-                 self.config.queue.path, len(self.listeners))
+                 self.config.queue.location, len(self.listeners))
 
     async def _start_web(self) -> None:
         """The http listeners: the lab inbox over Mailpit's API (mta/web/app.py)."""

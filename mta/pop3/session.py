@@ -29,13 +29,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from mta.config import Config, ListenerConfig
+from mta.errors import StoreError
 from mta.mailbox.users import MailboxUsers
 from mta.passwords import AuthThrottle, UsersFileUnavailable
 from mta.pop3 import replies as R
 from mta.pop3.commands import Refused, no_args, plural, printable
 from mta.pop3.lines import LineReader, TooLong
 from mta.pop3.transaction import Transaction
-from mta.store.api import Mailboxes, mailbox_key
+from mta.store.api import Mailboxes, MailboxLock, mailbox_key
 from mta.tls import HANDSHAKE_ERRORS, handshake_error
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class SessionContext:
     listener: ListenerConfig
     store: Mailboxes
     users: MailboxUsers
-    locks: set[str]                 # mailbox keys in TRANSACTION, shared by every POP3 listener
+    locks: set[str]                 # this process's mailbox keys in TRANSACTION (pruning skips them)
     throttle: AuthThrottle          # login failures per client IP, shared likewise
     tls_context: ssl.SSLContext | None
     metrics: Metrics | None = None  # its pop3_* counters
@@ -108,7 +109,8 @@ class POP3Session:
         # any other command in between forgets it.
         self.pending_user: str | None = None
         self.user_for_pass: str | None = None
-        self.lock: str | None = None           # our key in ctx.locks while we hold it
+        self.lock: MailboxLock | None = None   # the maildrop lock while we hold it
+        self.lock_key: str | None = None       # its mailbox key, in ctx.locks meanwhile
         self.transaction: Transaction | None = None   # from login on
         self.auth_failures = 0
         self.closing = False
@@ -159,7 +161,7 @@ class POP3Session:
             with contextlib.suppress(Exception):   # the transport may be gone already
                 self.writer.write(R.INTERNAL_ERROR)
         finally:
-            self._release_lock()
+            await self._release_lock()
             self._log_disconnect()
             await self._close()
 
@@ -205,10 +207,16 @@ class POP3Session:
         except (TimeoutError, OSError, ssl.SSLError):   # OSError covers ConnectionError
             self.writer.transport.abort()
 
-    def _release_lock(self) -> None:
-        if self.lock is not None:
-            self.ctx.locks.discard(self.lock)
-            self.lock = None
+    async def _release_lock(self) -> None:
+        lock, self.lock = self.lock, None
+        if self.lock_key is not None:
+            self.ctx.locks.discard(self.lock_key)
+            self.lock_key = None
+        if lock is not None:
+            try:
+                await lock.release()
+            except Exception as exc:   # PostgreSQL drops the lock with its connection anyway
+                log.warning("pop3: releasing a maildrop lock: %s", exc)
 
     # ------------------------------------------------------------------ I/O
     async def _send(self, data: bytes) -> None:
@@ -367,20 +375,26 @@ class POP3Session:
             return self._login_failed(user, method)
         self.ctx.throttle.succeeded(self.ip)
         key = mailbox_key(user)
-        # RFC 1939 §8: one session per maildrop. Checked after the password, so
-        # [IN-USE] tells nothing to someone who does not know it (RFC 2449 §8.1.1).
-        if key in self.ctx.locks:
+        # RFC 1939 §8: one session per maildrop, on every node sharing the store
+        # (Mailboxes.lock). Checked after the password, so [IN-USE] tells nothing to
+        # someone who does not know it (RFC 2449 §8.1.1).
+        try:
+            held = await self.ctx.store.lock(user)
+        except StoreError as exc:
+            log.warning("pop3(%s): cannot lock the maildrop: %s", printable(user), exc)
+            return R.MAILDROP_UNAVAILABLE
+        if held is None:
             log.info("pop3-login: Login refused, mailbox in use: user=<%s>, method=%s, %s",
                      printable(user), method, self._where())
             self._count_login("in_use")
             return R.IN_USE
+        self.lock, self.lock_key = held, key
         self.ctx.locks.add(key)
-        self.lock = key
         try:
             messages = await self.ctx.store.messages(user)
         except Exception:  # a store failure fails this login, not the daemon
             log.exception("pop3(%s): cannot read the maildrop", printable(user))
-            self._release_lock()
+            await self._release_lock()
             return R.MAILDROP_UNAVAILABLE
         self.transaction = Transaction(user, messages, self.ctx.store, self.ctx.listener.name, self.ctx.metrics)
         self.state = State.TRANSACTION

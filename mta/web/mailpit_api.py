@@ -386,12 +386,13 @@ async def get_info(request: web.Request) -> web.Response:
     for tag in page.tags:
         tagged = await inbox.page([SearchTerm("tag", tag)], start=0, limit=0)
         tags[tag] = tagged.matched
-    database = context.config.queue.path
+    queue = context.config.queue
     return json_response({
         "Version": __version__,
         "LatestVersion": "",      # never looked up: a lab host need not reach the internet
-        "Database": database,
-        "DatabaseSize": _size(database),
+        "Database": queue.location,
+        # A shared database's size is the server's business (0: not measured by mta).
+        "DatabaseSize": _size(queue.path) if queue.backend == "sqlite" else 0,
         "Messages": page.total,
         "Unread": page.unread,
         "Tags": tags,

@@ -32,7 +32,7 @@ T = TypeVar("T")
 Op = Callable[[Any], Awaitable[T]]
 
 # Errors that mean "the database could not be reached or the connection broke".
-_CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
+CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
                       asyncpg.exceptions.PostgresConnectionError,
                       asyncpg.exceptions.CannotConnectNowError,
                       asyncpg.exceptions.AdminShutdownError)
@@ -74,7 +74,7 @@ class PgEngine:
         except StoreError:
             await self.close()
             raise
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             await self.close()
             raise StoreError(one_line(exc)) from exc
 
@@ -89,7 +89,7 @@ class PgEngine:
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), self.connect_timeout)
-            except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
+            except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError):
                 pool.terminate()
 
     async def run(self, op: Op[T]) -> T:
@@ -101,10 +101,10 @@ class PgEngine:
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
                 result: T = await op(conn)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS):
                 await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
         if self.health.failing(HEALTH_COMPONENT):
@@ -138,7 +138,7 @@ class PgEngine:
                 await conn.add_listener(channel, received)
                 on_payload("")
                 await ended.wait()
-            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
                 log.debug("listening on %s: %s", channel, one_line(exc))
             finally:
                 if conn is not None and not conn.is_closed():
