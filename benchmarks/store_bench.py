@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import procfs  # noqa: E402
+
 from mta.model import NewMessage, RcptState, Recipient  # noqa: E402
 from mta.store.api import Queue, RecipientUpdate, new_queue_id  # noqa: E402
 
@@ -97,15 +98,16 @@ class SQLiteBackend(Backend):
     async def close(self) -> None:
         await self.store.close()
         for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.tmp / f'queue-{self.n}.db'}{suffix}").unlink(missing_ok=True)
+            Path(f"{self.tmp / f'queue-{self.n}.db'}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
 
 
 class PostgreSQLBackend(Backend):
     name = "postgresql"
 
-    def __init__(self, cluster, dsn: str | None):
+    def __init__(self, cluster, dsn: str | None, *, unbatched: bool = False):
         self.cluster = cluster
         self.fixed_dsn = dsn
+        self.unbatched = unbatched
         self.database: str | None = None
 
     async def open(self) -> Queue:
@@ -121,7 +123,10 @@ class PostgreSQLBackend(Backend):
         self.engine = PgEngine(dsn)
         await self.engine.open()
         self.stat_conn = await _connect(dsn)
-        return PostgreSQLQueue(self.engine, node="bench")
+        queue = PostgreSQLQueue(self.engine, node="bench")
+        if self.unbatched and hasattr(queue, "_batches"):
+            queue._batches = Unbatched(queue._store_new_mail)
+        return queue
 
     @staticmethod
     async def _clear(dsn: str) -> None:
@@ -150,6 +155,16 @@ class PostgreSQLBackend(Backend):
         # cluster has no other users). pg_stat_database's xact_commit would count reads
         # too, and reaches the view only seconds later.
         return int(await self.stat_conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"))
+
+class Unbatched:
+    """--unbatched: each enqueue its own transaction (the batches of mta/store/postgresql/batches.py off)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    async def add(self, message: NewMessage) -> None:
+        await self.store([message])
+
 
 async def _connect(dsn: str):
     import asyncpg
@@ -271,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  " a private cluster")
     p.add_argument("--pg-set", action="append", default=[], metavar="NAME=VALUE",
                    help="a server parameter for the private cluster (ALTER SYSTEM), e.g. commit_delay=200")
+    p.add_argument("--unbatched", action="store_true",
+                   help="PostgreSQL: every enqueue in a transaction of its own (to measure what batching gives)")
     p.add_argument("--tmpdir", default=None, help="where the SQLite files and the cluster live (a real disk)")
     args = p.parse_args(argv)
     names = {"x1": "enqueue x1", "x20": "enqueue x20", "cycle": "cycle"}
@@ -311,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     print("server:", ", ".join(
                         f"{s.partition('=')[0]} = {cluster.psql('SHOW ' + s.partition('=')[0]).strip()}"
                         for s in args.pg_set))
-            backends.append(PostgreSQLBackend(cluster, args.dsn))
+            backends.append(PostgreSQLBackend(cluster, args.dsn, unbatched=args.unbatched))
         try:
-            import uvloop   # as the daemon (mta/daemon/runtime.py), when installed
+            import uvloop  # as the daemon (mta/daemon/runtime.py), when installed
             loop_factory = uvloop.new_event_loop
         except ImportError:
             loop_factory = asyncio.new_event_loop

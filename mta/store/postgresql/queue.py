@@ -28,6 +28,7 @@ from typing import Any
 from mta.health import Health
 from mta.model import MailboxCopy, NewMessage
 from mta.store.api import Claimed, DueRecipient, HistoryEntry, NewMailListener, RecipientUpdate, mailbox_key
+from mta.store.postgresql.batches import NewMailBatches
 from mta.store.postgresql.engine import PgEngine
 
 # As in the SQLite queue: a repeated deferral is not written again, and no deferral once
@@ -52,6 +53,7 @@ class PostgreSQLQueue:
         self.node = node or socket.gethostname()
         self.lease = lease
         self._listeners: list[NewMailListener] = []
+        self._batches = NewMailBatches(self._store_new_mail)
 
     @property
     def health(self) -> Health:
@@ -87,14 +89,17 @@ class PostgreSQLQueue:
     # ----------------------------------------------------------------- inbound
 
     async def enqueue(self, message: NewMessage) -> None:
-        """Store a message and its recipients in one transaction; return once committed."""
+        """Store a message and its recipients in one transaction; return once committed.
 
-        async def insert(conn: Any) -> None:
-            await _insert_messages(conn, [message])
-            await _tell_other_nodes(conn, self.node)
-
-        await self.engine.run(insert)
+        Enqueues arriving while another batch commits share the next commit (batches.py)."""
+        await self._batches.add(message)
         self._notify([message])
+
+    async def _store_new_mail(self, messages: Sequence[NewMessage]) -> None:
+        async def insert(conn: Any) -> None:
+            await _insert_messages(conn, messages, self.node)
+
+        await self.engine.run(insert, one_statement=True)
 
     # ----------------------------------------------------------------- queue manager
 
@@ -211,8 +216,7 @@ class PostgreSQLQueue:
             if mailbox_copies:
                 await _insert_copies(conn, mailbox_copies, now)
             if new_messages:
-                await _insert_messages(conn, new_messages)
-                await _tell_other_nodes(conn, self.node)
+                await _insert_messages(conn, new_messages, self.node)
             if delay_warned:
                 await conn.execute("UPDATE messages SET delay_warned = true WHERE id = $1", message_id)
             pending = await conn.fetchval(
@@ -261,12 +265,6 @@ class PostgreSQLQueue:
         return await self.engine.run(read)
 
 
-async def _tell_other_nodes(conn: Any, node: str) -> None:
-    """NOTIFY inside the transaction: PostgreSQL sends it to the listeners at COMMIT, and
-    not at all if the transaction rolls back."""
-    await conn.execute("SELECT pg_notify($1, $2)", NEW_MAIL_CHANNEL, node)
-
-
 async def _next_due(conn: Any, node: str) -> float | None:
     """The earliest deferred next_attempt, or the earliest end of another node's lease:
     both make a recipient claimable, so a survivor wakes up when a dead node's leases
@@ -298,22 +296,36 @@ async def _history_worth_writing(conn: Any, message_id: str,
     return keep
 
 
-async def _insert_messages(conn: Any, messages: Sequence[NewMessage]) -> None:
+# Messages, bodies and recipients in one statement (one round trip, rows passed as arrays),
+# and the NOTIFY that wakes the other nodes' queue managers: PostgreSQL sends it at COMMIT,
+# and not at all if the transaction rolls back. The foreign keys of bodies and recipients
+# are checked at the statement's end, when the messages are in.
+_INSERT_MESSAGES = (
+    "WITH m AS (INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user, smtputf8,"
+    " body_8bit, ret, envid) SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[],"
+    " $5::text[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::bool[], $11::text[], $12::text[])),"
+    " b AS (INSERT INTO bodies (message_id, data) SELECT * FROM unnest($1::text[], $13::bytea[])),"
+    " r AS (INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify, orcpt, updated)"
+    " SELECT * FROM unnest($14::text[], $15::int[], $16::text[], $17::text[], $18::float8[], $19::text[],"
+    " $20::text[], $21::float8[]))"
+    " SELECT pg_notify($22, $23)")
+
+
+async def _insert_messages(conn: Any, messages: Sequence[NewMessage], node: str) -> None:
+    """Store new messages (in one statement) and tell the other nodes, as ``node``."""
     if not messages:
         return
-    await conn.executemany(
-        "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
-        " smtputf8, body_8bit, ret, envid) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
-        [(m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
-          m.smtputf8, m.body_8bit, m.ret, m.envid) for m in messages])
-    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES ($1, $2)",
-                           [(m.id, m.data) for m in messages])
     # next_attempt = arrival: fresh mail is due at once, oldest first.
-    await conn.executemany(
-        "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify, orcpt, updated)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-        [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
-         for m in messages for i, r in enumerate(m.recipients)])
+    recipients = [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
+                  for m in messages for i, r in enumerate(m.recipients)]
+    await conn.execute(
+        _INSERT_MESSAGES,
+        [m.id for m in messages], [m.sender for m in messages], [m.arrival for m in messages],
+        [len(m.data) for m in messages], [m.client for m in messages], [m.listener for m in messages],
+        [m.helo for m in messages], [m.auth_user for m in messages], [m.smtputf8 for m in messages],
+        [m.body_8bit for m in messages], [m.ret for m in messages], [m.envid for m in messages],
+        [m.data for m in messages], *([list(column) for column in zip(*recipients, strict=True)] or [[]] * 8),
+        NEW_MAIL_CHANNEL, node)
 
 
 async def _insert_copies(conn: Any, copies: Sequence[MailboxCopy], now: float) -> None:
