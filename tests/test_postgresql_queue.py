@@ -82,6 +82,7 @@ async def test_a_node_that_lost_its_lease_cannot_overwrite_the_outcome(nodes):
     # a comes back: its outcome, give-back and renewal change nothing of b's.
     assert not await a.queue.record_outcomes(m.id, [DELIVERED], 2e9 + 62,
                                              new_messages=[message(2, rcpts=("a@lab.test",))])
+    assert not await a.queue.record_outcomes(m.id, [DELIVERED], 2e9 + 62)   # the one-statement path too
     await a.queue.give_back(m.id, [0])
     assert await a.queue.renew_leases(2e9 + 62) == 0
     assert await a.recipients() == {m.id: [("b@example.org", "active", 0)]}   # no bounce either

@@ -111,6 +111,29 @@ async def test_claim_prefetches_bodies_and_outcomes_finish_messages(store_backen
     assert await store_backend.query("SELECT event FROM history") == []
 
 
+async def test_a_delivery_recorded_one_recipient_at_a_time(store_backend):
+    """The common outcome (delivered, nothing else to store) one recipient after the other:
+    the message stays with its history while any recipient is pending, then goes whole."""
+    queue = store_backend.queue
+    m = message(1, rcpts=("x@example.org", "y@example.org", "z@example.org"))
+    await queue.enqueue(m)
+    await queue.claim(2e9, 10)
+    sent = [HistoryEntry(2e9, "x@example.org", "sent", "relay=mx (250 ok)")]
+    assert not await queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 2e9, None)], 2e9,
+                                           history=sent)
+    assert not await queue.record_outcomes(m.id, [RecipientUpdate(1, RcptState.BOUNCED, 1, 2e9, "550 5.1.1 no")],
+                                           2e9, history=[HistoryEntry(2e9, "y@example.org", "bounced", "550")])
+    assert await store_backend.recipients() == {m.id: [
+        ("x@example.org", "delivered", 1), ("y@example.org", "bounced", 1), ("z@example.org", "active", 0)]}
+    assert await store_backend.query("SELECT recipient, event FROM history ORDER BY time, recipient") == [
+        ("x@example.org", "sent"), ("y@example.org", "bounced")]
+    assert await queue.record_outcomes(m.id, [RecipientUpdate(2, RcptState.DELIVERED, 1, 2e9, None)], 2e9,
+                                       history=[HistoryEntry(2e9, "z@example.org", "sent", "relay=mx (250 ok)")])
+    assert await store_backend.recipients() == {}
+    assert await store_backend.query("SELECT count(*) FROM history") == [(0,)]
+    assert await queue.message_data(m.id) is None
+
+
 async def test_recover_in_flight_makes_claimed_recipients_due(store_backend):
     queue = store_backend.queue
     fresh, tried = message(1), message(2)

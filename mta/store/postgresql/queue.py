@@ -40,6 +40,33 @@ DEFAULT_LEASE = 60.0
 # NOTIFY channel for new mail committed by any node (payload: the committing node's identity).
 NEW_MAIL_CHANNEL = "mta_new_mail"
 
+# An attempt's outcomes, for the recipients this node still holds ($8).
+_UPDATE_OUTCOMES = (
+    "UPDATE recipients r SET state = CASE WHEN r.state = 'held' AND u.state = 'deferred' THEN 'held'"
+    " ELSE u.state END, attempts = u.attempts, next_attempt = u.next_attempt,"
+    " last_error = u.last_error, updated = $2, lease_node = NULL, lease_until = NULL"
+    " FROM unnest($3::int[], $4::text[], $5::int[], $6::float8[], $7::text[])"
+    " AS u(rcpt_no, state, attempts, next_attempt, last_error)"
+    " WHERE r.message_id = $1 AND r.rcpt_no = u.rcpt_no AND r.lease_node = $8")
+
+# record_outcomes without copies, bounces or deferrals, in one statement (one round trip
+# instead of five): the outcomes, then the message deleted if no recipient is left pending,
+# else the history rows written. All parts see the rows as they were before the statement,
+# so "pending" is the updated rows' new states plus the other recipients' old ones. The
+# recipients go with the message by its foreign key's cascade, which runs after the
+# statement. Its value: whether the message went.
+_RECORD_PLAIN_OUTCOMES = (
+    f"WITH applied AS ({_UPDATE_OUTCOMES} RETURNING r.rcpt_no, r.state),"
+    " pending AS (SELECT 1 FROM applied WHERE state NOT IN ('delivered', 'bounced')"
+    " UNION ALL SELECT 1 FROM recipients WHERE message_id = $1 AND state NOT IN ('delivered', 'bounced')"
+    " AND rcpt_no NOT IN (SELECT rcpt_no FROM applied) LIMIT 1),"
+    " gone AS (DELETE FROM messages WHERE id = $1 AND EXISTS (SELECT 1 FROM applied)"
+    " AND NOT EXISTS (SELECT 1 FROM pending) RETURNING 1),"
+    " written AS (INSERT INTO history (message_id, time, recipient, event, detail)"
+    " SELECT $1, * FROM unnest($9::float8[], $10::text[], $11::text[], $12::text[])"
+    " WHERE EXISTS (SELECT 1 FROM applied) AND EXISTS (SELECT 1 FROM pending))"
+    " SELECT EXISTS (SELECT 1 FROM gone)")
+
 _DUE_COLUMNS = (
     "r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, m.sender, m.arrival, m.smtputf8,"
     " m.body_8bit, r.notify, r.orcpt, m.ret, m.envid, m.delay_warned, m.listener, m.size")
@@ -198,19 +225,21 @@ class PostgreSQLQueue:
         # "still held" is lease_node = this node, whether or not the lease ran out meanwhile
         # (if nobody took it over, the outcome is still the truth). An operator's hold
         # during the attempt keeps lease_node, so it is found too.
+        outcomes = (message_id, now, [u.rcpt_no for u in updates], [str(u.state) for u in updates],
+                    [u.attempts for u in updates], [u.next_attempt for u in updates],
+                    [u.last_error for u in updates], self.node)
+        if updates and not (mailbox_copies or new_messages or delay_warned) and all(
+                h.event != "deferred" for h in history):
+            # The common case (a delivery done, nothing else to store): one statement.
+            async def record_plain(conn: Any) -> bool:
+                return bool(await conn.fetchval(
+                    _RECORD_PLAIN_OUTCOMES, *outcomes, [h.time for h in history], [h.recipient for h in history],
+                    [h.event for h in history], [h.detail for h in history]))
+
+            return await self.engine.run(record_plain, one_statement=True)
+
         async def record(conn: Any) -> tuple[bool, bool]:
-            applied = await conn.fetch(
-                "UPDATE recipients r SET state = CASE WHEN r.state = 'held' AND u.state = 'deferred' THEN 'held'"
-                " ELSE u.state END, attempts = u.attempts, next_attempt = u.next_attempt,"
-                " last_error = u.last_error, updated = $2, lease_node = NULL, lease_until = NULL"
-                " FROM unnest($3::int[], $4::text[], $5::int[], $6::float8[], $7::text[])"
-                " AS u(rcpt_no, state, attempts, next_attempt, last_error)"
-                " WHERE r.message_id = $1 AND r.rcpt_no = u.rcpt_no"
-                " AND r.lease_node = $8"
-                " RETURNING r.rcpt_no",
-                message_id, now, [u.rcpt_no for u in updates], [str(u.state) for u in updates],
-                [u.attempts for u in updates], [u.next_attempt for u in updates],
-                [u.last_error for u in updates], self.node)
+            applied = await conn.fetch(_UPDATE_OUTCOMES + " RETURNING r.rcpt_no", *outcomes)
             if updates and not applied:
                 return False, False
             if mailbox_copies:
