@@ -19,8 +19,8 @@ asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip i
 
 from mta.errors import StoreError  # noqa: E402
 from mta.model import NewMessage, RcptState  # noqa: E402
-from mta.store.api import RecipientUpdate  # noqa: E402
-from mta.store.postgresql.batches import MAX_BATCH_MESSAGES  # noqa: E402
+from mta.store.api import HistoryEntry, RecipientUpdate  # noqa: E402
+from mta.store.postgresql.batches import MAX_BATCH_ITEMS  # noqa: E402
 from mta.store.postgresql.engine import PgEngine  # noqa: E402
 from mta.store.postgresql.queue import PostgreSQLQueue  # noqa: E402
 from mta.store.postgresql.schema import SCHEMA_VERSION  # noqa: E402
@@ -414,11 +414,43 @@ async def test_a_batch_holds_at_most_max_batch_messages(gates):
     first = gated(0, gate=1)
     first_done = asyncio.ensure_future(backend.queue.enqueue(first))
     await until_waiting_at_gate(conn, 1)
-    rest = [message(n) for n in range(1, 2 * MAX_BATCH_MESSAGES + 11)]
+    rest = [message(n) for n in range(1, 2 * MAX_BATCH_ITEMS + 11)]
     await asyncio.sleep(0.05)
     rest_done = asyncio.gather(*(backend.queue.enqueue(m) for m in rest))
     await asyncio.sleep(0.1)
     await conn.execute("SELECT pg_advisory_unlock(7305, 1)")
     await asyncio.wait_for(asyncio.gather(first_done, rest_done), 10)
     sizes = [len(ids) for ids in await stored_by_transaction(backend)]
-    assert sizes == [1, MAX_BATCH_MESSAGES, MAX_BATCH_MESSAGES, 10]
+    assert sizes == [1, MAX_BATCH_ITEMS, MAX_BATCH_ITEMS, 10]
+
+
+async def test_concurrent_delivery_outcomes_share_a_commit(postgres_dsn):
+    backend = await QueueBackend.postgresql(postgres_dsn)
+    try:
+        queue = backend.queue
+        sent = [message(n, rcpts=("x@example.org", "y@example.org")) for n in range(20)]
+        for m in sent:
+            await queue.enqueue(m)
+        assert len((await queue.claim(2e9, 100)).due) == 40
+        first = RecipientUpdate(0, RcptState.DELIVERED, 1, 2e9, None)
+        # Twenty deliveries ending at once: one transaction records them all, each message stays
+        # (its second recipient is pending) with its history row.
+        assert await asyncio.gather(*(queue.record_outcomes(
+            m.id, [first], 2e9, history=[HistoryEntry(2e9, "x@example.org", "sent", "relay=mx")])
+            for m in sent)) == [False] * 20
+        assert await backend.query("SELECT count(DISTINCT xmin::text), count(*) FROM recipients"
+                                   " WHERE state = 'delivered'") == [(1, 20)]
+        assert await backend.query("SELECT count(*) FROM history WHERE event = 'sent'") == [(20,)]
+        # Two outcomes of one message in flight together are committed in turn: the first
+        # leaves a recipient pending, the second finishes the message, as if one after the other.
+        second = RecipientUpdate(1, RcptState.DELIVERED, 1, 2e9, None)
+        m = message(99, rcpts=("x@example.org", "y@example.org"))
+        await queue.enqueue(m)
+        assert len((await queue.claim(2e9, 100)).due) == 2
+        assert await asyncio.gather(queue.record_outcomes(m.id, [first], 2e9),
+                                    queue.record_outcomes(m.id, [second], 2e9),
+                                    queue.record_outcomes(sent[1].id, [second], 2e9)) == [False, True, True]
+        remaining = await backend.recipients()
+        assert m.id not in remaining and sent[1].id not in remaining and len(remaining) == 19
+    finally:
+        await backend.close()

@@ -23,12 +23,13 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mta.health import Health
 from mta.model import MailboxCopy, NewMessage
 from mta.store.api import Claimed, DueRecipient, HistoryEntry, NewMailListener, RecipientUpdate, mailbox_key
-from mta.store.postgresql.batches import NewMailBatches
+from mta.store.postgresql.batches import Batches
 from mta.store.postgresql.engine import PgEngine
 from mta.store.postgresql.entries import entry_for
 
@@ -50,23 +51,40 @@ _UPDATE_OUTCOMES = (
     " AS u(rcpt_no, state, attempts, next_attempt, last_error)"
     " WHERE r.message_id = $1 AND r.rcpt_no = u.rcpt_no AND r.lease_node = $8")
 
-# record_outcomes without copies, bounces or deferrals, in one statement (one round trip
-# instead of five): the outcomes, then the message deleted if no recipient is left pending,
-# else the history rows written. All parts see the rows as they were before the statement,
-# so "pending" is the updated rows' new states plus the other recipients' old ones. The
-# recipients go with the message by its foreign key's cascade, which runs after the
-# statement. Its value: whether the message went.
+# The outcomes of several record_outcomes calls without copies, bounces or deferrals (a
+# delivery done, nothing else to store), in one statement: the outcomes, then each message
+# deleted if no recipient of it is left pending, else its history rows written. All parts
+# see the rows as they were before the statement, so "pending" is the updated rows' new
+# states plus the other recipients' old ones. Recipients, bodies and history go with their
+# message by the foreign keys' cascade, which runs after the statement. Its value: the
+# messages that went. (A message this node no longer holds any recipient of is untouched.)
 _RECORD_PLAIN_OUTCOMES = (
-    f"WITH applied AS ({_UPDATE_OUTCOMES} RETURNING r.rcpt_no, r.state),"
-    " pending AS (SELECT 1 FROM applied WHERE state NOT IN ('delivered', 'bounced')"
-    " UNION ALL SELECT 1 FROM recipients WHERE message_id = $1 AND state NOT IN ('delivered', 'bounced')"
-    " AND rcpt_no NOT IN (SELECT rcpt_no FROM applied) LIMIT 1),"
-    " gone AS (DELETE FROM messages WHERE id = $1 AND EXISTS (SELECT 1 FROM applied)"
-    " AND NOT EXISTS (SELECT 1 FROM pending) RETURNING 1),"
+    "WITH u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::int[], $5::float8[], $6::text[],"
+    " $7::float8[]) AS u(message_id, rcpt_no, state, attempts, next_attempt, last_error, updated)),"
+    " applied AS (UPDATE recipients r SET state = CASE WHEN r.state = 'held' AND u.state = 'deferred'"
+    " THEN 'held' ELSE u.state END, attempts = u.attempts, next_attempt = u.next_attempt,"
+    " last_error = u.last_error, updated = u.updated, lease_node = NULL, lease_until = NULL"
+    " FROM u WHERE r.message_id = u.message_id AND r.rcpt_no = u.rcpt_no AND r.lease_node = $8"
+    " RETURNING r.message_id, r.rcpt_no, r.state),"
+    " pending AS (SELECT message_id FROM applied WHERE state NOT IN ('delivered', 'bounced')"
+    " UNION SELECT message_id FROM recipients WHERE message_id IN (SELECT message_id FROM applied)"
+    " AND state NOT IN ('delivered', 'bounced')"
+    " AND (message_id, rcpt_no) NOT IN (SELECT message_id, rcpt_no FROM applied)),"
+    " gone AS (DELETE FROM messages WHERE id IN (SELECT message_id FROM applied)"
+    " AND id NOT IN (SELECT message_id FROM pending) RETURNING id),"
     " written AS (INSERT INTO history (message_id, time, recipient, event, detail)"
-    " SELECT $1, * FROM unnest($9::float8[], $10::text[], $11::text[], $12::text[])"
-    " WHERE EXISTS (SELECT 1 FROM applied) AND EXISTS (SELECT 1 FROM pending))"
-    " SELECT EXISTS (SELECT 1 FROM gone)")
+    " SELECT * FROM unnest($9::text[], $10::float8[], $11::text[], $12::text[], $13::text[])"
+    " AS h(message_id, time, recipient, event, detail) WHERE h.message_id IN (SELECT message_id FROM pending))"
+    " SELECT array_agg(id) FROM gone")
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainOutcome:
+    message_id: str
+    updates: Sequence[RecipientUpdate]
+    now: float
+    history: Sequence[HistoryEntry]
+
 
 _DUE_COLUMNS = (
     "r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, m.sender, m.arrival, m.smtputf8,"
@@ -81,7 +99,10 @@ class PostgreSQLQueue:
         self.node = node or socket.gethostname()
         self.lease = lease
         self._listeners: list[NewMailListener] = []
-        self._batches = NewMailBatches(self._store_new_mail)
+        # Concurrent writes share commits (batches.py): new mail, and plain delivery outcomes.
+        self._new_mail: Batches[NewMessage, None] = Batches(self._store_new_mail, size=lambda m: len(m.data))
+        self._outcomes: Batches[_PlainOutcome, bool] = Batches(self._record_plain_outcomes,
+                                                               key=lambda o: o.message_id)
 
     @property
     def health(self) -> Health:
@@ -120,14 +141,15 @@ class PostgreSQLQueue:
         """Store a message and its recipients in one transaction; return once committed.
 
         Enqueues arriving while another batch commits share the next commit (batches.py)."""
-        await self._batches.add(message)
+        await self._new_mail.add(message)
         self._notify([message])
 
-    async def _store_new_mail(self, messages: Sequence[NewMessage]) -> None:
+    async def _store_new_mail(self, messages: Sequence[NewMessage]) -> list[None]:
         async def insert(conn: Any) -> None:
             await _insert_messages(conn, messages, self.node)
 
         await self.engine.run(insert, one_statement=True)
+        return [None] * len(messages)
 
     # ----------------------------------------------------------------- queue manager
 
@@ -226,21 +248,16 @@ class PostgreSQLQueue:
         # "still held" is lease_node = this node, whether or not the lease ran out meanwhile
         # (if nobody took it over, the outcome is still the truth). An operator's hold
         # during the attempt keeps lease_node, so it is found too.
-        outcomes = (message_id, now, [u.rcpt_no for u in updates], [str(u.state) for u in updates],
-                    [u.attempts for u in updates], [u.next_attempt for u in updates],
-                    [u.last_error for u in updates], self.node)
         if updates and not (mailbox_copies or new_messages or delay_warned) and all(
                 h.event != "deferred" for h in history):
-            # The common case (a delivery done, nothing else to store): one statement.
-            async def record_plain(conn: Any) -> bool:
-                return bool(await conn.fetchval(
-                    _RECORD_PLAIN_OUTCOMES, *outcomes, [h.time for h in history], [h.recipient for h in history],
-                    [h.event for h in history], [h.detail for h in history]))
-
-            return await self.engine.run(record_plain, one_statement=True)
+            # The common case (a delivery done, nothing else to store): shared commits.
+            return await self._outcomes.add(_PlainOutcome(message_id, updates, now, history))
 
         async def record(conn: Any) -> tuple[bool, bool]:
-            applied = await conn.fetch(_UPDATE_OUTCOMES + " RETURNING r.rcpt_no", *outcomes)
+            applied = await conn.fetch(
+                _UPDATE_OUTCOMES + " RETURNING r.rcpt_no", message_id, now, [u.rcpt_no for u in updates],
+                [str(u.state) for u in updates], [u.attempts for u in updates], [u.next_attempt for u in updates],
+                [u.last_error for u in updates], self.node)
             if updates and not applied:
                 return False, False
             if mailbox_copies:
@@ -266,6 +283,23 @@ class PostgreSQLQueue:
         if written and new_messages:
             self._notify(new_messages)
         return finished
+
+    async def _record_plain_outcomes(self, batch: Sequence[_PlainOutcome]) -> list[bool]:
+        """record_outcomes for several messages (one each) in one statement: whether each went."""
+        rows = [(o.message_id, u, o.now) for o in batch for u in o.updates]
+        entries = [(o.message_id, h) for o in batch for h in o.history]
+
+        async def record(conn: Any) -> list[str] | None:
+            gone: list[str] | None = await conn.fetchval(
+                _RECORD_PLAIN_OUTCOMES, [m for m, _, _ in rows], [u.rcpt_no for _, u, _ in rows],
+                [str(u.state) for _, u, _ in rows], [u.attempts for _, u, _ in rows],
+                [u.next_attempt for _, u, _ in rows], [u.last_error for _, u, _ in rows],
+                [now for _, _, now in rows], self.node, [m for m, _ in entries], [h.time for _, h in entries],
+                [h.recipient for _, h in entries], [h.event for _, h in entries], [h.detail for _, h in entries])
+            return gone
+
+        went = set(await self.engine.run(record, one_statement=True) or ())
+        return [o.message_id in went for o in batch]
 
     async def give_back(self, message_id: str, rcpt_nos: Sequence[int]) -> None:
         """Return claimed recipients untried (only those this node still holds)."""
