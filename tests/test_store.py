@@ -134,6 +134,30 @@ async def test_a_delivery_recorded_one_recipient_at_a_time(store_backend):
     assert await queue.message_data(m.id) is None
 
 
+async def test_a_claim_takes_fresh_mail_first_then_due_deferrals_and_says_when_the_next_is_due(store_backend):
+    queue = store_backend.queue
+    deferred = [message(n) for n in range(3)]
+    for m in deferred:
+        await queue.enqueue(m)
+    await queue.claim(2e9, 10)
+    for n, m in enumerate(deferred):    # due at 2e9 + 100, + 200 and + 300
+        await queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DEFERRED, 1, 2e9 + 100 * (n + 1),
+                                                           "451 4.4.1 later")], 2e9)
+    fresh = [message(10), message(11)]
+    for m in fresh:
+        await queue.enqueue(m)
+    # At 2e9 + 250 two deferrals are due: fresh mail goes first, then the deferrals oldest first,
+    # as much as the limit leaves room for; the next due is the first not claimed.
+    first = await queue.claim(2e9 + 250, 3)
+    assert [d.message_id for d in first.due] == [fresh[0].id, fresh[1].id, deferred[0].id]
+    assert first.next_due == 2e9 + 200
+    second = await queue.claim(2e9 + 250, 3)
+    assert [(d.message_id, d.attempts) for d in second.due] == [(deferred[1].id, 1)]
+    assert second.next_due == 2e9 + 300
+    empty = await queue.claim(2e9 + 250, 3)
+    assert (empty.due, empty.bodies, empty.next_due) == ([], {}, 2e9 + 300)
+
+
 async def test_recover_in_flight_makes_claimed_recipients_due(store_backend):
     queue = store_backend.queue
     fresh, tried = message(1), message(2)

@@ -98,19 +98,20 @@ class PgEngine:
             except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError):
                 pool.terminate()
 
-    async def run(self, op: Op[T], *, one_statement: bool = False) -> T:
+    async def run(self, op: Op[T], *, autocommit: bool = False) -> T:
         """``op`` in one transaction; returns once committed. StoreError on any failure.
 
-        ``one_statement``: ``op`` sends a single statement, which PostgreSQL runs as a
-        transaction of its own and commits before it replies (an implicit transaction):
-        the same guarantee without the round trips for BEGIN and COMMIT."""
+        ``autocommit``: no transaction around ``op``: each statement it sends is a
+        transaction of its own, which PostgreSQL commits before it replies. For an op of
+        one statement (or of statements that need not commit together), without the
+        round trips for BEGIN and COMMIT."""
         pool = self._pool
         if pool is None:
             raise StoreError("queue is not open")
         result: T
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn:
-                if one_statement:
+                if autocommit:
                     result = await op(conn)
                 else:
                     async with conn.transaction():
