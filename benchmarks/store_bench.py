@@ -124,8 +124,9 @@ class PostgreSQLBackend(Backend):
         await self.engine.open()
         self.stat_conn = await _connect(dsn)
         queue = PostgreSQLQueue(self.engine, node="bench")
-        if self.unbatched and hasattr(queue, "_batches"):
-            queue._batches = Unbatched(queue._store_new_mail)
+        if self.unbatched:   # the batches of mta/store/postgresql/batches.py off
+            queue._new_mail = Unbatched(queue._store_new_mail)
+            queue._outcomes = Unbatched(queue._record_plain_outcomes)
         return queue
 
     @staticmethod
@@ -157,13 +158,14 @@ class PostgreSQLBackend(Backend):
         return int(await self.stat_conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"))
 
 class Unbatched:
-    """--unbatched: each enqueue its own transaction (the batches of mta/store/postgresql/batches.py off)."""
+    """--unbatched: each enqueue and each outcome a transaction of its own."""
 
     def __init__(self, store):
         self.store = store
 
-    async def add(self, message: NewMessage) -> None:
-        await self.store([message])
+    async def add(self, item):
+        [result] = await self.store([item])
+        return result
 
 
 async def _connect(dsn: str):
@@ -287,7 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-set", action="append", default=[], metavar="NAME=VALUE",
                    help="a server parameter for the private cluster (ALTER SYSTEM), e.g. commit_delay=200")
     p.add_argument("--unbatched", action="store_true",
-                   help="PostgreSQL: every enqueue in a transaction of its own (to measure what batching gives)")
+                   help="PostgreSQL: every enqueue and delivery outcome in a transaction of its own (to measure"
+                        " what sharing commits gives)")
     p.add_argument("--tmpdir", default=None, help="where the SQLite files and the cluster live (a real disk)")
     args = p.parse_args(argv)
     names = {"x1": "enqueue x1", "x20": "enqueue x20", "cycle": "cycle"}
