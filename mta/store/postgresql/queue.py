@@ -3,7 +3,11 @@
 The same semantics as the SQLite queue (mta/store/sqlite/queue.py): enqueue is one
 transaction (message, body, recipients) and returns after its COMMIT; a claim also
 reads the first bodies and the next due time; an attempt's outcomes, its bounces
-and local delivery's mailbox copies are one transaction.
+and local delivery's mailbox copies are one transaction. Concurrent enqueues, and
+concurrent plain outcomes (nothing but delivered or bounced recipients to write),
+share one statement and one COMMIT (batches.py); claims and outcomes are single
+statements where they can be: on PostgreSQL the round trips, not the WAL flushes,
+are what a message costs.
 
 Several nodes share the database, so a claim is a lease (issue 16). A node claims
 due recipients with ``FOR UPDATE SKIP LOCKED`` (two nodes claiming at once take
