@@ -343,6 +343,12 @@ class PostgreSQLQueue:
         return await self.engine.run(read)
 
 
+async def _tell_other_nodes(conn: Any, payload: str) -> None:
+    """NOTIFY inside the transaction: PostgreSQL sends it to the listeners at COMMIT, and
+    not at all if the transaction rolls back. (New mail's own statement sends it itself.)"""
+    await conn.execute("SELECT pg_notify($1, $2)", NEW_MAIL_CHANNEL, payload)
+
+
 async def _next_due(conn: Any, node: str) -> float | None:
     """The earliest deferred next_attempt, or the earliest end of another node's lease:
     both make a recipient claimable, so a survivor wakes up when a dead node's leases
