@@ -480,3 +480,30 @@ async def test_info(lab: Any) -> None:
         assert info["DatabaseSize"] > 0 and info["RuntimeStats"]["Memory"] > 0
         assert (info["Messages"], info["Unread"], info["Tags"]) == (1, 0, {})
         assert (info["RuntimeStats"]["MessagesDeleted"], info["RuntimeStats"]["SMTPAccepted"]) == (1, 2)
+
+
+# --------------------------------------------------------------------------- NUL
+
+NUL_SUBJECT = (b"From: =?utf-8?q?Nul=00Name?= <carol@remote.test>\r\nTo: alice@lab.test\r\n"
+               b"Subject: =?utf-8?q?before=00after?=\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: quoted-printable\r\n\r\nbody=00text\r\n")
+
+
+async def test_nul_never_reaches_the_store(lab: Any) -> None:
+    """A decoded NUL in a message reads as U+FFFD; a NUL in a request is a 400 (PostgreSQL's
+    text refuses NUL, and both backends must answer alike)."""
+    async with running(lab, deliver=True), Http(lab) as http:
+        listed = await deliver(lab, http, [(NUL_SUBJECT, ["alice@lab.test"])])
+        [summary] = listed["messages"]
+        assert summary["Subject"] == "before\ufffdafter"
+        assert summary["From"] == {"Name": "Nul\ufffdName", "Address": "carol@remote.test"}
+        assert summary["Snippet"] == "body\ufffdtext"
+        for path in ("/api/v1/message/A%00B", "/api/v1/search?query=a%00b", "/api/v1/messages?query=%00"):
+            reply = await http.get(path)
+            assert (reply.status, reply.text) == (400, "NUL character in the request"), path
+        for body, reason in (({"IDs": ["A\u0000B"], "Read": True}, "IDs: NUL character in a string"),
+                             ({"Search": "a\u0000b", "Read": True}, "NUL character in the search")):
+            reply = await http.request("PUT", "/api/v1/messages", json=body)
+            assert (reply.status, reply.text) == (400, reason)
+        tagged = await http.request("PUT", "/api/v1/tags", json={"IDs": [summary["ID"]], "Tags": ["a\u0000"]})
+        assert (tagged.status, tagged.text) == (400, "Tags: NUL character in a string")

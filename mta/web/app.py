@@ -40,6 +40,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from mta.config import Config, ListenerConfig
+from mta.errors import StoreError
 from mta.health import Health
 from mta.metrics import Metrics
 from mta.passwords import UsersFile
@@ -143,10 +144,17 @@ async def _ready(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # No NUL reaches the store (PostgreSQL's text refuses one; no stored text holds one):
+    # an ID, a search or a parameter with %00 in it is a bad request, on either backend.
+    if "\x00" in request.path or any("\x00" in key + value for key, value in request.query.items()):
+        return text_response(400, "NUL character in the request")
     try:
         return await handler(request)
     except ApiError as exc:
         return text_response(exc.status, _one_line(exc.reason))
+    except StoreError as exc:   # the database is down or unreachable: the store's one line
+        log.warning("%s %s from %s: %s", request.method, request.path, request.remote, exc)
+        return text_response(503, _one_line(f"queue unavailable: {exc}"))
     except web.HTTPMethodNotAllowed as exc:
         response = text_response(405, "method not allowed")
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))

@@ -104,6 +104,8 @@ def _number(text: str | None, default: int) -> int:
 
 def search_terms(text: str, tz_name: str | None) -> list[SearchTerm]:
     """A search in Mailpit's language; 400 with the parser's one-line reason."""
+    if "\x00" in text:   # a JSON "Search" (a URL's is refused by the _errors middleware)
+        raise bad_request("NUL character in the search")
     try:
         terms = parse_query(text)
     except SearchError as exc:
@@ -149,6 +151,8 @@ def _strings(data: dict[str, Any], key: str) -> list[str]:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise bad_request(f"{key} must be an array of strings")
+    if any("\x00" in item for item in value):   # see the _errors middleware (mta/web/app.py)
+        raise bad_request(f"{key}: NUL character in a string")
     return list(value)
 
 
