@@ -319,9 +319,35 @@ SUBMISSION = {"name": "sub", "address": "127.0.0.1:587", "mode": "submission"}
      "listeners[0].tls.key: missing"),
     ({"listeners": [SUBMISSION]}, "auth.users_file: missing (a submission listener needs credentials)"),
     ({"delivery": {"tls": "must"}}, 'delivery.tls: "must" is not one of may, encrypt, none'),
+    # the shared database (issue 16)
+    ({"queue": {"backend": "postgres"}}, 'queue.backend: "postgres" is not one of sqlite, postgresql'),
+    ({"queue": {"backend": "postgresql"}}, "queue.dsn: missing (backend postgresql needs the database's URI)"),
+    ({"queue": {"dsn": "postgresql://mta@db/mta"}}, "queue.dsn: only used with backend: postgresql"),
+    ({"queue": {"backend": "postgresql", "dsn": "mysql://mta:secret@db/mta"}},
+     'queue.dsn: "mysql://mta:***@db/mta" is not a PostgreSQL URI (postgresql://user@host:port/database)'),
+    ({"queue": {"backend": "postgresql", "dsn": "host=db dbname=mta"}},
+     'queue.dsn: "host=db dbname=mta" is not a PostgreSQL URI (postgresql://user@host:port/database)'),
+    ({"queue": {"backend": "postgresql", "dsn": "postgresql://db:70000/mta"}},
+     'queue.dsn: "postgresql://db:70000/mta" is not a PostgreSQL URI (Port out of range 0-65535)'),
+    ({"queue": {"backend": "postgresql", "dsn": "postgresql://db/mta", "lease": "1s"}},
+     "queue.lease: 1s is too short (at least 3s: a node renews its leases every third of it)"),
+    ({"queue": {"backend": "postgresql", "dsn": "postgresql://db/mta", "lease": "soon"}},
+     'queue.lease: "soon" is not a duration'),
 ])
 def test_errors_name_the_key_path(data, message):
     assert error_of(data) == message
+
+
+def test_postgresql_queue_settings():
+    config = build_config({"queue": {"backend": "postgresql", "dsn": "postgresql://mta:secret@db.lab.example:5433/mta",
+                                     "lease": "30s"}})
+    assert (config.queue.backend, config.queue.dsn, config.queue.lease) == \
+        ("postgresql", "postgresql://mta:secret@db.lab.example:5433/mta", 30.0)
+    # Log lines and the inbox's info name the database without its password.
+    assert config.queue.location == "postgresql://mta:***@db.lab.example:5433/mta"
+    default = build_config({})
+    assert (default.queue.backend, default.queue.dsn, default.queue.lease) == ("sqlite", None, 60.0)
+    assert default.queue.location == default.queue.path
 
 
 def test_submission_listener_needs_only_the_users_file_setting():

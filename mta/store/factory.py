@@ -60,8 +60,10 @@ POOL_SIZES: dict[Role, int] = {"inbound": 10, "delivery": 10, "admin": 2, "sendm
 def _postgresql(config: Config, role: Role, health: Health | None) -> Store:
     try:
         from mta.store.postgresql.store import PostgreSQLStore
-    except ImportError as exc:
-        raise StartupError(f"queue.backend: postgresql needs its driver ({exc.name} is not installed): "
+    except ModuleNotFoundError as exc:
+        if exc.name != "asyncpg":
+            raise
+        raise StartupError("queue.backend: postgresql needs its driver (asyncpg is not installed): "
                            "pip install 'mta[postgresql]'") from None
     assert config.queue.dsn is not None   # mta/config.py requires it with this backend
     return PostgreSQLStore(config.queue.dsn, node=config.hostname, lease=config.queue.lease, health=health,
