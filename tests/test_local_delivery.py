@@ -321,21 +321,20 @@ async def test_max_age_waits_for_a_pop3_session_holding_the_mailbox(lab, monkeyp
         await wait_until(lambda: mailbox_rows(config, "mailbox") == [])
 
 
-async def test_mailbox_copy_and_delivered_state_are_one_commit(tmp_path):
-    """If the commit that marks a local recipient delivered fails, no copy is kept either."""
-    store = SQLiteStore(tmp_path / "queue.db")
-    await store.open()
-    await store.queue.enqueue(NewMessage(id="AAAA00000001", sender="s@example.test",
+async def test_mailbox_copy_and_delivered_state_are_one_commit(store_backend):
+    """If the commit that marks a local recipient delivered fails, no copy is kept either
+    (both backends: the queue's record_outcomes stores the copies)."""
+    queue = store_backend.queue
+    await queue.enqueue(NewMessage(id="AAAA00000001", sender="s@example.test",
                                    recipients=(Recipient("alice@lab.test"),), data=BODY, arrival=time.time()))
-    [claimed] = (await store.queue.claim(time.time(), 10)).due
+    [claimed] = (await queue.claim(time.time(), 10)).due
     delivered = RecipientUpdate(claimed.rcpt_no, RcptState.DELIVERED, 1, time.time(), None)
     copy = MailboxCopy("alice@lab.test", "AAAA00000001", "s@example.test", "t", BODY)
     clash = NewMessage(id="AAAA00000001", sender="", recipients=(Recipient("s@example.test"),),
                        data=b"dsn", arrival=time.time())   # same id: fails inside the commit
     with pytest.raises(StoreError):   # the commit fails whole
-        await store.queue.record_outcomes("AAAA00000001", [delivered], time.time(), new_messages=[clash],
+        await queue.record_outcomes("AAAA00000001", [delivered], time.time(), new_messages=[clash],
                                     mailbox_copies=[copy])
-    await store.close()
-    with sqlite3.connect(tmp_path / "queue.db") as db:
-        assert db.execute("SELECT COUNT(*) FROM mailbox_messages").fetchone() == (0,)
-        assert db.execute("SELECT state FROM recipients").fetchall() == [("active",)]
+    assert await store_backend.query("SELECT COUNT(*) FROM mailbox_messages") == [(0,)]
+    assert await store_backend.query("SELECT state FROM recipients") == [("active",)]
+    assert await store_backend.mailboxes.messages("alice@lab.test") == []

@@ -1,5 +1,7 @@
 """The POP3 server on the wire (RFC 1939, RFC 2449 CAPA/RESP-CODES, RFC 2595 STLS,
-RFC 5034 AUTH PLAIN): exact bytes with a raw client, and Python's poplib."""
+RFC 5034 AUTH PLAIN): exact bytes with a raw client, and Python's poplib. The tests
+about the maildrop (listing, retrieval, deletion at QUIT, UIDLs) run on both store
+backends (``store_backend``): the same bytes from SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -97,8 +99,8 @@ async def test_user_pass_success_and_failure(tmp_path):
         assert await c.cmd("PASS alice pw") == b"+OK Alice@Lab.Test has 3 messages (177 octets)\r\n"
 
 
-async def test_stat_list_uidl(tmp_path):
-    async with pop3_lab(tmp_path) as lab, await Client.connect(lab.port) as c:
+async def test_stat_list_uidl(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab, await Client.connect(lab.port) as c:
         u1, u2, u3 = await uids(lab)
         assert await c.login() == LOGGED_IN
         assert await c.cmd("STAT") == b"+OK 3 177\r\n"
@@ -111,8 +113,8 @@ async def test_stat_list_uidl(tmp_path):
         assert await c.cmd("UIDL 0") == b"-ERR no such message\r\n"
 
 
-async def test_retr_is_byte_stuffed_and_terminated(tmp_path):
-    async with pop3_lab(tmp_path) as lab, await Client.connect(lab.port) as c:
+async def test_retr_is_byte_stuffed_and_terminated(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab, await Client.connect(lab.port) as c:
         await c.login()
         assert await c.multi("RETR 1") == b"+OK 97 octets\r\n" + stuffed(ONE)
         assert b"\r\n..hidden\r\n..\r\n...two dots\r\n" in stuffed(ONE)
@@ -121,8 +123,8 @@ async def test_retr_is_byte_stuffed_and_terminated(tmp_path):
         assert await c.multi("RETR 3") == b"+OK 40 octets\r\nSubject: three\r\n\r\nno line end at the end\r\n.\r\n"
 
 
-async def test_top(tmp_path):
-    async with pop3_lab(tmp_path) as lab, await Client.connect(lab.port) as c:
+async def test_top(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab, await Client.connect(lab.port) as c:
         await c.login()
         head = b"From: carol@remote.test\r\nTo: alice@lab.test\r\nSubject: one\r\n\r\n"
         assert await c.multi("TOP 1 0") == b"+OK top of message follows\r\n" + head + b".\r\n"
@@ -138,8 +140,8 @@ def test_top_of_edge_cases():
     assert top_of(b"A: b\n\nbare\nlf\n", 1) == b"A: b\n\nbare\n"
 
 
-async def test_dele_rset_noop(tmp_path):
-    async with pop3_lab(tmp_path) as lab, await Client.connect(lab.port) as c:
+async def test_dele_rset_noop(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab, await Client.connect(lab.port) as c:
         await c.login()
         assert await c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
         assert await c.cmd("DELE 1") == b"-ERR message 1 already deleted\r\n"
@@ -157,8 +159,8 @@ async def test_dele_rset_noop(tmp_path):
     assert lab.stored("alice@lab.test") == ALICE
 
 
-async def test_quit_in_authorization_and_in_transaction(tmp_path):
-    async with pop3_lab(tmp_path) as lab:
+async def test_quit_in_authorization_and_in_transaction(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab:
         async with await Client.connect(lab.port) as c:
             assert await c.cmd("QUIT") == SIGN_OFF + b"\r\n"
             assert await c.closed()
@@ -171,8 +173,8 @@ async def test_quit_in_authorization_and_in_transaction(tmp_path):
         assert lab.stored("alice@lab.test") == [TWO]
 
 
-async def test_empty_mailbox(tmp_path):
-    async with pop3_lab(tmp_path, fill=False) as lab, await Client.connect(lab.port) as c:
+async def test_empty_mailbox(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, fill=False, backend=store_backend) as lab, await Client.connect(lab.port) as c:
         assert await c.login("bob@lab.test") == b"+OK bob@lab.test has 0 messages (0 octets)\r\n"
         assert await c.cmd("STAT") == b"+OK 0 0\r\n"
         assert await c.multi("LIST") == b"+OK 0 messages (0 octets)\r\n.\r\n"
@@ -361,8 +363,8 @@ async def test_auth_plain_continuation_cancel_and_errors(tmp_path):
 
 # ---------------------------------------------------------------- deletion happens at QUIT only
 
-async def test_deletions_only_at_quit(tmp_path):
-    async with pop3_lab(tmp_path) as lab:
+async def test_deletions_only_at_quit(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab:
         async with await Client.connect(lab.port) as c:
             await c.login()
             assert await c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
@@ -377,8 +379,8 @@ async def test_deletions_only_at_quit(tmp_path):
         assert lab.stored("alice@lab.test") == [TWO, THREE]
 
 
-async def test_failed_update_keeps_everything(tmp_path, monkeypatch):
-    async with pop3_lab(tmp_path) as lab:
+async def test_failed_update_keeps_everything(tmp_path, store_backend, monkeypatch):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab:
         async def broken(mailbox, ids):
             raise StoreError("disk full")
 
@@ -405,10 +407,10 @@ async def test_idle_timeout_autologout_deletes_nothing(tmp_path):
             assert await c.login() == LOGGED_IN   # the lock went with the session
 
 
-async def test_message_pruned_during_the_session(tmp_path):
-    async with pop3_lab(tmp_path) as lab, await Client.connect(lab.port) as c:
+async def test_message_pruned_during_the_session(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab, await Client.connect(lab.port) as c:
         await c.login()
-        lab.remove_row("alice@lab.test", 0)
+        await lab.remove_row("alice@lab.test", 0)
         assert await c.cmd("RETR 1") == b"-ERR message 1 is no longer available\r\n"
         assert await c.cmd("TOP 1 0") == b"-ERR message 1 is no longer available\r\n"
         assert await c.multi("RETR 2") == b"+OK 40 octets\r\n" + stuffed(TWO)
@@ -419,8 +421,8 @@ async def test_message_pruned_during_the_session(tmp_path):
 
 # ---------------------------------------------------------------- the maildrop lock
 
-async def test_in_use_lock(tmp_path):
-    async with pop3_lab(tmp_path) as lab:
+async def test_in_use_lock(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab:
         async with await Client.connect(lab.port) as first, await Client.connect(lab.port) as second:
             assert await first.login() == LOGGED_IN
             assert await second.login() == IN_USE
@@ -452,8 +454,8 @@ async def test_lock_is_shared_by_the_daemons_pop3_listeners(tmp_path):
             await other.drain(1.0)
 
 
-async def test_uidl_stable_and_numbers_change_only_in_a_new_session(tmp_path):
-    async with pop3_lab(tmp_path) as lab:
+async def test_uidl_stable_and_numbers_change_only_in_a_new_session(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab:
         u1, u2, u3 = await uids(lab)
         async with await Client.connect(lab.port) as c:
             await c.login()
@@ -691,8 +693,8 @@ async def test_logs_like_dovecot_without_passwords(tmp_path, caplog):
 
 # ---------------------------------------------------------------- poplib end to end
 
-async def test_poplib_end_to_end(tmp_path):
-    async with pop3_lab(tmp_path) as lab:
+async def test_poplib_end_to_end(tmp_path, store_backend):
+    async with pop3_lab(tmp_path, backend=store_backend) as lab:
         expected_uids = await uids(lab)
 
         def session():

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from mta.model import NewMessage, RcptState, Recipient
-from mta.store.api import QueueSummary, classify_message
 from mta.store.sqlite.store import SQLiteStore
 from tests.support.daemon import mta_command, start_daemon, subprocess_env, wait_listening
 from tests.support.ports import free_port
@@ -440,33 +439,18 @@ async def test_no_queue_file(tmp_path, argv):
     assert not db.exists()
 
 
-# --------------------------------------------------------------------------- summary (metrics)
+# --------------------------------------------------------------------------- ids in any case
+# (queue_summary against the listing, on both backends: tests/test_store_admin.py)
 
-async def test_queue_summary_agrees_with_the_list(tmp_path):
-    def msg(n: int, *states: RcptState) -> NewMessage:
-        rcpts = tuple(Recipient(f"r{i}@remote.test", state=s) for i, s in enumerate(states))
-        return NewMessage(id=f"0C{n:010X}", sender="a@lab.test", recipients=rcpts, data=b"x" * 10,
-                          arrival=1_700_000_000 + n)
-
-    Q, A, D, H, S = (RcptState.QUEUED, RcptState.ACTIVE, RcptState.DEFERRED, RcptState.HELD,
-                     RcptState.DELIVERED)
+async def test_config_before_the_command_and_ids_in_any_case(tmp_path):
     store = SQLiteStore(tmp_path / "queue.db")
     await store.open()
     try:
-        assert await store.admin.queue_summary(time.time()) == QueueSummary(0, 0, 0, None)
-        # 1 hold, 2 hold (held wins over queued), 3 active, 4 active, 5 deferred, 6 deferred (+ delivered)
-        for n, states in enumerate([(H,), (Q, H), (Q, D), (A,), (D,), (S, D)], start=1):
-            await store.queue.enqueue(msg(n, *states))
-        listed = [e for batch in [b async for b in store.admin.iter_queue(batch=2)] for e in batch]
-        summary = await store.admin.queue_summary(time.time())
+        await store.queue.enqueue(NewMessage(
+            id="0C0000000001", sender="a@lab.test", recipients=(Recipient("r0@remote.test", state=RcptState.HELD),),
+            data=b"x" * 10, arrival=1_700_000_001))
     finally:
         await store.close()
-    assert [e.queue_name for e in listed] == ["hold", "hold", "active", "active", "deferred", "deferred"]
-    assert [classify_message(r[1] for r in e.recipients) for e in listed] == [e.queue_name for e in listed]
-    assert [len(e.recipients) for e in listed] == [1, 2, 2, 1, 1, 1]  # delivered ones are not listed
-    assert (summary.active, summary.deferred, summary.hold) == (2, 2, 2)
-    assert summary.oldest_arrival == 1_700_000_001
-
     # --config before the command, ids in any case: the same as everywhere else.
     config = tmp_path / "mta.yaml"
     config.write_text(f"queue:\n  path: {tmp_path / 'queue.db'}\nmetrics:\n  address: off\n")

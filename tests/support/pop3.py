@@ -1,13 +1,13 @@
-"""Shared helpers for the POP3 tests: a lab (queue file, mailboxes, users, a
-listener on a free loopback port) and a raw POP3 client that shows the wire."""
+"""Shared helpers for the POP3 tests: a lab (a store's mailboxes, users, a listener
+on a free loopback port) and a raw POP3 client that shows the wire. The lab's store
+is a SQLite queue file unless a test gives ``backend`` (the ``store_backend`` fixture:
+the same test on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import ssl
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +15,10 @@ from typing import Any, Self
 
 from mta.config import Config, build_config
 from mta.mailbox.users import MailboxUsers
-from mta.model import MailboxCopy
 from mta.passwords import AuthThrottle
 from mta.pop3 import POP3Listener
-from mta.store.api import Mailboxes, new_queue_id
-from mta.store.sqlite.mailboxes import insert_copies
-from mta.store.sqlite.store import SQLiteStore
+from mta.store.api import Mailboxes
+from tests.support.backends import QueueBackend
 from tests.support.ports import free_port
 from tests.support.users import write_users
 
@@ -38,7 +36,7 @@ ALICE = [ONE, TWO, THREE]
 @dataclass
 class Lab:
     config: Config
-    queue: SQLiteStore
+    backend: QueueBackend
     mailboxes: Mailboxes
     users: MailboxUsers
     listener: POP3Listener
@@ -50,23 +48,20 @@ class Lab:
         return self.listener.listener.port
 
     async def deliver(self, mailbox: str, *messages: bytes) -> None:
-        """Store messages in one commit, as local delivery does (ids follow the order given)."""
-        copies = [MailboxCopy(mailbox, new_queue_id(), "carol@remote.test", "", data) for data in messages]
-        await self.queue.engine.write(lambda conn: insert_copies(conn, copies, time.time()))
+        """Store messages as local delivery does (the mailbox's order is the order given)."""
+        await self.backend.deliver(mailbox, *messages)
 
     def stored(self, mailbox: str) -> list[bytes]:
-        """The mailbox as the queue file holds it, read with sqlite3 (oldest first)."""
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
-            rows = db.execute("SELECT data FROM mailbox_messages WHERE mailbox = ? ORDER BY id",
-                              (mailbox.lower(),)).fetchall()
+        """The mailbox as the database holds it, read directly (oldest first)."""
+        rows = self.backend.query_blocking(
+            f"SELECT data FROM mailbox_messages WHERE mailbox = '{mailbox.lower()}' ORDER BY id")
         return [bytes(r[0]) for r in rows]
 
-    def remove_row(self, mailbox: str, index: int) -> None:
+    async def remove_row(self, mailbox: str, index: int) -> None:
         """Delete a message behind the server's back (as the max_age pruning would)."""
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db, db:
-            ids = [r[0] for r in db.execute("SELECT id FROM mailbox_messages WHERE mailbox = ? ORDER BY id",
-                                            (mailbox,))]
-            db.execute("DELETE FROM mailbox_messages WHERE id = ?", (ids[index],))
+        ids = [r[0] for r in await self.backend.query(
+            f"SELECT id FROM mailbox_messages WHERE mailbox = '{mailbox.lower()}' ORDER BY id")]
+        await self.backend.execute(f"DELETE FROM mailbox_messages WHERE id = {ids[index]}")
 
     def second_listener(self, **listener: Any) -> POP3Listener:
         """Another POP3 listener of the same daemon: same store, users, locks and throttle."""
@@ -82,9 +77,10 @@ class Lab:
 @contextlib.asynccontextmanager
 async def pop3_lab(tmp_path: Path, *, listener: dict[str, Any] | None = None,
                    limits: dict[str, Any] | None = None, throttle: AuthThrottle | None = None,
-                   fill: bool = True) -> AsyncIterator[Lab]:
-    """A queue file with alice's three messages, a users file and a started POP3Listener
-    (plaintext login allowed unless ``listener`` says otherwise)."""
+                   fill: bool = True, backend: QueueBackend | None = None) -> AsyncIterator[Lab]:
+    """A store with alice's three messages (a SQLite queue file unless ``backend`` is
+    given), a users file and a started POP3Listener (plaintext login allowed unless
+    ``listener`` says otherwise)."""
     users_file = tmp_path / "mailbox-users"
     if not users_file.exists():
         write_users(users_file, USERS)
@@ -98,14 +94,13 @@ async def pop3_lab(tmp_path: Path, *, listener: dict[str, Any] | None = None,
     }
     lc = Lab._listener_doc({"allow_insecure_auth": True, **(listener or {})})
     config = build_config({**doc, "listeners": [lc]})
-    queue = SQLiteStore(config.queue.path)
-    await queue.open()
+    store = backend or await QueueBackend.sqlite(Path(config.queue.path))
     try:
-        mailboxes = queue.mailboxes
+        mailboxes = store.mailboxes
         users = MailboxUsers(config)
         pop3 = POP3Listener(config, config.listeners[0], mailboxes, users,
                             throttle=throttle or AuthThrottle(max_delay=0.0))
-        lab = Lab(config, queue, mailboxes, users, pop3, Path(config.queue.path), doc)
+        lab = Lab(config, store, mailboxes, users, pop3, Path(config.queue.path), doc)
         if fill:
             await lab.deliver("alice@lab.test", *ALICE)
         await pop3.start()
@@ -115,7 +110,8 @@ async def pop3_lab(tmp_path: Path, *, listener: dict[str, Any] | None = None,
             pop3.stop_accepting()
             await pop3.drain(1.0)
     finally:
-        await queue.close()
+        if backend is None:   # the fixture closes what it gave
+            await store.close()
 
 
 class Client:

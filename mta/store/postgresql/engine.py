@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -110,6 +110,39 @@ class PgEngine:
         if self.health.failing(HEALTH_COMPONENT):
             self.health.clear(HEALTH_COMPONENT)
         return result
+
+    async def stream(self, query: str, *args: Any, batch: int = 2000) -> AsyncGenerator[list[Any], None]:
+        """The rows of one SELECT in lists of up to ``batch``, through a server-side cursor
+        in one read-only transaction: one snapshot however long the caller takes, and never
+        the whole result in memory. The connection goes back to the pool when the caller
+        stops (close the generator: contextlib.aclosing). StoreError on any failure."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError("queue is not open")
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as conn, \
+                    conn.transaction(isolation="repeatable_read", readonly=True):
+                cursor = await conn.cursor(query, *args)
+                while rows := await cursor.fetch(batch):
+                    yield rows
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _CONNECTION_ERRORS):
+                await self._unreachable(pool, exc)
+            raise StoreError(one_line(exc)) from exc
+        except _CONNECTION_ERRORS as exc:
+            await self._unreachable(pool, exc)
+            raise StoreError(one_line(exc)) from exc
+
+    async def connect(self, application_name: str) -> Any:
+        """A connection of its own, outside the pool, with the pool's settings: for what
+        holds a connection for long (a POP3 session's maildrop lock), so the pool never
+        starves. The caller closes it. StoreError if the database cannot be reached."""
+        try:
+            return await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout,
+                server_settings={"synchronous_commit": "on", "application_name": application_name})
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            raise StoreError(one_line(exc)) from exc
 
     async def _unreachable(self, pool: Any, exc: BaseException) -> None:
         """Report it to health, and have every pooled connection replaced at its next use:
