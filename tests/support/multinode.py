@@ -105,6 +105,9 @@ class Node:
 
     def __init__(self, directory: Path, doc: dict[str, Any], **env: str):
         directory.mkdir(parents=True, exist_ok=True)
+        # The node's lock file stays in the queue directory whatever the backend
+        # (mta/preflight.py): one daemon per config on a machine, so each node its own.
+        doc["queue"].setdefault("path", str(directory / "queue.db"))
         self.name = str(doc["hostname"])
         self.doc = doc
         self.env = env
@@ -139,6 +142,22 @@ class Node:
     async def wait_listening(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
         assert self.proc is not None
         await wait_listening(self.smtp_port, self.proc, timeout, self.log_tail)
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        """Until it listens and its queue manager runs (mta_delivery_process_up 1: `mta
+        serve` is ready before its delivery process is)."""
+        deadline = time.monotonic() + timeout
+        await self.wait_listening(timeout)
+        while not await self._delivering():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no queue manager after {timeout} s:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    async def _delivering(self) -> bool:
+        try:
+            return (await self.metrics("mta_delivery_process_up")).get("mta_delivery_process_up") == 1.0
+        except OSError:   # urllib's URLError: the metrics listener starts after the SMTP ones
+            return False
 
     async def wait_exit(self, timeout: float) -> int:  # noqa: ASYNC109
         assert self.proc is not None
@@ -219,12 +238,12 @@ class Node:
 @contextlib.asynccontextmanager
 async def nodes_running(*nodes: Node) -> AsyncIterator[tuple[Node, ...]]:
     """Start every node at once (they migrate the schema together: one waits on the
-    other's advisory lock), wait until each listens; stop those still running on exit
+    other's advisory lock), wait until each listens and delivers; stop those still running on exit
     (SIGTERM, then SIGKILL for one that hangs) and say what each logged on failure."""
     try:
         for node in nodes:
             node.start()
-        await asyncio.gather(*(node.wait_listening() for node in nodes))
+        await asyncio.gather(*(node.wait_ready() for node in nodes))
         yield nodes
     finally:
         for node in nodes:
