@@ -165,20 +165,24 @@ def string(value: Any, path: str) -> str:
 
 
 def postgresql_dsn(value: Any, path: str) -> str:
-    """A libpq connection URI (postgresql://user@host:port/dbname?...). Only its form is
+    """A libpq connection URI: postgresql://user@host:port/dbname?param=value, with
+    several hosts as host1:port1,host2:port2 (a primary and its standby:
+    ?target_session_attrs=read-write picks the writable one). Only its form is
     checked: the database need not be up (`mta check-config`). A password written in
     it is allowed (libpq takes it) but PGPASSWORD or ~/.pgpass keep it out of the file."""
     text = string(value, path)
+    shown = show(redacted_dsn(text))
     try:
         parts = urllib.parse.urlsplit(text)
-        port = parts.port
     except ValueError as exc:
-        raise ConfigError(path, f"{show(redacted_dsn(text))} is not a PostgreSQL URI ({exc})") from None
+        raise ConfigError(path, f"{shown} is not a PostgreSQL URI ({exc})") from None
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigError(path, f"{show(redacted_dsn(text))} is not a PostgreSQL URI "
-                          "(postgresql://user@host:port/database)")
-    if port == 0:
-        raise ConfigError(path, "port 0 is not a port")
+        raise ConfigError(path, f"{shown} is not a PostgreSQL URI (postgresql://user@host:port/database)")
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if hosts else ():
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(path, f"{shown} has a port outside 1-65535 ({port})")
     return text
 
 

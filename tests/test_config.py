@@ -328,7 +328,9 @@ SUBMISSION = {"name": "sub", "address": "127.0.0.1:587", "mode": "submission"}
     ({"queue": {"backend": "postgresql", "dsn": "host=db dbname=mta"}},
      'queue.dsn: "host=db dbname=mta" is not a PostgreSQL URI (postgresql://user@host:port/database)'),
     ({"queue": {"backend": "postgresql", "dsn": "postgresql://db:70000/mta"}},
-     'queue.dsn: "postgresql://db:70000/mta" is not a PostgreSQL URI (Port out of range 0-65535)'),
+     'queue.dsn: "postgresql://db:70000/mta" has a port outside 1-65535 (70000)'),
+    ({"queue": {"backend": "postgresql", "dsn": "postgresql://db1:5432,db2:x/mta"}},
+     'queue.dsn: "postgresql://db1:5432,db2:x/mta" has a port outside 1-65535 (x)'),
     ({"queue": {"backend": "postgresql", "dsn": "postgresql://db/mta", "lease": "1s"}},
      "queue.lease: 1s is too short (at least 3s: a node renews its leases every third of it)"),
     ({"queue": {"backend": "postgresql", "dsn": "postgresql://db/mta", "lease": "soon"}},
@@ -345,6 +347,9 @@ def test_postgresql_queue_settings():
         ("postgresql", "postgresql://mta:secret@db.lab.example:5433/mta", 30.0)
     # Log lines and the inbox's info name the database without its password.
     assert config.queue.location == "postgresql://mta:***@db.lab.example:5433/mta"
+    # A primary and its standby: libpq's multi-host form, the writable one chosen at connect.
+    both = "postgresql://mta@db1.lab.example:5432,[2001:db8::2]:5432/mta?target_session_attrs=read-write"
+    assert build_config({"queue": {"backend": "postgresql", "dsn": both}}).queue.dsn == both
     default = build_config({})
     assert (default.queue.backend, default.queue.dsn, default.queue.lease) == ("sqlite", None, 60.0)
     assert default.queue.location == default.queue.path

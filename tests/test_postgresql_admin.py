@@ -108,6 +108,18 @@ async def test_the_lock_uses_connections_of_its_own_not_the_pool(postgres_dsn):
         await engine.close()
 
 
+async def test_a_dead_nodes_lock_is_found_out_by_the_server_within_a_minute(postgres_dsn):
+    # A machine that dies sends no FIN: the server's keepalive probes end the session.
+    engine = PgEngine(postgres_dsn)
+    conn = await engine.connect("mta pop3 lock")
+    try:
+        settings = [await conn.fetchval(f"SHOW {name}") for name in
+                    ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")]
+    finally:
+        await conn.close()
+    assert settings == ["30", "10", "3"]   # seconds; on a Unix socket these would read 0
+
+
 async def test_lock_raises_store_error_when_the_database_cannot_be_reached():
     engine = PgEngine(f"postgresql://mta@127.0.0.1:{free_port()}/mta", connect_timeout=2.0)
     with pytest.raises(StoreError, match="^PostgreSQL: "):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mta.model import MailboxCopy, NewMessage, RcptState, Recipient
-from mta.store.api import Mailboxes, Queue, QueueAdmin, RecipientUpdate, new_queue_id
+from mta.store.api import Inbox, Mailboxes, Queue, QueueAdmin, RecipientUpdate, new_queue_id
 from mta.store.sqlite.store import SQLiteStore
 
 if TYPE_CHECKING:   # imported when used: asyncpg is an optional extra
@@ -35,6 +35,7 @@ class QueueBackend:
         self.queue = queue
         self.admin = admin
         self.mailboxes = mailboxes
+        self.inbox: Inbox | None = None   # the lab inbox on the same database (test_inbox_store.py)
         self._closer = closer
         self._path = path
         self._engine = engine
@@ -43,19 +44,24 @@ class QueueBackend:
     async def sqlite(cls, path: Path) -> QueueBackend:
         store = SQLiteStore(path)
         await store.open()
-        return cls("sqlite", store.queue, store.admin, store.mailboxes, store.close, path=path)
+        backend = cls("sqlite", store.queue, store.admin, store.mailboxes, store.close, path=path)
+        backend.inbox = store.inbox
+        return backend
 
     @classmethod
     async def postgresql(cls, dsn: str, *, node: str = "node-a", lease: float = 60.0) -> QueueBackend:
         from mta.store.postgresql.admin import PostgreSQLQueueAdmin
         from mta.store.postgresql.engine import PgEngine
+        from mta.store.postgresql.inbox import PostgreSQLInbox
         from mta.store.postgresql.mailboxes import PostgreSQLMailboxes
         from mta.store.postgresql.queue import PostgreSQLQueue
 
         engine = PgEngine(dsn)
         await engine.open()
-        return cls("postgresql", PostgreSQLQueue(engine, node=node, lease=lease), PostgreSQLQueueAdmin(engine),
-                   PostgreSQLMailboxes(engine), engine.close, engine=engine)
+        backend = cls("postgresql", PostgreSQLQueue(engine, node=node, lease=lease), PostgreSQLQueueAdmin(engine),
+                      PostgreSQLMailboxes(engine), engine.close, engine=engine)
+        backend.inbox = PostgreSQLInbox(engine)
+        return backend
 
     @property
     def engine(self) -> PgEngine:

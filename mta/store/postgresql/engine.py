@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from mta.config_values import redacted_dsn
 from mta.errors import StoreError
 from mta.health import Health
 from mta.store.postgresql.schema import migrate
@@ -37,6 +38,10 @@ CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
                       asyncpg.exceptions.CannotConnectNowError,
                       asyncpg.exceptions.AdminShutdownError)
 
+
+# The server's probes of a long-idle connection of ours: first after 30 s idle, then every
+# 10 s, given up after 3 unanswered (about a minute in all).
+SERVER_KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"}
 
 # The health component (/healthz, mta_health) while the database cannot be reached.
 HEALTH_COMPONENT = "database"
@@ -76,7 +81,8 @@ class PgEngine:
             raise
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             await self.close()
-            raise StoreError(one_line(exc)) from exc
+            # The one line `mta serve` and the CLI print: name the database (never its password).
+            raise StoreError(f"cannot open {redacted_dsn(self.dsn)}: {one_line(exc)}") from exc
 
     async def close(self) -> None:
         for task in self._listening:
@@ -126,22 +132,28 @@ class PgEngine:
                 while rows := await cursor.fetch(batch):
                     yield rows
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS):
                 await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
 
     async def connect(self, application_name: str) -> Any:
         """A connection of its own, outside the pool, with the pool's settings: for what
         holds a connection for long (a POP3 session's maildrop lock), so the pool never
-        starves. The caller closes it. StoreError if the database cannot be reached."""
+        starves. The caller closes it. StoreError if the database cannot be reached.
+
+        Such a connection is idle for long, and what it holds must go when its node
+        does: the server probes it (TCP keepalives), so a node whose machine died or
+        whose network went is found out within about a minute, not the system's two
+        hours, and its session ends with its locks (over a Unix socket these do nothing)."""
         try:
             return await asyncpg.connect(
                 self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout,
-                server_settings={"synchronous_commit": "on", "application_name": application_name})
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                server_settings={"synchronous_commit": "on", "application_name": application_name,
+                                 **SERVER_KEEPALIVES})
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             raise StoreError(one_line(exc)) from exc
 
     async def _unreachable(self, pool: Any, exc: BaseException) -> None:

@@ -29,6 +29,7 @@ from mta.health import Health
 from mta.model import MailboxCopy, NewMessage
 from mta.store.api import Claimed, DueRecipient, HistoryEntry, NewMailListener, RecipientUpdate, mailbox_key
 from mta.store.postgresql.engine import PgEngine
+from mta.store.postgresql.entries import entry_for
 
 # As in the SQLite queue: a repeated deferral is not written again, and no deferral once
 # a message has this many history rows.
@@ -317,14 +318,22 @@ async def _insert_messages(conn: Any, messages: Sequence[NewMessage]) -> None:
 
 
 async def _insert_copies(conn: Any, copies: Sequence[MailboxCopy], now: float) -> None:
-    """Store local delivery's copies (in the caller's transaction) and keep each mailbox
-    touched to its newest ``max_messages``, as the SQLite backend does (mailboxes.py).
-    The lab inbox's entries for them come with the PostgreSQL inbox (a later migration)."""
+    """Store local delivery's copies (in the caller's transaction), each pointing at its
+    message's lab inbox entry (made with the message's first copy: entries.py), and keep
+    each mailbox touched to its newest ``max_messages``, as the SQLite backend does
+    (mailboxes.py insert_copies; an entry goes with its last copy: the schema's triggers)."""
+    entries: dict[tuple[str, float], int] = {}
+    rows = []
+    for c in copies:
+        arrival = now if c.arrival is None else c.arrival
+        message = (c.queue_id, arrival)
+        if message not in entries:
+            entries[message] = await entry_for(conn, c.queue_id, arrival, c.data, c.summary)
+        rows.append((mailbox_key(c.mailbox), c.queue_id, arrival, c.sender, c.subject, len(c.data), c.data,
+                     entries[message]))
     await conn.executemany(
-        "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7)",
-        [(mailbox_key(c.mailbox), c.queue_id, now if c.arrival is None else c.arrival, c.sender, c.subject,
-          len(c.data), c.data) for c in copies])
+        "INSERT INTO mailbox_messages (mailbox, queue_id, received, sender, subject, size, data, inbox_id)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8)", rows)
     keep: dict[str, int] = {}
     for c in copies:
         key = mailbox_key(c.mailbox)

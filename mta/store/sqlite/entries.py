@@ -15,19 +15,17 @@ list rows stay small.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from mta.inbox.model import Address, InboxEntry, InboxSummary
+from mta.inbox.model import InboxEntry, InboxSummary
 from mta.inbox.raw import entry_raw
 from mta.inbox.search import clean_text
 from mta.inbox.summary import summarize
+from mta.store.inbox_rows import ENTRY_COLUMNS, row_to_entry, summary_columns
 
-# Columns of an entry as the list needs them, in the order row_to_entry reads them.
-ENTRY_COLUMNS = ("e.no, e.id, e.queue_id, e.created, e.size, e.read, e.message_id, e.from_name, e.from_address,"
-                 " e.to_list, e.cc_list, e.bcc_list, e.reply_to_list, e.subject, e.date, e.attachments, e.snippet")
+__all__ = ["ENTRY_COLUMNS", "entry_for", "insert_entry", "load_entries", "with_details"]
 
 
 def entry_for(conn: sqlite3.Connection, queue_id: str, created: float, data: bytes,
@@ -50,48 +48,14 @@ def insert_entry(conn: sqlite3.Connection, queue_id: str, created: float, size: 
     while conn.execute("SELECT 1 FROM inbox WHERE id = ?", (entry_id,)).fetchone() is not None:
         n += 1
         entry_id = f"{queue_id}-{n}"
-    from_ = s.from_
     cur = conn.execute(
         "INSERT INTO inbox (id, queue_id, created, size, message_id, from_name, from_address, to_list, cc_list,"
         " bcc_list, reply_to_list, subject, date, attachments, snippet, find_from, find_to, find_cc, find_bcc,"
         " find_reply_to, find_subject, find_message_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (entry_id, queue_id, created, size, s.message_id, from_.name if from_ else None,
-         from_.address if from_ else None, _json(s.to), _json(s.cc), _json(s.bcc), _json(s.reply_to), s.subject,
-         s.date, s.attachments, s.snippet, _find(() if from_ is None else (from_,)), _find(s.to), _find(s.cc),
-         _find(s.bcc), _find(s.reply_to), s.subject.lower(), clean_text(s.message_id)))
+        (entry_id, queue_id, created, size, *summary_columns(s)))
     no = int(cur.lastrowid or 0)
     conn.execute("INSERT INTO inbox_text (no, text) VALUES (?, ?)", (no, clean_text(s.search_text)))
     return no
-
-
-def _json(addresses: Sequence[Address]) -> str:
-    if not addresses:   # most Cc, Bcc and Reply-To
-        return "[]"
-    return json.dumps([[a.name, a.address] for a in addresses], ensure_ascii=False, separators=(",", ":"))
-
-
-def _find(addresses: Sequence[Address]) -> str:
-    # " ; " between addresses: a cleaned needle has no ';', so it never spans two of them.
-    return " ; ".join(clean_text(f"{a.name} {a.address}") for a in addresses)
-
-
-def _addresses(text: str) -> tuple[Address, ...]:
-    return tuple(Address(str(name), str(address)) for name, address in json.loads(text))
-
-
-def row_to_entry(row: Sequence[Any], tags: Iterable[str], mailboxes: Iterable[str]) -> InboxEntry:
-    """An InboxEntry from a row of ENTRY_COLUMNS."""
-    (_no, entry_id, queue_id, created, size, read, message_id, from_name, from_address, to, cc, bcc, reply_to,
-     subject, date, attachments, snippet) = row
-    summary = InboxSummary(
-        message_id=str(message_id),
-        from_=None if from_address is None else Address(str(from_name or ""), str(from_address)),
-        to=_addresses(to), cc=_addresses(cc), bcc=_addresses(bcc), reply_to=_addresses(reply_to),
-        subject=str(subject), date=None if date is None else float(date), attachments=int(attachments),
-        snippet=str(snippet))
-    return InboxEntry(id=str(entry_id), queue_id=str(queue_id), created=float(created), size=int(size),
-                      read=bool(read), summary=summary, tags=tuple(sorted(tags)),
-                      mailboxes=tuple(sorted(mailboxes)))
 
 
 def load_entries(conn: sqlite3.Connection, where: str, args: Sequence[Any], order: str = "") -> list[InboxEntry]:

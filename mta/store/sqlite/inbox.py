@@ -20,6 +20,7 @@ from typing import Any
 from mta.inbox.model import InboxChange, InboxEntry, InboxPage, SearchTerm
 from mta.inbox.search import needle, parse_date, parse_size
 from mta.store.api import mailbox_key
+from mta.store.inbox_rows import like_pattern
 from mta.store.sqlite.engine import Engine
 from mta.store.sqlite.entries import ENTRY_COLUMNS, load_entries, with_details
 
@@ -38,11 +39,6 @@ _TEXT_COLUMNS = {
 # One scan of inbox_text for all entries, not a look-up per entry: 4x faster at 100,000.
 _FREE_TEXT = "e.no IN (SELECT t.no FROM inbox_text t WHERE t.text LIKE ? ESCAPE '\\')"
 _IN_MAILBOX = "e.no IN (SELECT inbox_id FROM mailbox_messages WHERE mailbox = ?)"
-
-
-def like_pattern(text: str) -> str:
-    """``%text%`` for ``LIKE ? ESCAPE '\\'``: the text's own % and _ match only themselves."""
-    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def compile_terms(terms: Sequence[SearchTerm]) -> tuple[str, list[Any]]:
