@@ -242,8 +242,12 @@ async def test_mail_committed_on_one_node_wakes_the_other(
 
 def pop3_login(port: int, user: str) -> poplib.POP3:
     pop = poplib.POP3("127.0.0.1", port, timeout=10)
-    pop.user(user)
-    pop.pass_(MAILBOX_USERS[user])
+    try:
+        pop.user(user)
+        pop.pass_(MAILBOX_USERS[user])
+    except BaseException:
+        pop.close()
+        raise
     return pop
 
 
@@ -413,23 +417,33 @@ async def test_database_restarted_under_load_nothing_250d_is_lost(
         for node in (a, b):
             await wait_until(lambda node=node: _healthy(node), 10,
                              lambda node=node: f"{node.name} /healthz 200 after pg_ctl restart:\n{node.log_tail()}")
-    # What the clients were told while the database was away: 451 4.3.0, never a hang.
+    # What the clients were told: 451 4.3.0 while the database was away (or its restart
+    # had just broken a pooled connection), never a hang, never another reply.
+    outage = [(down_from, up_at + 1.0), (restart_from, restart_done + 1.0)]
+
+    def in_outage(moment: float, before: float = 0.0) -> bool:
+        return any(start - before <= moment <= end for start, end in outage)
+
     assert sent.unknown == set()
     assert sent.refused and all(reply.startswith("451 4.3.0 ") for reply in sent.refused.values()), \
         Counter(sent.refused.values()).most_common(5)
+    assert all(in_outage(replied_at[seq][0]) for seq in sent.refused)
     arrivals = hop.arrivals()
     counts = Counter(x.message_id for x in arrivals)
     assert accepted <= set(counts)                                   # lost = 0
-    assert set(counts) <= accepted                                   # nothing refused went out
+    # A 451 whose COMMIT had in fact reached the server as the connection broke: the
+    # message goes out although the client will send it again (RFC 5321 §4.1.1.4 allows
+    # a duplicate, never a loss). Only for a transaction the outage cut off.
+    refused_but_sent = {seq for seq in sent.refused if message_id(seq) in counts}
+    assert set(counts) <= accepted | {message_id(seq) for seq in refused_but_sent}
     # A duplicate only where a node's outcome could not be committed: the next hop's 250
-    # came while the database was going down or away, and the lease ran out.
-    outage = [(down_from - 1.0, up_at), (restart_from - 1.0, restart_done)]
+    # came while the database was going down or away (its hold before that included).
     duplicates = {mid for mid, n in counts.items() if n > 1}
     for mid in duplicates:
         first = min(x.answered for x in arrivals if x.message_id == mid)
-        assert any(start <= first <= end for start, end in outage), mid
-    print(f"\n{len(sent.accepted)} accepted, {len(sent.refused)} refused with 451 while the database was down, "
-          f"lost 0, duplicates {len(duplicates)}; down {up_at - down_from:.2f} s, "
+        assert in_outage(first, before=1.0), mid
+    print(f"\n{len(sent.accepted)} accepted, {len(sent.refused)} refused with 451 while the database was down "
+          f"({len(refused_but_sent)} of them committed all the same), lost 0, duplicates {len(duplicates)}; down {up_at - down_from:.2f} s, "
           f"pg_ctl restart {restart_done - restart_from:.2f} s")
 
 
