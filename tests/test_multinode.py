@@ -119,7 +119,7 @@ async def test_twenty_clients_on_two_nodes_every_message_arrives_once(
 async def test_sigkill_one_node_mid_delivery_the_survivor_delivers_everything(
         tmp_path: Path, postgres_dsn: str, dns_server: FakeDNS, peer_port: int) -> None:
     a, b = two_nodes(tmp_path, postgres_dsn, dns_server, peer_port)
-    total, clients = 160, 20
+    total, clients = 120, 20
     sent = Sent()
     seqs = iter(range(total))
     dead: Node | None = None
@@ -188,7 +188,7 @@ async def test_sigkill_one_node_mid_delivery_the_survivor_delivers_everything(
     taken_over = [x for x in arrivals if x.queue_id in in_flight and x.node == survivor.name]
     assert {x.queue_id for x in taken_over} == in_flight
     first_taken_over = min(x.answered for x in taken_over) - killed_at
-    assert LEASE * 2 / 3 - 0.1 <= first_taken_over <= LEASE + MIN_BACKOFF + 1.0
+    assert LEASE * 2 / 3 - 0.1 <= first_taken_over <= LEASE + MIN_BACKOFF + 3.0
     # Within lease + backoff of the kill, plus the time to send the survivor's backlog.
     assert after_kill < LEASE + MIN_BACKOFF + 15
     print(f"\nkilled {victim.name} with {len(in_flight)} recipients leased ({len(may_repeat)} already answered "
