@@ -8,7 +8,10 @@
 # (and 2587 for submission) and the host maps the standard ports (-p 25:2525
 # -p 587:2587). The queue (SQLite) lives on the /var/lib/mta volume; a bind mount
 # there must be writable by uid 10025 (chown 10025:10025 DIR). The built-in
-# config is config/docker.yaml; mount your own over /etc/mta/mta.yaml.
+# config is config/docker.yaml; mount your own over /etc/mta/mta.yaml. The image
+# has the PostgreSQL driver (the postgresql extra, asyncpg: a wheel, no libpq), so
+# a container can be one of several nodes on a shared database (README "Several
+# nodes"; give each its own hostname, the password in PGPASSWORD).
 # SIGTERM drains running SMTP sessions and deliveries for up to 20 s: give
 # `docker stop` more than its default 10 s (--stop-timeout 30, or
 # stop_grace_period: 30s in compose).
@@ -23,7 +26,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mta ./mta
 COPY man ./man
-RUN pip install --no-cache-dir --root-user-action=ignore . \
+RUN pip install --no-cache-dir --root-user-action=ignore '.[postgresql]' \
     && rm -rf /src
 
 RUN groupadd --system --gid 10025 mta \
