@@ -197,6 +197,27 @@ async def test_sigkill_one_node_mid_delivery_the_survivor_delivers_everything(
           f"everything delivered after {after_kill:.2f} s")
 
 
+# ----------------------------------------------------------------- 2b. a slow next hop
+
+@pytest.mark.timeout(45)
+@pytest.mark.parametrize("delivery_process", ["yes", "no"])
+async def test_a_delivery_longer_than_the_lease_is_renewed_not_taken_over(
+        tmp_path: Path, postgres_dsn: str, dns_server: FakeDNS, peer_port: int, delivery_process: str) -> None:
+    # The next hop takes longer than a lease to answer the end of DATA. The delivering
+    # node renews its lease meanwhile (every lease/3), so the other node, idle, never
+    # takes the recipient over: one copy arrives. Both ways of running a node: the queue
+    # manager in its own process, and in the main process (MTA_DELIVERY_PROCESS=no, as on
+    # a machine with one core).
+    a, b = two_nodes(tmp_path, postgres_dsn, dns_server, peer_port, env={"MTA_DELIVERY_PROCESS": delivery_process})
+    async with NextHop("127.0.0.2", peer_port, hold=LEASE + 1.0) as hop, nodes_running(a, b):
+        assert queue_id(await send_message(a.smtp_port, 1))
+        await hop.wait_for({message_id(1)}, timeout=LEASE + 5)
+        await wait_queue_empty(postgres_dsn, LEASE + 5)
+        await hop.peer.wait_finished(timeout=5)   # nothing else is being sent
+    assert [(x.message_id, x.node) for x in hop.arrivals()] == [(message_id(1), x.node) for x in hop.arrivals()[:1]]
+    assert b.sent() == [] or a.sent() == [], (a.sent(), b.sent())
+
+
 # ----------------------------------------------------------------- 3. wake-ups
 
 @pytest.mark.timeout(45)
