@@ -53,6 +53,12 @@ class PostgreSQLQueue:
         self.node = node or socket.gethostname()
         self.lease = lease
         self._listeners: list[NewMailListener] = []
+        # What this node's queue manager was handed by claim() and has not yet recorded
+        # or given back: the leases renew_leases() keeps. A claim whose COMMIT reached the
+        # server while its reply was lost (the connection broke: StoreError) leased rows
+        # the queue manager never saw; left out of here, their lease ends and a claim
+        # (this node's too) takes them, instead of their being renewed for good.
+        self._held: set[tuple[str, int]] = set()
 
     @property
     def health(self) -> Health:
@@ -114,14 +120,20 @@ class PostgreSQLQueue:
         return await self.engine.run(recover)
 
     async def renew_leases(self, now: float | None = None) -> int:
-        """Extend every lease this node holds to now + lease; returns how many. The queue
-        manager calls it well within a lease while deliveries run."""
+        """Extend the leases of the recipients this node is delivering (claimed, not yet
+        recorded or given back) to now + lease; returns how many. Called well within a
+        lease while deliveries run."""
         until = (time.time() if now is None else now) + self.lease
+        held = list(self._held)
+        if not held:
+            return 0
 
         async def renew(conn: Any) -> int:
             rows = await conn.fetch(
-                "UPDATE recipients SET lease_until = $1 WHERE lease_node = $2 AND state = 'active'"
-                " RETURNING 1", until, self.node)
+                "UPDATE recipients r SET lease_until = $1 FROM unnest($3::text[], $4::int[]) AS h(message_id, rcpt_no)"
+                " WHERE r.message_id = h.message_id AND r.rcpt_no = h.rcpt_no"
+                " AND r.lease_node = $2 AND r.state = 'active' RETURNING 1",
+                until, self.node, [h[0] for h in held], [h[1] for h in held])
             return len(rows)
 
         return await self.engine.run(renew)
@@ -133,18 +145,20 @@ class PostgreSQLQueue:
 
         async def claim(conn: Any) -> Claimed:
             picked: list[tuple[str, int]] = []
-            node = (self.node,)
-            for where, more in (("r.state = 'queued' AND r.next_attempt <= $1", ()),
-                                ("r.state = 'deferred' AND r.next_attempt <= $1", ()),
-                                # another node's ended lease (this node's own are being delivered)
-                                ("r.state = 'active' AND r.lease_until <= $1 AND r.lease_node <> $3", node)):
+            for where in ("r.state = 'queued' AND r.next_attempt <= $1",
+                          "r.state = 'deferred' AND r.next_attempt <= $1",
+                          # an ended lease: another node's, or one of this node's that its
+                          # queue manager does not hold (a claim whose reply was lost);
+                          # those it holds are being delivered (filtered out below)
+                          "r.state = 'active' AND r.lease_until <= $1"):
                 if len(picked) >= limit:
                     break
                 rows = await conn.fetch(
-                    f"SELECT r.message_id, r.rcpt_no FROM recipients r WHERE {where}"
+                    f"SELECT r.message_id, r.rcpt_no, r.lease_node FROM recipients r WHERE {where}"
                     " ORDER BY r.next_attempt, r.message_id, r.rcpt_no LIMIT $2 FOR UPDATE SKIP LOCKED",
-                    now, limit - len(picked), *more)
-                picked.extend((str(row[0]), int(row[1])) for row in rows)
+                    now, limit - len(picked))
+                picked.extend((str(row[0]), int(row[1])) for row in rows
+                              if row[2] != self.node or (str(row[0]), int(row[1])) not in self._held)
             if not picked:
                 return Claimed([], {}, await _next_due(conn, self.node))
             await conn.execute(
@@ -176,7 +190,9 @@ class PostgreSQLQueue:
                     bodies[row[0]] = bytes(row[1])
             return Claimed(due, bodies, await _next_due(conn, self.node))
 
-        return await self.engine.run(claim)
+        claimed = await self.engine.run(claim)
+        self._held.update((r.message_id, r.rcpt_no) for r in claimed.due)
+        return claimed
 
     async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float,
                               *, history: Sequence[HistoryEntry] = (),
@@ -230,6 +246,7 @@ class PostgreSQLQueue:
             return False, True
 
         finished, written = await self.engine.run(record)
+        self._held.difference_update((message_id, u.rcpt_no) for u in updates)
         if written and new_messages:
             self._notify(new_messages)
         return finished
@@ -245,6 +262,7 @@ class PostgreSQLQueue:
                 message_id, list(rcpt_nos), self.node)
 
         await self.engine.run(give)
+        self._held.difference_update((message_id, n) for n in rcpt_nos)
 
     async def next_due_time(self) -> float | None:
         """When the earliest deferred recipient is due, or another node's lease ends."""
