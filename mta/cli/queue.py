@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Protocol
 
+from mta.cli import transfer
 from mta.cli.common import EXIT_USAGE, NoQueue, opened_queue, require_queue, when
 from mta.config import Config
 from mta.errors import RECOVERY_HINT, damage_reason
@@ -41,6 +42,8 @@ actions:
   delete    remove messages from the queue (recipients and history with them)
   check     look for damage in the queue file (PRAGMA integrity_check); exit 0 if sound, else 2
   repair    copy what can be read of a damaged queue file into a new file (stop mta first)
+  export    write the whole queue and the lab mailboxes to a file (stop mta first)
+  import    add the queue and mailboxes of an exported file to this queue
 """
 
 
@@ -120,6 +123,23 @@ def _add_file_actions(action: _AddAction) -> None:
                     "is only read. Then stop mta, move the damaged file and its -wal and -shm aside and\n"
                     "put the new file in its place (README \"Recovering a damaged queue\").")
     repair.add_argument("--output", metavar="FILE", help="the new file (must not exist)")
+    export = action("export", "write the queue and the lab mailboxes to a file (stop mta first)",
+                    "Write every queued message (envelope, each recipient's state, attempts and next\n"
+                    "attempt, history, bytes) and every lab mailbox copy (with its inbox read flag and\n"
+                    "tags) of the configured queue (queue.backend) to FILE, one JSON object a line;\n"
+                    "FILE is replaced only once whole; - is standard output. Refused while a daemon\n"
+                    "serves the SQLite file or a node is connected to the PostgreSQL database: stop it\n"
+                    "first. Recipients that were being delivered are written as due again. To move a\n"
+                    "relay between backends: export with the old config, import with the new.")
+    export.add_argument("file", metavar="FILE", help="the file to write (- for standard output)")
+    imp = action("import", "add an exported queue and its mailboxes to this queue",
+                 "Add the messages and mailbox copies of FILE (written by `mta queue export`, from\n"
+                 "either backend) to the configured queue, a batch per transaction, beside a running\n"
+                 "daemon or nodes, which deliver the mail as its recipients fall due. What is there\n"
+                 "already (same queue id and arrival; same mailbox, queue id and arrival) is skipped,\n"
+                 "so an interrupted import may be run again. A damaged or truncated FILE is refused at\n"
+                 "its first bad line, after the whole messages before it. - is standard input.")
+    imp.add_argument("file", metavar="FILE", help="a file written by `mta queue export` (- for standard input)")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -129,6 +149,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
                   "files sound)", file=sys.stderr)
             return EXIT_USAGE
         return _repair(str(config.queue.path), args.output)
+    if args.queue_command == "export":
+        return transfer.export(config, args.file)
+    if args.queue_command == "import":
+        return transfer.import_(config, args.file)
     require_queue(config, "queue")
     return asyncio.run(_queue(args, config))
 

@@ -32,6 +32,7 @@ from mta.errors import StartupError
 from mta.health import Health
 from mta.store.api import Store
 from mta.store.sqlite.store import SQLiteStore
+from mta.store.transfer import TransferStore
 
 Role = Literal["inbound", "delivery", "admin", "sendmail"]
 
@@ -54,6 +55,8 @@ def make_store(config: Config, *, role: Role, health: Health | None = None, deli
                        inline_writes=delivery)
 
 
+NO_DRIVER = "queue.backend: postgresql needs its driver (asyncpg is not installed): pip install 'mta[postgresql]'"
+
 # Connections per process: the main process's sessions and the delivery process's
 # claims and outcomes share a pool each; the CLI makes a few calls at a time.
 POOL_SIZES: dict[Role, int] = {"inbound": 10, "delivery": 10, "admin": 2, "sendmail": 1}
@@ -65,9 +68,24 @@ def _postgresql(config: Config, role: Role, health: Health | None, delivers: boo
     except ModuleNotFoundError as exc:
         if exc.name != "asyncpg":
             raise
-        raise StartupError("queue.backend: postgresql needs its driver (asyncpg is not installed): "
-                           "pip install 'mta[postgresql]'") from None
+        raise StartupError(NO_DRIVER) from None
     assert config.queue.dsn is not None   # mta/config.py requires it with this backend
     return PostgreSQLStore(config.queue.dsn, node=config.hostname, lease=config.queue.lease, health=health,
                            max_connections=POOL_SIZES[role], hold_name=role == "inbound",
                            keep_leases=role == "delivery" or delivers)
+
+
+def make_transfer(config: Config) -> TransferStore:
+    """The configured queue as `mta queue export` reads it and `mta queue import` writes it,
+    not yet opened (mta/store/transfer.py)."""
+    if config.queue.backend == "postgresql":
+        try:
+            from mta.store.postgresql.transfer import PostgreSQLTransfer
+        except ModuleNotFoundError as exc:
+            if exc.name != "asyncpg":
+                raise
+            raise StartupError(NO_DRIVER) from None
+        assert config.queue.dsn is not None   # mta/config.py requires it with this backend
+        return PostgreSQLTransfer(config.queue.dsn)
+    from mta.store.sqlite.transfer import SQLiteTransfer
+    return SQLiteTransfer(config.queue.path)
