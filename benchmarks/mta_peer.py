@@ -27,7 +27,10 @@ def mta_env() -> dict[str, str]:
 
 def write_config(workdir: Path, listen: tuple[str, int], *, smarthost: tuple[str, int] | None,
                  routes: dict[str, tuple[str, int]] | None = None, concurrency: int = 20,
-                 dest_limit: int = 20, http: tuple[str, int] | None = None) -> Path:
+                 dest_limit: int = 20, http: tuple[str, int] | None = None, dsn: str | None = None,
+                 hostname: str = "mta.bench.test") -> Path:
+    """mta's config for the bench; ``dsn``: the queue on that PostgreSQL database (issue 16),
+    the node named ``hostname`` (every node on one database needs its own)."""
     delivery: dict[str, object] = {
         "concurrency": concurrency,
         "per_destination_concurrency": dest_limit,
@@ -39,11 +42,16 @@ def write_config(workdir: Path, listen: tuple[str, int], *, smarthost: tuple[str
         delivery["smarthost"] = f"{smarthost[0]}:{smarthost[1]}"
     if routes:
         delivery["routes"] = {d: f"{h}:{p}" for d, (h, p) in routes.items()}
+    queue: dict[str, object] = {"path": str(workdir / "queue.db")}
+    if dsn is not None:
+        # path stays the node's own: `mta serve` locks it (queue.db.lock) whatever the backend,
+        # so two nodes on one machine need two paths.
+        queue.update(backend="postgresql", dsn=dsn)
     doc = {
-        "hostname": "mta.bench.test",
+        "hostname": hostname,
         "listeners": [{"name": "bench", "address": f"{listen[0]}:{listen[1]}", "mode": "relay"}],
         "mynetworks": ["127.0.0.0/8"],
-        "queue": {"path": str(workdir / "queue.db")},
+        "queue": queue,
         "metrics": {"address": None},
         "delivery": delivery,
         "limits": {"max_connections_per_ip": 200, "max_connections": 400},

@@ -27,6 +27,7 @@ Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -42,7 +43,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procfs  # noqa: E402
-from mta_peer import MtaDaemon, ROOT, create_backlog_db, mta_env, wait_greeting, write_config  # noqa: E402
+from mta_peer import ROOT, MtaDaemon, create_backlog_db, mta_env, wait_greeting, write_config  # noqa: E402
+from pg_peer import PgServer  # noqa: E402
+from pg_peer import unavailable_reason as pg_unavailable  # noqa: E402
 from postfix_peer import PostfixRelay  # noqa: E402
 from sink import Sink, free_port  # noqa: E402
 
@@ -53,6 +56,10 @@ BACKLOG_DOMAIN = "backlog.test"   # the deferred backlog's recipients; never del
 EMPTY = {"mta": "mta, no backlog", "postfix": "postfix, no backlog"}  # (d)'s paired baseline rows
 HTTP_POLL = "mta + http poll"     # --http-poll: the HTTP listener on, its message list read every 100 ms
 POLL_INTERVAL = 0.1
+# Issue 16: mta with its queue on PostgreSQL, one node, and two nodes on one database
+# (two `mta serve` on this machine, the clients split between them).
+PG_NODES = {1: "mta pg, 1 node", 2: "mta pg, 2 nodes"}
+DATABASE = "database"             # the PostgreSQL server's share of the CPU (Result.cpu_parts)
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -104,6 +111,8 @@ class Result:
     rss_max_single_kb: int = 0
     processes: int = 0
     error: str | None = None
+    run_no: int = 0            # which run (pairs the variants of one run)
+    cpu_parts: dict[str, float] = field(default_factory=dict)   # seconds: per node, the database
 
 
 @dataclass
@@ -225,28 +234,39 @@ def client_command(s: Scenario, port: int, sink_port: int) -> list[str]:
                   "-f", "sender@source.test", f"127.0.0.1:{port}"]
 
 
-def run_workload(s: Scenario, port: int, sink: Sink, pids_of, cleanup: Cleanup, *,
-                 source_args: list[str] | None = None) -> Result:
-    """Send the scenario's mail to 127.0.0.1:port; wait until the sink has all of it."""
+def run_workload(s: Scenario, port: int | list[int], sink: Sink, pids_of, cleanup: Cleanup, *,
+                 source_args: list[str] | None = None, parts: dict[str, object] | None = None) -> Result:
+    """Send the scenario's mail to 127.0.0.1:port; wait until the sink has all of it.
+
+    Several ports (several mta nodes): the messages and sessions are split evenly between
+    them, one client each. ``parts``: name -> pids_of, CPU measured apart for each (the
+    nodes, the database server); the result's CPU is then their sum."""
     res = Result()
+    ports = [port] if isinstance(port, int) else port
+    parts = parts or {"": pids_of}
     pids = pids_of()
     procfs.reset_peaks(pids)
-    cpu0 = procfs.cpu_seconds(pids)
+    cpu0 = {name: procfs.cpu_seconds(f()) for name, f in parts.items()}  # type: ignore[operator]
     pss = PeakPss(pids_of)
     sink.mark()
     pss.start()
     timeout = 60 + s.transactions / 40
+    commands = [source_args] if source_args else [
+        client_command(share, p, sink.port) for share, p in zip(split(s, len(ports)), ports, strict=True)]
     t0 = time.monotonic()
-    client = subprocess.Popen(source_args or client_command(s, port, sink.port), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    cleanup.add(client)
+    clients = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+               for cmd in commands]
+    for client in clients:
+        cleanup.add(client)
     accepted_at = None
     try:
         while True:
             now = time.monotonic()
-            if accepted_at is None and client.poll() is not None:
+            if accepted_at is None and all(c.poll() is not None for c in clients):
                 accepted_at = now
-                if client.returncode != 0:
+                failed = [c for c in clients if c.returncode != 0]
+                if failed:
+                    client = failed[0]
                     err = client.stderr.read().decode(errors="replace").strip() if client.stderr else ""
                     res.error = f"client failed ({client.returncode}): {err[-300:]}"
                     break
@@ -259,20 +279,33 @@ def run_workload(s: Scenario, port: int, sink: Sink, pids_of, cleanup: Cleanup, 
             time.sleep(0.01)
         done = time.monotonic()
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-        cleanup.discard(client)
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+            cleanup.discard(client)
         pss_peak = pss.finish()
     pids = pids_of()
     mem = procfs.peak_memory(pids)
-    res.cpu = procfs.cpu_seconds(pids) - cpu0
+    res.cpu_parts = {name: procfs.cpu_seconds(f()) - cpu0[name] for name, f in parts.items()}  # type: ignore[operator]
+    res.cpu = sum(res.cpu_parts.values())
+    if list(res.cpu_parts) == [""]:
+        res.cpu_parts = {}
     res.rss_kb, res.rss_max_single_kb, res.processes = mem.hwm_sum_kb, mem.hwm_max_kb, mem.processes
     res.pss_kb = pss_peak
     if accepted_at is not None:
         res.accepted = s.messages / (accepted_at - t0)
     res.delivered = s.messages / (done - t0)
     return res
+
+
+def split(s: Scenario, ways: int) -> list[Scenario]:
+    """The scenario's messages and sessions shared out between ``ways`` clients."""
+    if ways == 1:
+        return [s]
+    return [dataclasses.replace(s, messages=s.messages // ways + (i < s.messages % ways),
+                                sessions=max(1, s.sessions // ways + (i < s.sessions % ways)))
+            for i in range(ways)]
 
 
 # --------------------------------------------------------------------------- the bench
@@ -289,6 +322,7 @@ class Bench:
         self.profiles: dict[tuple[str, str], list[Path]] = {}  # (scenario, variant) -> py-spy files
         self._n = 0
         self.load_start = os.getloadavg()[0]
+        self.pg: PgServer | None = None     # the database of the "mta pg" variants (issue 16)
 
     def new_dir(self, name: str) -> Path:
         self._n += 1
@@ -376,6 +410,52 @@ class Bench:
         time.sleep(1.0)  # py-spy attaches
         return spy
 
+    # -------------------------------------------------------------- mta on PostgreSQL
+    def run_mta_pg(self, s: Scenario, sink: Sink, nodes: int) -> Result:
+        """mta with its queue on a fresh PostgreSQL database: ``nodes`` daemons on it, each
+        with its own hostname (its node name) and listener, the clients split between them."""
+        assert self.pg is not None
+        dsn = self.pg.create_database()
+        daemons: list[MtaDaemon] = []
+        res = Result()
+        try:
+            for i in range(nodes):
+                d = self.new_dir(f"mta-pg{nodes}-node{i + 1}-{s.key}")
+                listen = ("127.0.0.1", free_port("127.0.0.1"))
+                config = write_config(d, listen, smarthost=None if s.domains else (SINK_HOST, sink.port),
+                                      routes=self.routes(s, sink), dsn=dsn, hostname=f"mta{i + 1}.bench.test")
+                daemon = MtaDaemon(config, listen, d / "mta.log")
+                self.cleanup.add(daemon)
+                daemons.append(daemon)
+                daemon.start()     # one after the other: the first creates the schema
+
+            def all_pids() -> list[int]:
+                return [pid for daemon in daemons for pid in daemon.pids()] + self.pg.pids()  # type: ignore[union-attr]
+
+            parts: dict[str, object] = {f"node {i + 1}": daemon.pids for i, daemon in enumerate(daemons)}
+            parts[DATABASE] = self.pg.pids
+            time.sleep(0.2)
+            res = run_workload(s, [daemon.listen[1] for daemon in daemons], sink, all_pids, self.cleanup,
+                               parts=parts)
+            res.startup = max(daemon.startup_s for daemon in daemons)
+            if res.error:
+                res.error += "".join("\n" + daemon.log_tail(5) for daemon in daemons)
+        except RuntimeError as exc:
+            res = Result(error=str(exc))
+        finally:
+            for daemon in daemons:
+                status = daemon.stop()
+                self.cleanup.discard(daemon)
+                if status not in (0, None) and res.error is None:
+                    res.error = f"mta exited with status {status} on SIGTERM\n{daemon.log_tail(5)}"
+                if not self.args.keep:
+                    shutil.rmtree(daemon.config.parent, ignore_errors=True)
+            try:
+                self.pg.drop_database(dsn)
+            except Exception as exc:  # noqa: BLE001 - the next run has its own database
+                print(f"    (could not drop {dsn}: {exc})", file=sys.stderr)
+        return res
+
     # -------------------------------------------------------------- Postfix
     def make_postfix(self, s: Scenario, sink: Sink, name: str) -> PostfixRelay:
         d = self.new_dir(name)
@@ -452,6 +532,8 @@ class Bench:
             variants = ["mta", "postfix"]
             if self.args.http_poll and not s.backlog:
                 variants = ["mta", HTTP_POLL, "postfix"]
+            if self.pg is not None and not s.backlog:
+                variants[-1:-1] = [PG_NODES[n] for n in self.args.pg_nodes]
             if s.backlog:
                 variants = ["mta", EMPTY["mta"]] + (["postfix", EMPTY["postfix"]] if pf_backlog else [])
             for run in range(self.args.runs):
@@ -463,15 +545,19 @@ class Bench:
                         res = self.run_mta(s, sink, None, http_poll=True)
                     elif variant == EMPTY["mta"]:
                         res = self.run_mta(s, sink, None)
+                    elif variant in PG_NODES.values():
+                        res = self.run_mta_pg(s, sink, next(n for n, v in PG_NODES.items() if v == variant))
                     elif variant == "postfix":
                         res = self.run_postfix(s, sink, pf_backlog)
                     else:
                         res = self.run_postfix(s, sink, None)
+                    res.run_no = run
                     self.cell(s.key, variant).results.append(res)
+                    parts = "".join(f"  {name} {cpu:.2f}s" for name, cpu in res.cpu_parts.items())
                     print(f"    run {run + 1} {variant:16} " + (
                         f"accepted {res.accepted:7.0f}/s  delivered {res.delivered:7.0f}/s  "
-                        f"cpu {res.cpu:6.2f}s  start-up {res.startup:5.2f}s" if res.error is None
-                        else f"FAILED: {res.error}"), flush=True)
+                        f"cpu {res.cpu:6.2f}s  start-up {res.startup:5.2f}s" + (f"  ({parts.strip()})" if parts else "")
+                        if res.error is None else f"FAILED: {res.error}"), flush=True)
             if s.backlog:
                 self.measure_queue_listing(s, pf_backlog)
         finally:
@@ -501,6 +587,11 @@ class Bench:
 
     def run(self) -> None:
         table = scenarios(self.args.quick)
+        if self.args.postgresql:
+            self.pg = PgServer(self.args.dsn, self.args.tmpdir)
+            self.cleanup.add(self.pg)
+            self.pg.start()
+            print(f"mta pg variants on {self.pg.describe()}", flush=True)
         for key in self.args.scenarios:
             self.run_scenario(table[key])
         self.report(table)
@@ -522,7 +613,7 @@ class Bench:
             print(f"\n{describe(s)}")
             print(head)
             values: dict[str, list[float | None]] = {}
-            for mta in ("mta", HTTP_POLL, "postfix", EMPTY["mta"], EMPTY["postfix"]):
+            for mta in ("mta", HTTP_POLL, *PG_NODES.values(), "postfix", EMPTY["mta"], EMPTY["postfix"]):
                 cell = self.cells.get((key, mta))
                 if cell is None:
                     continue
@@ -546,6 +637,7 @@ class Bench:
                 print(f"{'mta/postfix':20}" + "".join(f"{fmt(r, '{:.2f}x'):>13}" for r in ratios))
             elif key == "d":
                 print(f"{'':20}(Postfix not measured with a backlog: --no-postfix-backlog)")
+            self.report_postgresql(key, s, values)
             if "mta" in values and HTTP_POLL in values:
                 ratios = [a / b if a is not None and b else None for a, b in zip(values[HTTP_POLL], values["mta"])]
                 print(f"{'http poll/mta':20}" + "".join(f"{fmt(r, '{:.2f}x'):>13}" for r in ratios))
@@ -568,6 +660,42 @@ class Bench:
             print(f"\nmta profile, {describe(table[key])}{which} (py-spy, share of samples;"
                   f" {files[0].parent}):")
             print(profile_summary(files))
+
+    def paired(self, key: str, a: str, b: str, name: str) -> float | None:
+        """The median over runs of a's figure / b's in the same run (the runs alternate)."""
+        first = {r.run_no: getattr(r, name) for r in self.cell(key, a).ok()}
+        second = {r.run_no: getattr(r, name) for r in self.cell(key, b).ok()}
+        ratios = [first[n] / second[n] for n in first if n in second and second[n]]
+        return statistics.median(ratios) if ratios else None
+
+    def report_postgresql(self, key: str, s: Scenario, values: dict[str, list[float | None]]) -> None:
+        """Issue 16: the PostgreSQL rows against SQLite and Postfix, and where the CPU went."""
+        for variant in PG_NODES.values():
+            if variant not in values:
+                continue
+            for other, label in (("postfix", "postfix"), ("mta", "mta sqlite")):
+                if other not in values:
+                    continue
+                ratios = [a / b if a is not None and b else None for a, b in zip(values[variant], values[other], strict=True)]
+                print(f"{variant.replace('mta ', '') + '/' + label:20}" + "".join(
+                    f"{fmt(r, '{:.2f}x'):>13}" for r in ratios))
+        for variant in PG_NODES.values():
+            cell = self.cells.get((key, variant))
+            if cell is None or not cell.ok():
+                continue
+            names = list(cell.ok()[0].cpu_parts)
+            shares = {n: statistics.median(r.cpu_parts.get(n, 0.0) for r in cell.ok()) for n in names}
+            total = cell.median("cpu") or 0.0
+            print(f"  {variant}: CPU ms/msg " + ", ".join(
+                f"{n} {1000 * v / s.messages:.2f}" for n, v in shares.items())
+                + f" (total {1000 * total / s.messages:.2f}; the database's share"
+                  f" {shares.get(DATABASE, 0.0) / total:.0%})" if total else "")
+            for other, label in (("postfix", "Postfix"), ("mta", "mta on SQLite")):
+                if (key, other) in self.cells:
+                    d = self.paired(key, variant, other, "delivered")
+                    c = self.paired(key, variant, other, "cpu")
+                    print(f"    paired with {label} (median of per-run ratios): delivered/s {fmt(d, '{:.2f}x')},"
+                          f" CPU {fmt(c, '{:.2f}x')}")
 
     def report_backlog(self, table: dict[str, Scenario]) -> None:
         d = table["d"]
@@ -674,6 +802,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-poll", action="store_true",
                    help="also run mta with its HTTP listener on and a client reading the message list every"
                         " 100 ms (issue 15), paired with the plain runs")
+    p.add_argument("--no-postgresql", dest="postgresql", action="store_false",
+                   help="skip the 'mta pg' variants (mta with its queue on PostgreSQL, issue 16); they run"
+                        " by default when PostgreSQL and asyncpg are installed")
+    p.add_argument("--pg-nodes", default="1,2", help="the 'mta pg' variants: 1 and/or 2 nodes (default 1,2)")
+    p.add_argument("--dsn", default=None, help="a PostgreSQL server of yours for the 'mta pg' variants (a"
+                   " database is created and dropped per run; the role needs CREATEDB) instead of a private"
+                   " cluster started as the tests do; its CPU is then not measured")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) for inspection")
     args = p.parse_args(argv)
     if args.runs is None:
@@ -683,6 +818,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown scenario(s): {', '.join(bad)}")
     args.scenarios = sorted(set(keys), key="abcde".index)
+    try:
+        args.pg_nodes = sorted({int(n) for n in args.pg_nodes.split(",") if n.strip()})
+    except ValueError:
+        p.error("--pg-nodes: 1, 2 or 1,2")
+    if not set(args.pg_nodes) <= set(PG_NODES) or not args.pg_nodes:
+        p.error("--pg-nodes: 1, 2 or 1,2")
+    if args.postgresql and args.dsn is None and (reason := pg_unavailable()):
+        print(f"relay_bench: no 'mta pg' variants: {reason}", file=sys.stderr)
+        args.postgresql = False
     if args.profile and not shutil.which("py-spy"):
         p.error("--profile needs py-spy (pip install py-spy)")
     return args

@@ -217,6 +217,17 @@ async def test_cr_lf_nul_in_mail_and_rcpt_get_a_clear_5xx(make_config):
     assert rows(config, "SELECT address FROM recipients") == [("ok@example.org",)]
 
 
+async def test_cr_nul_in_helo_and_ehlo_get_a_501(make_config):
+    """The client's name is stored with each message (and PostgreSQL's text refuses a NUL):
+    a name with NUL or CR is refused, and the session goes on with a proper one."""
+    config = make_config()
+    async with running(config), await Wire.connect("127.0.0.1", listener_port(config)) as w:
+        for line in [b"EHLO client\x00.lab.test", b"HELO client\x00.lab.test", b"EHLO client\r.lab.test"]:
+            verb = line[:4].decode()
+            assert await w.cmd(line) == f"501 5.5.4 Syntax: {verb} hostname", line
+        assert (await w.cmd("EHLO client.lab.test")).startswith("250 ")
+
+
 def submission_config(make_config, users_file, **limits):
     lc = {"name": "submission", "address": f"127.0.0.1:{free_port()}", "mode": "submission",
           "allow_insecure_auth": True}

@@ -22,12 +22,14 @@ import asyncpg  # noqa: E402
 
 from mta.errors import StoreError  # noqa: E402
 from mta.model import NewMessage, RcptState, Recipient  # noqa: E402
+from mta.pop3 import POP3Listener  # noqa: E402
 from mta.store.api import AdminResult, QueueSummary, RecipientUpdate  # noqa: E402
 from mta.store.postgresql.engine import PgEngine  # noqa: E402
 from mta.store.postgresql.mailboxes import PRUNE_LOCK, PostgreSQLMailboxes, maildrop_key  # noqa: E402
 from mta.store.postgresql.schema import MIGRATION_LOCK  # noqa: E402
 from tests.support.backends import QueueBackend  # noqa: E402
 from tests.support.messages import message  # noqa: E402
+from tests.support.pop3 import TWO, Client, pop3_lab  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,6 +92,30 @@ async def test_the_maildrop_lock_goes_with_its_connection(nodes):
         await asyncio.sleep(0.05)
     await again.release()
     await held.release()   # its connection is gone: nothing to do, and no error
+
+
+async def test_in_use_across_two_nodes_over_pop3(nodes, tmp_path):
+    """RFC 1939 §8 over the wire: two nodes' POP3 listeners (each with its own engine
+    and its own in-process lock set, as two daemons have) on one database."""
+    a, b = nodes
+    async with pop3_lab(tmp_path, backend=a) as lab:
+        other = POP3Listener(lab.config, lab.second_listener(allow_insecure_auth=True).listener, b.mailboxes, lab.users,
+                             throttle=lab.listener.throttle)
+        await other.start()
+        try:
+            async with await Client.connect(lab.port) as first, \
+                    await Client.connect(other.sockets()[0][1]) as second:
+                assert await first.login() == b"+OK alice@lab.test has 3 messages (177 octets)\r\n"
+                assert await second.login() == b"-ERR [IN-USE] mailbox is locked by another POP3 session\r\n"
+                assert await first.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
+                assert (await first.cmd("QUIT")).startswith(b"+OK relay.lab.test POP3 server signing off")
+                assert await first.closed()
+                # Node b sees node a's deletion, and the maildrop is free.
+                assert await second.login() == b"+OK alice@lab.test has 2 messages (80 octets)\r\n"
+                assert await second.multi("RETR 1") == b"+OK 40 octets\r\n" + TWO + b".\r\n"
+        finally:
+            other.stop_accepting()
+            await other.drain(1.0)
 
 
 async def test_the_lock_uses_connections_of_its_own_not_the_pool(postgres_dsn):
@@ -241,6 +267,39 @@ async def test_hold_of_a_recipient_another_node_delivers(nodes):
     assert await a.recipients() == {m.id: [("x@example.org", "held", 1), ("y@example.org", "delivered", 1)]}
 
 
+async def test_released_while_another_node_still_delivers_it_is_delivered_once(nodes):
+    # As tests/test_queue_admin.py's hold-and-release during delivery, across nodes: the
+    # released recipient is that delivery's again, not fresh work for another node.
+    a, b = nodes
+    m, n = message(1), message(2)
+    await a.queue.enqueue(m)
+    await a.queue.enqueue(n)
+    assert len((await a.queue.claim(NOW, 10)).due) == 2        # leases until NOW + 10
+    assert await b.admin.hold([m.id, n.id], NOW + 1) == AdminResult((m.id, n.id), {m.id: 1, n.id: 1})
+    assert await b.admin.release([m.id], NOW + 2) == AdminResult((m.id,), {m.id: 1})
+    assert await b.admin.requeue([n.id], NOW + 2) == AdminResult((n.id,), {n.id: 1})
+    assert await a.query("SELECT message_id, state, lease_node, lease_until FROM recipients ORDER BY 1") == sorted(
+        [(m.id, "active", "node-a", NOW + 10), (n.id, "active", "node-a", NOW + 10)])
+    assert (await b.queue.claim(NOW + 3, 10)).due == []         # nothing for node b
+    assert await a.queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], NOW + 4)
+    assert await a.queue.record_outcomes(n.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], NOW + 4)
+    assert await a.recipients() == {}
+
+
+async def test_released_after_the_delivering_nodes_lease_ended_is_due_for_any_node(nodes):
+    a, b = nodes
+    m = message(1)
+    await a.queue.enqueue(m)
+    await a.queue.claim(NOW, 10)                                 # lease until NOW + 10
+    await b.admin.hold([m.id], NOW + 1)
+    # Node a is gone (its lease is not renewed while held, and it has ended).
+    assert await b.admin.release([m.id], NOW + 11) == AdminResult((m.id,), {m.id: 1})
+    assert await a.query("SELECT state, lease_node, lease_until, next_attempt FROM recipients") == [
+        ("queued", None, None, NOW + 11)]
+    [due] = (await b.queue.claim(NOW + 11, 10)).due
+    assert due.message_id == m.id
+
+
 async def test_hold_after_a_takeover_keeps_the_node_that_lost_its_lease_out(nodes):
     a, b = nodes
     m = message(1)
@@ -331,3 +390,37 @@ async def test_check_reports_rows_that_break_the_rules(nodes):
         f"mailbox alice@lab.test message {box_id} ({len(NEW) + 1} stored, {len(NEW)} in the data): wrong size",
     ]
     assert len(await a.admin.check(limit=3)) == 3
+
+
+async def test_requeue_racing_another_nodes_claims_never_takes_a_claimed_recipient(nodes):
+    a, b = nodes
+    sent = [message(n, rcpts=("x@example.org", "y@example.org")) for n in range(200)]
+    for m in sent:
+        await a.queue.enqueue(m)
+    claimed: list[tuple[str, int]] = []
+
+    async def claim_all() -> None:
+        # Until all are claimed: a claim skips the rows the requeue has locked (SKIP LOCKED),
+        # so it may come back empty meanwhile.
+        deadline = time.monotonic() + 20
+        while len(claimed) < 400 and time.monotonic() < deadline:
+            due = (await a.queue.claim(NOW, 5)).due
+            claimed.extend((d.message_id, d.rcpt_no) for d in due)
+            if not due:
+                await asyncio.sleep(0.005)
+
+    # Node a claims while the operator requeues everything on node b (in chunks of 500
+    # messages: one chunk here, one UPDATE racing many claims).
+    claims = asyncio.create_task(claim_all())
+    await asyncio.sleep(0.01)
+    result = await b.admin.requeue([m.id for m in sent], NOW)
+    await claims
+    rows = await a.query("SELECT message_id, rcpt_no, state, lease_node FROM recipients")
+    requeued = await a.query("SELECT count(*) FROM history WHERE event = 'requeued'")
+    assert {(m, n): (s, node) for m, n, s, node in rows} == {
+        (m.id, n): ("active", "node-a") for m in sent for n in (0, 1)}   # every one claimed in the end
+    assert len(claimed) == len(set(claimed)) == 400
+    # No recipient was claimed twice: the requeue changed only what was not claimed yet
+    # when it reached it (re-checked after each claim committed), and said so exactly.
+    assert sum(result.changed.values()) == requeued[0][0]
+    assert len(result.found) == 200

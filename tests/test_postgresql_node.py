@@ -114,3 +114,27 @@ def test_queue_repair_is_only_for_sqlite(tmp_path: Path, postgres_dsn: str) -> N
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == ("mta: queue repair: only for a SQLite queue file (the database server keeps its "
                              "own files sound)\n")
+
+
+async def test_queue_check_on_the_database(tmp_path: Path, postgres_dsn: str) -> None:
+    import asyncpg
+
+    config = node_config(tmp_path, postgres_dsn)
+    empty = mta("queue", "check", "--config", str(config))   # makes the schema, finds nothing wrong
+    assert (empty.returncode, empty.stdout, empty.stderr) == (0, f"queue: {redacted(postgres_dsn)}: ok\n", "")
+    conn = await asyncpg.connect(postgres_dsn)
+    try:   # a message without its body: what a restore with the foreign keys off can leave
+        await conn.execute("INSERT INTO messages (id, sender, arrival, size) VALUES ('B0DY1E55', '', 0, 10)")
+        await conn.execute("INSERT INTO recipients (message_id, rcpt_no, address, state)"
+                           " VALUES ('B0DY1E55', 0, 'x@example.test', 'queued')")
+    finally:
+        await conn.close()
+    broken = mta("queue", "check", "--config", str(config))
+    assert (broken.returncode, broken.stdout) == (2, "message B0DY1E55: no body\n")
+    assert broken.stderr == (f"queue: {redacted(postgres_dsn)} has rows that break mta's rules: "
+                             "message B0DY1E55: no body\n")
+
+
+def redacted(dsn: str) -> str:
+    from mta.config_values import redacted_dsn
+    return redacted_dsn(dsn)

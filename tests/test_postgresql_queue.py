@@ -10,15 +10,17 @@ changes nothing. The behaviour both backends share is in tests/test_store.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 
-pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install -e '.[test]')")
+asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (pip install -e '.[test]')")
 
 from mta.errors import StoreError  # noqa: E402
-from mta.model import RcptState  # noqa: E402
-from mta.store.api import RecipientUpdate  # noqa: E402
+from mta.model import NewMessage, RcptState  # noqa: E402
+from mta.store.api import HistoryEntry, RecipientUpdate  # noqa: E402
+from mta.store.postgresql.batches import MAX_BATCH_ITEMS  # noqa: E402
 from mta.store.postgresql.engine import PgEngine  # noqa: E402
 from mta.store.postgresql.queue import PostgreSQLQueue  # noqa: E402
 from mta.store.postgresql.schema import SCHEMA_VERSION  # noqa: E402
@@ -80,6 +82,7 @@ async def test_a_node_that_lost_its_lease_cannot_overwrite_the_outcome(nodes):
     # a comes back: its outcome, give-back and renewal change nothing of b's.
     assert not await a.queue.record_outcomes(m.id, [DELIVERED], 2e9 + 62,
                                              new_messages=[message(2, rcpts=("a@lab.test",))])
+    assert not await a.queue.record_outcomes(m.id, [DELIVERED], 2e9 + 62)   # the one-statement path too
     await a.queue.give_back(m.id, [0])
     assert await a.queue.renew_leases(2e9 + 62) == 0
     assert await a.recipients() == {m.id: [("b@example.org", "active", 0)]}   # no bounce either
@@ -291,3 +294,194 @@ async def test_new_mail_on_one_node_wakes_the_other(nodes):
     woken_b.clear()
     await a.queue.enqueue(message(2))
     await asyncio.wait_for(woken_b.wait(), 5)
+
+
+# ----------------------------------------------------------------- concurrent enqueues share commits
+# A deferred trigger holds each message's commit until the test lets it through: a message
+# whose HELO is a number waits for the advisory lock of that number, which the test holds
+# on a connection of its own. Senders starting with "disk-full" or "refused" make that
+# commit fail, as a full disk on the server would, or as a row the server refuses.
+
+COMMIT_GATE = """
+CREATE FUNCTION commit_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.helo ~ '^[0-9]+$' THEN
+        PERFORM pg_advisory_xact_lock_shared(7305, NEW.helo::int);
+    END IF;
+    IF NEW.sender LIKE 'disk-full%' THEN
+        RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
+    END IF;
+    IF NEW.sender LIKE 'refused%' THEN
+        RAISE EXCEPTION 'refused by a check' USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER commit_gate AFTER INSERT ON messages
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_gate();
+"""
+
+
+def gated(n: int, gate: int, sender: str = "a@lab.test") -> NewMessage:
+    return dataclasses.replace(message(n), helo=str(gate), sender=sender)
+
+
+@pytest.fixture
+async def gates(postgres_dsn):
+    """(queue backend, the test's own connection holding gates 1 and 2)."""
+    backend = await QueueBackend.postgresql(postgres_dsn)
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute(COMMIT_GATE)
+    await conn.execute("SELECT pg_advisory_lock(7305, 1), pg_advisory_lock(7305, 2)")
+    yield backend, conn
+    await conn.close()
+    await backend.close()
+
+
+async def stored_by_transaction(backend: QueueBackend) -> list[list[str]]:
+    """The stored message ids grouped by the transaction that inserted them (xmin), in order."""
+    rows = await backend.query("SELECT array_agg(id ORDER BY arrival) FROM messages"
+                               " GROUP BY xmin::text ORDER BY min(arrival)")
+    return [list(ids) for ids, in rows]
+
+
+async def until_waiting_at_gate(conn: asyncpg.Connection, gate: int) -> None:
+    """Until some transaction waits for ``gate`` (its commit has begun and is held there)."""
+    for _ in range(500):
+        if await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                               " AND classid = 7305 AND objid = $1", gate):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"nothing waits at gate {gate}")
+
+
+async def test_concurrent_enqueues_share_a_commit_and_each_returns_after_it(gates):
+    backend, conn = gates
+    woken: list[list[NewMessage]] = []
+    backend.queue.add_listener(woken.append)
+    first = gated(0, gate=1)
+    rest = [gated(n, gate=2) for n in range(1, 20)]
+    first_done = asyncio.ensure_future(backend.queue.enqueue(first))
+    await until_waiting_at_gate(conn, 1)        # its commit is in flight, held at gate 1
+    rest_done = [asyncio.ensure_future(backend.queue.enqueue(m)) for m in rest]
+    await asyncio.sleep(0.3)
+    assert not first_done.done() and not any(f.done() for f in rest_done)
+    assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+
+    await conn.execute("SELECT pg_advisory_unlock(7305, 1)")
+    await asyncio.wait_for(first_done, 5)       # its commit done: it returns...
+    await until_waiting_at_gate(conn, 2)        # ...while the 19 that waited commit together
+    await asyncio.sleep(0.3)
+    assert not any(f.done() for f in rest_done)  # not before their own commit
+    assert await conn.fetchval("SELECT count(*) FROM messages") == 1
+    assert woken == [[first]]
+
+    await conn.execute("SELECT pg_advisory_unlock(7305, 2)")
+    await asyncio.wait_for(asyncio.gather(*rest_done), 5)
+    assert await stored_by_transaction(backend) == [[first.id], [m.id for m in rest]]
+    assert await backend.recipients() == {m.id: [("b@example.org", "queued", 0)] for m in [first, *rest]}
+    assert sorted(m.id for [m] in woken) == sorted(m.id for m in [first, *rest])
+
+
+async def test_a_batch_whose_commit_fails_fails_all_its_callers_and_stores_none(gates):
+    backend, conn = gates
+    woken: list[list[NewMessage]] = []
+    backend.queue.add_listener(woken.append)
+    first = gated(0, gate=1)
+    first_done = asyncio.ensure_future(backend.queue.enqueue(first))
+    await until_waiting_at_gate(conn, 1)
+    # These five share the next commit, which fails: the server's disk is full.
+    batch = [message(n) for n in range(1, 5)] + [dataclasses.replace(message(5), sender="disk-full@lab.test")]
+    batch_done = [asyncio.ensure_future(backend.queue.enqueue(m)) for m in batch]
+    await asyncio.sleep(0.1)
+    await conn.execute("SELECT pg_advisory_unlock(7305, 1)")
+    results = await asyncio.wait_for(asyncio.gather(*batch_done, return_exceptions=True), 5)
+    await first_done
+    assert [type(r) for r in results] == [StoreError] * 5
+    assert all("No space left on device" in str(r) for r in results)
+    assert len({id(r) for r in results}) == 5          # each caller its own exception
+    assert await stored_by_transaction(backend) == [[first.id]]
+    assert woken == [[first]]
+    await backend.queue.enqueue(message(6))            # and the next one is stored
+    assert len(await backend.recipients()) == 2
+
+
+async def test_a_message_the_server_refuses_fails_alone(gates):
+    backend, conn = gates
+    first = gated(0, gate=1)
+    first_done = asyncio.ensure_future(backend.queue.enqueue(first))
+    await until_waiting_at_gate(conn, 1)
+    batch = [message(1), dataclasses.replace(message(2), sender="refused@lab.test"), message(3)]
+    batch_done = [asyncio.ensure_future(backend.queue.enqueue(m)) for m in batch]
+    await asyncio.sleep(0.1)
+    await conn.execute("SELECT pg_advisory_unlock(7305, 1)")
+    results = await asyncio.wait_for(asyncio.gather(*batch_done, return_exceptions=True), 5)
+    await first_done
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StoreError) and "refused by a check" in str(results[1])
+    # The batch failed whole; the others were then stored one at a time.
+    assert await stored_by_transaction(backend) == [[first.id], [batch[0].id], [batch[2].id]]
+    assert backend.queue.health.ok
+
+
+async def test_a_batch_cut_off_by_a_broken_connection_fails_all_its_callers(gates):
+    backend, conn = gates
+    batch = [gated(n, gate=1) for n in range(3)]
+    done = [asyncio.ensure_future(backend.queue.enqueue(m)) for m in batch]
+    await until_waiting_at_gate(conn, 1)
+    # A failover in the middle of the commit: the server cuts the connection.
+    await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                       " AND NOT granted AND classid = 7305")
+    results = await asyncio.wait_for(asyncio.gather(*done, return_exceptions=True), 5)
+    assert [type(r) for r in results] == [StoreError] * 3
+    assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+    await conn.execute("SELECT pg_advisory_unlock_all()")
+    m = message(9)
+    await backend.queue.enqueue(m)                     # reconnected by itself
+    assert await stored_by_transaction(backend) == [[m.id]]
+
+
+async def test_a_batch_holds_at_most_max_batch_messages(gates):
+    backend, conn = gates
+    first = gated(0, gate=1)
+    first_done = asyncio.ensure_future(backend.queue.enqueue(first))
+    await until_waiting_at_gate(conn, 1)
+    rest = [message(n) for n in range(1, 2 * MAX_BATCH_ITEMS + 11)]
+    await asyncio.sleep(0.05)
+    rest_done = asyncio.gather(*(backend.queue.enqueue(m) for m in rest))
+    await asyncio.sleep(0.1)
+    await conn.execute("SELECT pg_advisory_unlock(7305, 1)")
+    await asyncio.wait_for(asyncio.gather(first_done, rest_done), 10)
+    sizes = [len(ids) for ids in await stored_by_transaction(backend)]
+    assert sizes == [1, MAX_BATCH_ITEMS, MAX_BATCH_ITEMS, 10]
+
+
+async def test_concurrent_delivery_outcomes_share_a_commit(postgres_dsn):
+    backend = await QueueBackend.postgresql(postgres_dsn)
+    try:
+        queue = backend.queue
+        sent = [message(n, rcpts=("x@example.org", "y@example.org")) for n in range(20)]
+        for m in sent:
+            await queue.enqueue(m)
+        assert len((await queue.claim(2e9, 100)).due) == 40
+        first = RecipientUpdate(0, RcptState.DELIVERED, 1, 2e9, None)
+        # Twenty deliveries ending at once: one transaction records them all, each message stays
+        # (its second recipient is pending) with its history row.
+        assert await asyncio.gather(*(queue.record_outcomes(
+            m.id, [first], 2e9, history=[HistoryEntry(2e9, "x@example.org", "sent", "relay=mx")])
+            for m in sent)) == [False] * 20
+        assert await backend.query("SELECT count(DISTINCT xmin::text), count(*) FROM recipients"
+                                   " WHERE state = 'delivered'") == [(1, 20)]
+        assert await backend.query("SELECT count(*) FROM history WHERE event = 'sent'") == [(20,)]
+        # Two outcomes of one message in flight together are committed in turn: the first
+        # leaves a recipient pending, the second finishes the message, as if one after the other.
+        second = RecipientUpdate(1, RcptState.DELIVERED, 1, 2e9, None)
+        m = message(99, rcpts=("x@example.org", "y@example.org"))
+        await queue.enqueue(m)
+        assert len((await queue.claim(2e9, 100)).due) == 2
+        assert await asyncio.gather(queue.record_outcomes(m.id, [first], 2e9),
+                                    queue.record_outcomes(m.id, [second], 2e9),
+                                    queue.record_outcomes(sent[1].id, [second], 2e9)) == [False, True, True]
+        remaining = await backend.recipients()
+        assert m.id not in remaining and sent[1].id not in remaining and len(remaining) == 19
+    finally:
+        await backend.close()

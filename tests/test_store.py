@@ -111,6 +111,53 @@ async def test_claim_prefetches_bodies_and_outcomes_finish_messages(store_backen
     assert await store_backend.query("SELECT event FROM history") == []
 
 
+async def test_a_delivery_recorded_one_recipient_at_a_time(store_backend):
+    """The common outcome (delivered, nothing else to store) one recipient after the other:
+    the message stays with its history while any recipient is pending, then goes whole."""
+    queue = store_backend.queue
+    m = message(1, rcpts=("x@example.org", "y@example.org", "z@example.org"))
+    await queue.enqueue(m)
+    await queue.claim(2e9, 10)
+    sent = [HistoryEntry(2e9, "x@example.org", "sent", "relay=mx (250 ok)")]
+    assert not await queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 2e9, None)], 2e9,
+                                           history=sent)
+    assert not await queue.record_outcomes(m.id, [RecipientUpdate(1, RcptState.BOUNCED, 1, 2e9, "550 5.1.1 no")],
+                                           2e9, history=[HistoryEntry(2e9, "y@example.org", "bounced", "550")])
+    assert await store_backend.recipients() == {m.id: [
+        ("x@example.org", "delivered", 1), ("y@example.org", "bounced", 1), ("z@example.org", "active", 0)]}
+    assert await store_backend.query("SELECT recipient, event FROM history ORDER BY time, recipient") == [
+        ("x@example.org", "sent"), ("y@example.org", "bounced")]
+    assert await queue.record_outcomes(m.id, [RecipientUpdate(2, RcptState.DELIVERED, 1, 2e9, None)], 2e9,
+                                       history=[HistoryEntry(2e9, "z@example.org", "sent", "relay=mx (250 ok)")])
+    assert await store_backend.recipients() == {}
+    assert await store_backend.query("SELECT count(*) FROM history") == [(0,)]
+    assert await queue.message_data(m.id) is None
+
+
+async def test_a_claim_takes_fresh_mail_first_then_due_deferrals_and_says_when_the_next_is_due(store_backend):
+    queue = store_backend.queue
+    deferred = [message(n) for n in range(3)]
+    for m in deferred:
+        await queue.enqueue(m)
+    await queue.claim(2e9, 10)
+    for n, m in enumerate(deferred):    # due at 2e9 + 100, + 200 and + 300
+        await queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DEFERRED, 1, 2e9 + 100 * (n + 1),
+                                                           "451 4.4.1 later")], 2e9)
+    fresh = [message(10), message(11)]
+    for m in fresh:
+        await queue.enqueue(m)
+    # At 2e9 + 250 two deferrals are due: fresh mail goes first, then the deferrals oldest first,
+    # as much as the limit leaves room for; the next due is the first not claimed.
+    first = await queue.claim(2e9 + 250, 3)
+    assert [d.message_id for d in first.due] == [fresh[0].id, fresh[1].id, deferred[0].id]
+    assert first.next_due == 2e9 + 200
+    second = await queue.claim(2e9 + 250, 3)
+    assert [(d.message_id, d.attempts) for d in second.due] == [(deferred[1].id, 1)]
+    assert second.next_due == 2e9 + 300
+    empty = await queue.claim(2e9 + 250, 3)
+    assert (empty.due, empty.bodies, empty.next_due) == ([], {}, 2e9 + 300)
+
+
 async def test_recover_in_flight_makes_claimed_recipients_due(store_backend):
     queue = store_backend.queue
     fresh, tried = message(1), message(2)

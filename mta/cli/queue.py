@@ -167,7 +167,7 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
         if command == "show":
             return await _show(admin, args.id, args.body)
         if command == "check":
-            return await _check(admin, config.queue.location)
+            return await _check(admin, config.queue.location, config.queue.backend)
         return await _admin(admin, command, args)
 
 
@@ -281,15 +281,20 @@ def format_show(d: MessageDetail) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _check(store: QueueAdmin, path: str) -> int:
-    """`mta queue check`: SQLite's findings on stdout, the verdict in one line."""
+async def _check(store: QueueAdmin, path: str, backend: str) -> int:
+    """`mta queue check`: the store's findings on stdout, the verdict in one line."""
     problems = await store.check()
     if not problems:
         print(f"queue: {path}: ok")
         return 0
     for problem in problems:
         print(problem)
-    print(f"queue: {damage_reason(path, problems[0])}; {RECOVERY_HINT}", file=sys.stderr)
+    if backend == "sqlite":
+        print(f"queue: {damage_reason(path, problems[0])}; {RECOVERY_HINT}", file=sys.stderr)
+    else:
+        # The server keeps its files sound: rows that break mta's rules were written by
+        # hand or by a bug, and there is no file to repair.
+        print(f"queue: {path} has rows that break mta's rules: {problems[0]}", file=sys.stderr)
     return EXIT_USAGE
 
 

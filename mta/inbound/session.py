@@ -503,7 +503,9 @@ class InboundSMTP(SMTP):
     # ------------------------------------------------------------ HELO / EHLO
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
-        if not hostname:
+        if not hostname or _CR_NUL.search(hostname):
+            # RFC 5321 §2.3.8: NUL never, CR only in CRLF (the name goes into the queue's
+            # rows, Received: lines and logs; PostgreSQL's text refuses a NUL outright).
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
         self._set_rset_state()   # type: ignore[no-untyped-call]
@@ -514,7 +516,9 @@ class InboundSMTP(SMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not hostname:
+        if not hostname or _CR_NUL.search(hostname):
+            # RFC 5321 §2.3.8: NUL never, CR only in CRLF (the name goes into the queue's
+            # rows, Received: lines and logs; PostgreSQL's text refuses a NUL outright).
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._set_rset_state()   # type: ignore[no-untyped-call]

@@ -19,10 +19,14 @@ _TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DO
 
 
 def summarize(data: bytes) -> InboxSummary:
-    """The summary of a message's bytes; never raises (a malformed field reads as empty)."""
+    """The summary of a message's bytes; never raises (a malformed field reads as empty).
+
+    Its strings hold no NUL: the message itself cannot (inbound refuses it, RFC 5322
+    §2.3), but a decoded encoded word (=?utf-8?q?=00?=) or a base64 text part can, and
+    neither a JSON client nor PostgreSQL's text takes one; each reads as U+FFFD."""
     message = parse(data)
     found = structure(message)
-    text = found.text if found.text.strip() else html_to_text(found.html)
+    text = no_nul(found.text) if found.text.strip() else html_to_text(no_nul(found.html))
     snippet = _SPACE.sub(" ", text).strip()[:SNIPPET_CHARS]
     from_ = addresses(message, "From")
     to, cc, bcc = addresses(message, "To"), addresses(message, "Cc"), addresses(message, "Bcc")
@@ -43,7 +47,11 @@ def header_text(message: Message, name: str) -> str:
         value = message.get(name)
     except (ValueError, LookupError, IndexError, email.errors.MessageError):
         return ""
-    return _SPACE.sub(" ", str(value or "")).strip()
+    return no_nul(_SPACE.sub(" ", str(value or "")).strip())
+
+
+def no_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
 
 
 def addresses(message: Message, name: str) -> list[Address]:
@@ -54,7 +62,8 @@ def addresses(message: Message, name: str) -> list[Address]:
             values.append(str(value))
         except (ValueError, LookupError, IndexError, email.errors.MessageError):
             continue
-    return [Address(display, spec) for display, spec in email.utils.getaddresses(values) if spec or display]
+    return [Address(no_nul(display), no_nul(spec))
+            for display, spec in email.utils.getaddresses(values) if spec or display]
 
 
 def date_of(message: Message) -> float | None:

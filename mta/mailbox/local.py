@@ -105,4 +105,4 @@ def subject_of(data: bytes) -> str:
         text = str(email.header.make_header(email.header.decode_header(raw)))
     except (ValueError, LookupError, email.errors.HeaderParseError):
         text = raw
-    return text.strip()[:200]
+    return text.replace("\x00", "\ufffd").strip()[:200]   # a decoded =00 (see inbox/summary.py)

@@ -8,12 +8,15 @@ Several nodes deliver from the same tables, so every change is made by one UPDAT
 (or DELETE) that says which states it acts on: PostgreSQL re-checks that condition
 on each row after waiting for a node's claim of it, and the history is written
 from what the statement RETURNed, so a recipient claimed meanwhile is neither
-changed wrongly nor reported as changed. The lease columns are left alone: a
-recipient held while a node delivers it keeps that node's ``lease_node``, so the
-node still records a final outcome (as on SQLite) and a deferral leaves it held
-(PostgreSQLQueue.record_outcomes); a node whose lease another node took over
-records nothing, held or not. Summaries and counts are read from the database,
-so every node reports the same numbers.
+changed wrongly nor reported as changed.
+
+Leases: a recipient held while a node delivers it keeps that node's ``lease_node``,
+so the node still records a final outcome (as on SQLite) and a deferral leaves it
+held (PostgreSQLQueue.record_outcomes); a node whose lease another node took over
+records nothing, held or not. Released (or requeued) while that lease still runs,
+it is 'active' again, that delivery's: no other node starts a second one, as on
+SQLite the one queue manager never does. Summaries and counts are read from the
+database, so every node reports the same numbers.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ _PENDING = ("queued", "active", "deferred", "held")
 _PENDING_SQL = "('queued', 'active', 'deferred', 'held')"
 _CLASSIFY_SQL = ("CASE WHEN bool_or(r.state = 'held') THEN 'hold'"
                  " WHEN bool_or(r.state IN ('queued', 'active')) THEN 'active' ELSE 'deferred' END")
+# A held recipient whose delivery is still running: hold keeps the delivering node's lease
+# (lease_node is cleared when that node records its outcome), and it has not ended ($4: now).
+# Once the lease has ended the node is taken for dead or stalled, as a claim would take it.
+_IN_FLIGHT = "state = 'held' AND lease_node IS NOT NULL AND lease_until > $4"
+_KEEP_LIVE_LEASE = ("lease_node = CASE WHEN lease_until > $4 THEN lease_node END,"
+                    " lease_until = CASE WHEN lease_until > $4 THEN lease_until END")
 ADMIN_CHUNK = 500  # messages per admin write transaction: the nodes never wait long
 _RCPT_STATES = {str(s): s for s in RcptState}
 CHECK_LIMIT = 100  # problems reported by check(), as SQLite's integrity_check(100)
@@ -175,10 +184,13 @@ class PostgreSQLQueueAdmin:
                                  "state = 'held'", (), now, detail)
 
     async def release(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
-        """Held recipients are due now: 'deferred' if tried before, else 'queued'."""
+        """Held recipients are due now: 'deferred' if tried before, else 'queued'. One held
+        while a node was delivering it, whose lease still runs, is 'active' again: that
+        delivery goes on and records its outcome, and no other node starts a second one
+        (on SQLite the one queue manager knows what it has in flight)."""
         return await self._admin(ids, ("held",), "released",
-                                 "state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
-                                 " next_attempt = $4", (now,), now, detail)
+                                 f"state = CASE WHEN {_IN_FLIGHT} THEN 'active' WHEN attempts > 0 THEN 'deferred'"
+                                 f" ELSE 'queued' END, {_KEEP_LIVE_LEASE}, next_attempt = $4", (now,), now, detail)
 
     async def flush(self, ids: Iterable[str] | None, now: float, *, detail: str | None = None) -> AdminResult:
         """Deferred recipients (of ``ids``, or all) are due now; they stay 'deferred'."""
@@ -186,9 +198,11 @@ class PostgreSQLQueueAdmin:
 
     async def requeue(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
         """Queued, deferred and held recipients become fresh work due now ('queued'; attempts
-        kept). Active ones are left to the delivery in progress."""
+        kept). Active ones are left to the delivery in progress, and so are held ones still
+        being delivered (see release)."""
         return await self._admin(ids, ("queued", "deferred", "held"), "requeued",
-                                 "state = 'queued', next_attempt = $4", (now,), now, detail)
+                                 f"state = CASE WHEN {_IN_FLIGHT} THEN 'active' ELSE 'queued' END,"
+                                 f" {_KEEP_LIVE_LEASE}, next_attempt = $4", (now,), now, detail)
 
     async def delete(self, ids: Iterable[str] | None) -> AdminResult:
         """Remove messages (``ids``, or all); recipients, bodies and history go with them
@@ -201,8 +215,8 @@ class PostgreSQLQueueAdmin:
         """Update the recipients in ``states`` of the messages ``ids`` with ``assignment``
         (its parameters ``args`` are $4 on: $1 to $3 are the messages, the states and now)
         and write an ``event`` history row for each; delete the messages when ``states``
-        is None. ids=None means every message with a
-        recipient in ``states`` (every message, for delete)."""
+        is None. ids=None means every message with a recipient in ``states`` (every
+        message, for delete)."""
         acted_on = list(states) if states else list(_PENDING)
         if ids is None:
             async def every(conn: Any) -> list[str]:
@@ -234,12 +248,17 @@ class PostgreSQLQueueAdmin:
                     return {str(r[0]) for r in rows}, counts
                 present = {str(r[0]) for r in await conn.fetch(
                     "SELECT id FROM messages WHERE id = ANY($1::text[])", chunk)}
-                # One statement: a row a node claims meanwhile is re-checked after its
-                # commit, and only the rows changed are in the history.
+                # One statement: a row a node claims meanwhile is re-checked after that
+                # claim's commit, and only the rows changed are in the history. Rows are
+                # locked in primary key order, as a node's outcomes lock its message's
+                # (rcpt_no order), so the two never wait for each other in a cycle.
                 rows = await conn.fetch(
-                    f"UPDATE recipients SET {assignment}, updated = $3"
-                    " WHERE message_id = ANY($1::text[]) AND state = ANY($2::text[])"
-                    " RETURNING message_id, rcpt_no, address",
+                    f"UPDATE recipients r SET {assignment}, updated = $3"
+                    " FROM (SELECT message_id, rcpt_no FROM recipients WHERE message_id = ANY($1::text[])"
+                    " AND state = ANY($2::text[]) ORDER BY message_id, rcpt_no FOR UPDATE) AS locked"
+                    " WHERE r.message_id = locked.message_id AND r.rcpt_no = locked.rcpt_no"
+                    " AND r.state = ANY($2::text[])"
+                    " RETURNING r.message_id, r.rcpt_no, r.address",
                     chunk, acted_on, now, *args)
                 if rows:
                     done = sorted((str(m), int(n), str(a)) for m, n, a in rows)

@@ -103,20 +103,33 @@ class PgEngine:
             except (TimeoutError, *CONNECTION_ERRORS, asyncpg.PostgresError):
                 pool.terminate()
 
-    async def run(self, op: Op[T]) -> T:
-        """``op`` in one transaction; returns once committed. StoreError on any failure."""
+    async def run(self, op: Op[T], *, autocommit: bool = False) -> T:
+        """``op`` in one transaction; returns once committed. StoreError on any failure.
+
+        ``autocommit``: no transaction around ``op``: each statement it sends is a
+        transaction of its own, which PostgreSQL commits before it replies. For an op of
+        one statement (or of statements that need not commit together), without the
+        round trips for BEGIN and COMMIT."""
         pool = self._pool
         if pool is None:
             raise StoreError("queue is not open")
+        result: T
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
-                result: T = await op(conn)
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                if autocommit:
+                    result = await op(conn)
+                else:
+                    async with conn.transaction():
+                        result = await op(conn)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, CONNECTION_ERRORS):
                 await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
         except CONNECTION_ERRORS as exc:
-            await self._unreachable(pool, exc)
+            # asyncpg's DataError (an argument it cannot encode) is an InterfaceError and a
+            # ValueError: about the data, the connection is fine.
+            if not isinstance(exc, ValueError):
+                await self._unreachable(pool, exc)
             raise StoreError(one_line(exc)) from exc
         if self.health.failing(HEALTH_COMPONENT):
             self.health.clear(HEALTH_COMPONENT)

@@ -11,7 +11,9 @@ What several nodes add:
 * RFC 1939 §8's maildrop lock must hold across nodes: it is a session-level advisory
   lock (``pg_try_advisory_lock``) on a connection of its own, opened for that POP3
   session and closed at its end. PostgreSQL gives the lock up with the connection,
-  so a node that dies or loses the database cannot keep a maildrop locked.
+  so a node that dies or loses the database cannot keep a maildrop locked (a killed
+  process at once; a machine that died within about a minute: PgEngine.connect's
+  keepalives).
 * ``max_age`` pruning runs on one node at a time (PRUNE_LOCK, a transaction-level
   advisory lock: another node pruning meanwhile makes this round a no-op), and takes
   each maildrop's lock for its transaction, so it never removes mail from under a

@@ -3,7 +3,11 @@
 The same semantics as the SQLite queue (mta/store/sqlite/queue.py): enqueue is one
 transaction (message, body, recipients) and returns after its COMMIT; a claim also
 reads the first bodies and the next due time; an attempt's outcomes, its bounces
-and local delivery's mailbox copies are one transaction.
+and local delivery's mailbox copies are one transaction. Concurrent enqueues, and
+concurrent plain outcomes (nothing but delivered or bounced recipients to write),
+share one statement and one COMMIT (batches.py); claims and outcomes are single
+statements where they can be: on PostgreSQL the round trips, not the WAL flushes,
+are what a message costs.
 
 Several nodes share the database, so a claim is a lease (issue 16). A node claims
 due recipients with ``FOR UPDATE SKIP LOCKED`` (two nodes claiming at once take
@@ -23,11 +27,13 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mta.health import Health
 from mta.model import MailboxCopy, NewMessage
 from mta.store.api import Claimed, DueRecipient, HistoryEntry, NewMailListener, RecipientUpdate, mailbox_key
+from mta.store.postgresql.batches import Batches
 from mta.store.postgresql.engine import PgEngine
 from mta.store.postgresql.entries import entry_for
 
@@ -40,9 +46,86 @@ DEFAULT_LEASE = 60.0
 # NOTIFY channel for new mail committed by any node (payload: the committing node's identity).
 NEW_MAIL_CHANNEL = "mta_new_mail"
 
-_DUE_COLUMNS = (
-    "r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, m.sender, m.arrival, m.smtputf8,"
-    " m.body_8bit, r.notify, r.orcpt, m.ret, m.envid, m.delay_warned, m.listener, m.size")
+# An attempt's outcomes, for the recipients this node still holds ($8).
+_UPDATE_OUTCOMES = (
+    "UPDATE recipients r SET state = CASE WHEN r.state = 'held' AND u.state = 'deferred' THEN 'held'"
+    " ELSE u.state END, attempts = u.attempts, next_attempt = u.next_attempt,"
+    " last_error = u.last_error, updated = $2, lease_node = NULL, lease_until = NULL"
+    " FROM unnest($3::int[], $4::text[], $5::int[], $6::float8[], $7::text[])"
+    " AS u(rcpt_no, state, attempts, next_attempt, last_error)"
+    " WHERE r.message_id = $1 AND r.rcpt_no = u.rcpt_no AND r.lease_node = $8")
+
+# The outcomes of several record_outcomes calls without copies, bounces or deferrals (a
+# delivery done, nothing else to store), in one statement: the outcomes, then each message
+# deleted if no recipient of it is left pending, else its history rows written. All parts
+# see the rows as they were before the statement, so "pending" is the updated rows' new
+# states plus the other recipients' old ones. Recipients, bodies and history go with their
+# message by the foreign keys' cascade, which runs after the statement. Its value: the
+# messages that went. (A message this node no longer holds any recipient of is untouched.)
+_RECORD_PLAIN_OUTCOMES = (
+    "WITH u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::int[], $5::float8[], $6::text[],"
+    " $7::float8[]) AS u(message_id, rcpt_no, state, attempts, next_attempt, last_error, updated)),"
+    " applied AS (UPDATE recipients r SET state = CASE WHEN r.state = 'held' AND u.state = 'deferred'"
+    " THEN 'held' ELSE u.state END, attempts = u.attempts, next_attempt = u.next_attempt,"
+    " last_error = u.last_error, updated = u.updated, lease_node = NULL, lease_until = NULL"
+    " FROM u WHERE r.message_id = u.message_id AND r.rcpt_no = u.rcpt_no AND r.lease_node = $8"
+    " RETURNING r.message_id, r.rcpt_no, r.state),"
+    " pending AS (SELECT message_id FROM applied WHERE state NOT IN ('delivered', 'bounced')"
+    " UNION SELECT message_id FROM recipients WHERE message_id IN (SELECT message_id FROM applied)"
+    " AND state NOT IN ('delivered', 'bounced')"
+    " AND (message_id, rcpt_no) NOT IN (SELECT message_id, rcpt_no FROM applied)),"
+    " gone AS (DELETE FROM messages WHERE id IN (SELECT message_id FROM applied)"
+    " AND id NOT IN (SELECT message_id FROM pending) RETURNING id),"
+    " written AS (INSERT INTO history (message_id, time, recipient, event, detail)"
+    " SELECT * FROM unnest($9::text[], $10::float8[], $11::text[], $12::text[], $13::text[])"
+    " AS h(message_id, time, recipient, event, detail) WHERE h.message_id IN (SELECT message_id FROM pending))"
+    " SELECT array_agg(id) FROM gone")
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainOutcome:
+    message_id: str
+    updates: Sequence[RecipientUpdate]
+    now: float
+    history: Sequence[HistoryEntry]
+
+
+# A claim in one statement (one round trip instead of eight): lease up to $2 due recipients,
+# fresh mail first, then deferred mail whose time has come, then other nodes' ended leases
+# (each kind only for the room the ones before left; SKIP LOCKED: rows another node is
+# claiming right now are skipped, not waited for), and return them in that order with what
+# delivery needs of their messages. Every row also carries when the next recipient not
+# claimed here is due (a deferral, or the end of another node's lease: both make a recipient
+# claimable, so a survivor wakes up when a dead node's leases end; this node's own leases
+# it renews itself); with nothing claimed, one row carries only that.
+_CLAIM_FROM = (
+    "SELECT message_id, rcpt_no, next_attempt FROM recipients WHERE {where}"
+    " ORDER BY next_attempt, message_id, rcpt_no LIMIT {limit} FOR UPDATE SKIP LOCKED")
+_CLAIM = (
+    "WITH fresh AS (" + _CLAIM_FROM.format(where="state = 'queued' AND next_attempt <= $1", limit="$2") + "),"
+    " retry AS (" + _CLAIM_FROM.format(where="state = 'deferred' AND next_attempt <= $1",
+                                       limit="$2 - (SELECT count(*) FROM fresh)") + "),"
+    # (or this node's own ended leases that its queue manager does not hold, $5/$6: a
+    # claim whose reply was lost when the connection broke)
+    " orphaned AS (" + _CLAIM_FROM.format(where="state = 'active' AND lease_until <= $1 AND (lease_node <> $3"
+                                                " OR (message_id, rcpt_no) NOT IN"
+                                                " (SELECT * FROM unnest($5::text[], $6::int[])))",
+                                          limit="$2 - (SELECT count(*) FROM fresh) - (SELECT count(*) FROM retry)")
+    + "),"
+    " picked AS (SELECT *, 1 AS kind FROM fresh UNION ALL SELECT *, 2 FROM retry UNION ALL SELECT *, 3 FROM orphaned),"
+    " claimed AS (UPDATE recipients r SET state = 'active', updated = $1, lease_node = $3, lease_until = $4"
+    " FROM picked p WHERE r.message_id = p.message_id AND r.rcpt_no = p.rcpt_no"
+    " RETURNING r.message_id, r.rcpt_no, r.address, r.attempts, r.last_error, r.notify, r.orcpt, p.kind,"
+    " p.next_attempt),"
+    " next AS (SELECT least("
+    "(SELECT min(next_attempt) FROM recipients WHERE state = 'deferred'"
+    " AND (message_id, rcpt_no) NOT IN (SELECT message_id, rcpt_no FROM picked)),"
+    " (SELECT min(lease_until) FROM recipients WHERE state = 'active' AND lease_node <> $3"
+    " AND (message_id, rcpt_no) NOT IN (SELECT message_id, rcpt_no FROM picked))) AS due)"
+    " SELECT n.due, c.message_id, c.rcpt_no, c.address, c.attempts, c.last_error, m.sender, m.arrival,"
+    " m.smtputf8, m.body_8bit, c.notify, c.orcpt, m.ret, m.envid, m.delay_warned, m.listener, m.size"
+    " FROM next n LEFT JOIN (claimed c JOIN messages m ON m.id = c.message_id) ON true"
+    " ORDER BY c.kind, c.next_attempt, c.message_id, c.rcpt_no")
 
 
 class PostgreSQLQueue:
@@ -59,6 +142,10 @@ class PostgreSQLQueue:
         # the queue manager never saw; left out of here, their lease ends and a claim
         # (this node's too) takes them, instead of their being renewed for good.
         self._held: set[tuple[str, int]] = set()
+        # Concurrent writes share commits (batches.py): new mail, and plain delivery outcomes.
+        self._new_mail: Batches[NewMessage, None] = Batches(self._store_new_mail, size=lambda m: len(m.data))
+        self._outcomes: Batches[_PlainOutcome, bool] = Batches(self._record_plain_outcomes,
+                                                               key=lambda o: o.message_id)
 
     @property
     def health(self) -> Health:
@@ -94,14 +181,18 @@ class PostgreSQLQueue:
     # ----------------------------------------------------------------- inbound
 
     async def enqueue(self, message: NewMessage) -> None:
-        """Store a message and its recipients in one transaction; return once committed."""
+        """Store a message and its recipients in one transaction; return once committed.
 
-        async def insert(conn: Any) -> None:
-            await _insert_messages(conn, [message])
-            await _tell_other_nodes(conn, self.node)
-
-        await self.engine.run(insert)
+        Enqueues arriving while another batch commits share the next commit (batches.py)."""
+        await self._new_mail.add(message)
         self._notify([message])
+
+    async def _store_new_mail(self, messages: Sequence[NewMessage]) -> list[None]:
+        async def insert(conn: Any) -> None:
+            await _insert_messages(conn, messages, self.node)
+
+        await self.engine.run(insert, autocommit=True)
+        return [None] * len(messages)
 
     # ----------------------------------------------------------------- queue manager
 
@@ -144,36 +235,17 @@ class PostgreSQLQueue:
         Rows another node is claiming right now are skipped, not waited for."""
 
         async def claim(conn: Any) -> Claimed:
-            picked: list[tuple[str, int]] = []
-            for where in ("r.state = 'queued' AND r.next_attempt <= $1",
-                          "r.state = 'deferred' AND r.next_attempt <= $1",
-                          # an ended lease: another node's, or one of this node's that its
-                          # queue manager does not hold (a claim whose reply was lost);
-                          # those it holds are being delivered (filtered out below)
-                          "r.state = 'active' AND r.lease_until <= $1"):
-                if len(picked) >= limit:
-                    break
-                rows = await conn.fetch(
-                    f"SELECT r.message_id, r.rcpt_no, r.lease_node FROM recipients r WHERE {where}"
-                    " ORDER BY r.next_attempt, r.message_id, r.rcpt_no LIMIT $2 FOR UPDATE SKIP LOCKED",
-                    now, limit - len(picked))
-                picked.extend((str(row[0]), int(row[1])) for row in rows
-                              if row[2] != self.node or (str(row[0]), int(row[1])) not in self._held)
-            if not picked:
-                return Claimed([], {}, await _next_due(conn, self.node))
-            await conn.execute(
-                "UPDATE recipients r SET state = 'active', updated = $1, lease_node = $2, lease_until = $3"
-                " FROM unnest($4::text[], $5::int[]) AS c(message_id, rcpt_no)"
-                " WHERE r.message_id = c.message_id AND r.rcpt_no = c.rcpt_no",
-                now, self.node, now + self.lease, [p[0] for p in picked], [p[1] for p in picked])
-            rows = await conn.fetch(
-                f"SELECT {_DUE_COLUMNS} FROM unnest($1::text[], $2::int[]) WITH ORDINALITY AS c(message_id,"
-                " rcpt_no, n) JOIN recipients r USING (message_id, rcpt_no)"
-                " JOIN messages m ON m.id = r.message_id ORDER BY c.n",
-                [p[0] for p in picked], [p[1] for p in picked])
+            # One statement claims and reads the claimed rows (and when the next is due);
+            # it commits by itself. The bodies are read after it: they never change.
+            held = list(self._held)
+            rows = await conn.fetch(_CLAIM, now, limit, self.node, now + self.lease,
+                                    [h[0] for h in held], [h[1] for h in held])
+            next_due = None if rows[0][0] is None else float(rows[0][0])
+            if rows[0][1] is None:     # nothing claimed: the one row says when to look again
+                return Claimed([], {}, next_due)
             due: list[DueRecipient] = []
             sizes: dict[str, int] = {}
-            for a, b, c, d, e, f, g, h, i, j, k, l_, m, n, o, size in rows:
+            for _, a, b, c, d, e, f, g, h, i, j, k, l_, m, n, o, size in rows:
                 due.append(DueRecipient(a, b, c, d, e, f, g, h, i, j, k, l_, m, n, o))
                 sizes.setdefault(a, int(size))
             bodies: dict[str, bytes] = {}
@@ -188,9 +260,9 @@ class PostgreSQLQueue:
                 for row in await conn.fetch("SELECT message_id, data FROM bodies WHERE message_id = ANY($1)",
                                             wanted):
                     bodies[row[0]] = bytes(row[1])
-            return Claimed(due, bodies, await _next_due(conn, self.node))
+            return Claimed(due, bodies, next_due)
 
-        claimed = await self.engine.run(claim)
+        claimed = await self.engine.run(claim, autocommit=True)
         self._held.update((r.message_id, r.rcpt_no) for r in claimed.due)
         return claimed
 
@@ -210,26 +282,24 @@ class PostgreSQLQueue:
         # "still held" is lease_node = this node, whether or not the lease ran out meanwhile
         # (if nobody took it over, the outcome is still the truth). An operator's hold
         # during the attempt keeps lease_node, so it is found too.
+        if updates and not (mailbox_copies or new_messages or delay_warned) and all(
+                h.event != "deferred" for h in history):
+            # The common case (a delivery done, nothing else to store): shared commits.
+            went = await self._outcomes.add(_PlainOutcome(message_id, updates, now, history))
+            self._held.difference_update((message_id, u.rcpt_no) for u in updates)
+            return went
+
         async def record(conn: Any) -> tuple[bool, bool]:
             applied = await conn.fetch(
-                "UPDATE recipients r SET state = CASE WHEN r.state = 'held' AND u.state = 'deferred' THEN 'held'"
-                " ELSE u.state END, attempts = u.attempts, next_attempt = u.next_attempt,"
-                " last_error = u.last_error, updated = $2, lease_node = NULL, lease_until = NULL"
-                " FROM unnest($3::int[], $4::text[], $5::int[], $6::float8[], $7::text[])"
-                " AS u(rcpt_no, state, attempts, next_attempt, last_error)"
-                " WHERE r.message_id = $1 AND r.rcpt_no = u.rcpt_no"
-                " AND r.lease_node = $8"
-                " RETURNING r.rcpt_no",
-                message_id, now, [u.rcpt_no for u in updates], [str(u.state) for u in updates],
-                [u.attempts for u in updates], [u.next_attempt for u in updates],
+                _UPDATE_OUTCOMES + " RETURNING r.rcpt_no", message_id, now, [u.rcpt_no for u in updates],
+                [str(u.state) for u in updates], [u.attempts for u in updates], [u.next_attempt for u in updates],
                 [u.last_error for u in updates], self.node)
             if updates and not applied:
                 return False, False
             if mailbox_copies:
                 await _insert_copies(conn, mailbox_copies, now)
             if new_messages:
-                await _insert_messages(conn, new_messages)
-                await _tell_other_nodes(conn, self.node)
+                await _insert_messages(conn, new_messages, self.node)
             if delay_warned:
                 await conn.execute("UPDATE messages SET delay_warned = true WHERE id = $1", message_id)
             pending = await conn.fetchval(
@@ -250,6 +320,23 @@ class PostgreSQLQueue:
         if written and new_messages:
             self._notify(new_messages)
         return finished
+
+    async def _record_plain_outcomes(self, batch: Sequence[_PlainOutcome]) -> list[bool]:
+        """record_outcomes for several messages (one each) in one statement: whether each went."""
+        rows = [(o.message_id, u, o.now) for o in batch for u in o.updates]
+        entries = [(o.message_id, h) for o in batch for h in o.history]
+
+        async def record(conn: Any) -> list[str] | None:
+            gone: list[str] | None = await conn.fetchval(
+                _RECORD_PLAIN_OUTCOMES, [m for m, _, _ in rows], [u.rcpt_no for _, u, _ in rows],
+                [str(u.state) for _, u, _ in rows], [u.attempts for _, u, _ in rows],
+                [u.next_attempt for _, u, _ in rows], [u.last_error for _, u, _ in rows],
+                [now for _, _, now in rows], self.node, [m for m, _ in entries], [h.time for _, h in entries],
+                [h.recipient for _, h in entries], [h.event for _, h in entries], [h.detail for _, h in entries])
+            return gone
+
+        went = set(await self.engine.run(record, autocommit=True) or ())
+        return [o.message_id in went for o in batch]
 
     async def give_back(self, message_id: str, rcpt_nos: Sequence[int]) -> None:
         """Return claimed recipients untried (only those this node still holds)."""
@@ -280,10 +367,10 @@ class PostgreSQLQueue:
         return await self.engine.run(read)
 
 
-async def _tell_other_nodes(conn: Any, node: str) -> None:
+async def _tell_other_nodes(conn: Any, payload: str) -> None:
     """NOTIFY inside the transaction: PostgreSQL sends it to the listeners at COMMIT, and
-    not at all if the transaction rolls back."""
-    await conn.execute("SELECT pg_notify($1, $2)", NEW_MAIL_CHANNEL, node)
+    not at all if the transaction rolls back. (New mail's own statement sends it itself.)"""
+    await conn.execute("SELECT pg_notify($1, $2)", NEW_MAIL_CHANNEL, payload)
 
 
 async def _next_due(conn: Any, node: str) -> float | None:
@@ -317,22 +404,36 @@ async def _history_worth_writing(conn: Any, message_id: str,
     return keep
 
 
-async def _insert_messages(conn: Any, messages: Sequence[NewMessage]) -> None:
+# Messages, bodies and recipients in one statement (one round trip, rows passed as arrays),
+# and the NOTIFY that wakes the other nodes' queue managers: PostgreSQL sends it at COMMIT,
+# and not at all if the transaction rolls back. The foreign keys of bodies and recipients
+# are checked at the statement's end, when the messages are in.
+_INSERT_MESSAGES = (
+    "WITH m AS (INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user, smtputf8,"
+    " body_8bit, ret, envid) SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[],"
+    " $5::text[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::bool[], $11::text[], $12::text[])),"
+    " b AS (INSERT INTO bodies (message_id, data) SELECT * FROM unnest($1::text[], $13::bytea[])),"
+    " r AS (INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify, orcpt, updated)"
+    " SELECT * FROM unnest($14::text[], $15::int[], $16::text[], $17::text[], $18::float8[], $19::text[],"
+    " $20::text[], $21::float8[]))"
+    " SELECT pg_notify($22, $23)")
+
+
+async def _insert_messages(conn: Any, messages: Sequence[NewMessage], node: str) -> None:
+    """Store new messages (in one statement) and tell the other nodes, as ``node``."""
     if not messages:
         return
-    await conn.executemany(
-        "INSERT INTO messages (id, sender, arrival, size, client, listener, helo, auth_user,"
-        " smtputf8, body_8bit, ret, envid) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
-        [(m.id, m.sender, m.arrival, len(m.data), m.client, m.listener, m.helo, m.auth_user,
-          m.smtputf8, m.body_8bit, m.ret, m.envid) for m in messages])
-    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES ($1, $2)",
-                           [(m.id, m.data) for m in messages])
     # next_attempt = arrival: fresh mail is due at once, oldest first.
-    await conn.executemany(
-        "INSERT INTO recipients (message_id, rcpt_no, address, state, next_attempt, notify, orcpt, updated)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-        [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
-         for m in messages for i, r in enumerate(m.recipients)])
+    recipients = [(m.id, i, r.address, str(r.state), r.next_attempt or m.arrival, r.notify, r.orcpt, m.arrival)
+                  for m in messages for i, r in enumerate(m.recipients)]
+    await conn.execute(
+        _INSERT_MESSAGES,
+        [m.id for m in messages], [m.sender for m in messages], [m.arrival for m in messages],
+        [len(m.data) for m in messages], [m.client for m in messages], [m.listener for m in messages],
+        [m.helo for m in messages], [m.auth_user for m in messages], [m.smtputf8 for m in messages],
+        [m.body_8bit for m in messages], [m.ret for m in messages], [m.envid for m in messages],
+        [m.data for m in messages], *([list(column) for column in zip(*recipients, strict=True)] or [[]] * 8),
+        NEW_MAIL_CHANNEL, node)
 
 
 async def _insert_copies(conn: Any, copies: Sequence[MailboxCopy], now: float) -> None:
