@@ -133,6 +133,37 @@ async def test_ended_leases_are_claimed_without_recovery(nodes):
     assert await b.queue.record_outcomes(m.id, [DELIVERED], 2e9 + 61)
 
 
+async def test_a_claim_whose_reply_was_lost_is_not_renewed_and_comes_back(postgres_dsn):
+    """A claim whose COMMIT reached the server while the node saw its connection break
+    (StoreError: `pg_ctl restart` under load) leased rows the queue manager never got.
+    Renewal keeps only what the queue manager holds, so that lease ends and the next
+    claim, this node's own too, takes the recipient; what it does hold stays its own."""
+    a = await QueueBackend.postgresql(postgres_dsn, node="node-a", lease=0.5)
+    try:
+        lost, held = message(1), message(2)
+        await a.queue.enqueue(lost)
+        await a.queue.enqueue(held)
+        [due] = (await a.queue.claim(time.time(), 1)).due       # the queue manager has message 2's ...
+        lost, held = (held, lost) if due.message_id == lost.id else (lost, held)
+        now = time.time()
+        # ... and the lost claim: rows leased to node-a that its queue manager never saw.
+        await a.query(f"UPDATE recipients SET state = 'active', lease_node = 'node-a', lease_until = {now + 0.5}"
+                      f" WHERE message_id = '{lost.id}'")
+        for _ in range(3):                                        # renewals past the lease
+            await asyncio.sleep(0.25)
+            assert await a.queue.renew_leases() == 1
+        [(lease_until,)] = await a.query(f"SELECT lease_until FROM recipients WHERE message_id = '{lost.id}'")
+        assert lease_until == pytest.approx(now + 0.5)            # not renewed: it ends
+        [retaken] = (await a.queue.claim(time.time(), 10)).due     # the held one is not taken again
+        assert retaken.message_id == lost.id
+        for m in (lost, held):
+            assert await a.queue.record_outcomes(m.id, [DELIVERED], time.time())
+        assert await a.recipients() == {}
+        assert await a.queue.renew_leases() == 0
+    finally:
+        await a.close()
+
+
 async def test_enqueue_fails_while_the_database_is_down_and_works_when_it_is_back():
     if reason := unavailable_reason():
         pytest.skip(reason)

@@ -63,7 +63,8 @@ class App:
         # writes: new mail is refused with 452 4.3.1 before the disk is really full.
         # Every fault either heals by itself or shows here: /healthz, mta_health_status, the log.
         self.health = Health()
-        self.store: Store = make_store(config, role="inbound", health=self.health)
+        self.store: Store = make_store(config, role="inbound", health=self.health,
+                                       delivers=deliver and not delivery_process)
         self.listeners: list[Any] = []   # SMTP Listener and POP3Listener: start/sockets/stop_accepting/drain
         self.mailboxes = self.store.mailboxes
         self.mailbox_users = MailboxUsers(config, health=self.health)

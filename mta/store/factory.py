@@ -41,10 +41,12 @@ Role = Literal["inbound", "delivery", "admin", "sendmail"]
 COMMIT_DELAY = 0.002
 
 
-def make_store(config: Config, *, role: Role, health: Health | None = None) -> Store:
-    """The store for ``role``, not yet opened."""
+def make_store(config: Config, *, role: Role, health: Health | None = None, delivers: bool = False) -> Store:
+    """The store for ``role``, not yet opened. ``delivers``: the queue manager runs on
+    this ``inbound`` store too (one process: MTA_DELIVERY_PROCESS=no, or one core), so on
+    a shared database it renews this node's leases and listens to the other nodes."""
     if config.queue.backend == "postgresql":
-        return _postgresql(config, role, health)
+        return _postgresql(config, role, health, delivers)
     reserve = 0 if role == "admin" else int(1.5 * config.limits.message_size)
     delivery = role == "delivery"
     return SQLiteStore(config.queue.path, reserve=reserve, health=health,
@@ -60,7 +62,7 @@ NO_DRIVER = "queue.backend: postgresql needs its driver (asyncpg is not installe
 POOL_SIZES: dict[Role, int] = {"inbound": 10, "delivery": 10, "admin": 2, "sendmail": 1}
 
 
-def _postgresql(config: Config, role: Role, health: Health | None) -> Store:
+def _postgresql(config: Config, role: Role, health: Health | None, delivers: bool) -> Store:
     try:
         from mta.store.postgresql.store import PostgreSQLStore
     except ModuleNotFoundError as exc:
@@ -70,7 +72,7 @@ def _postgresql(config: Config, role: Role, health: Health | None) -> Store:
     assert config.queue.dsn is not None   # mta/config.py requires it with this backend
     return PostgreSQLStore(config.queue.dsn, node=config.hostname, lease=config.queue.lease, health=health,
                            max_connections=POOL_SIZES[role], hold_name=role == "inbound",
-                           keep_leases=role == "delivery")
+                           keep_leases=role == "delivery" or delivers)
 
 
 def make_transfer(config: Config) -> TransferStore:

@@ -89,15 +89,24 @@ class Cluster:
                                f"\n{self.log.read_text() if self.log.exists() else ''}")
         return done.stdout
 
+    def _options(self) -> str:
+        return (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+                " -c synchronous_commit=on -c fsync=on -c max_connections=200")
+
     def start(self) -> None:
         """Start (again) on a free port; the same port after a stop, as a restarted server."""
         self.port = self.port or free_port("127.0.0.1")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-                  " -c synchronous_commit=on -c fsync=on -c max_connections=200", "start")
+                  self._options(), "start")
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def restart(self, mode: str = "fast") -> None:
+        """`pg_ctl restart`: stop (``mode``: fast ends every session, immediate is a crash)
+        and start again on the same port; returns once it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w", "-t", "30",
+                  "-o", self._options(), "restart")
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run ``sql`` as the superuser (over TCP: no root-owned files involved)."""

@@ -33,10 +33,15 @@ T = TypeVar("T")
 Op = Callable[[Any], Awaitable[T]]
 
 # Errors that mean "the database could not be reached or the connection broke".
+# InternalClientError ("cannot switch to state 15; another operation (2) is in progress")
+# is what asyncpg raises when a connection the server dropped mid-query is used again
+# (seen with `pg_ctl restart` under load): not a StoreError, it ended delivery workers
+# and SMTP sessions, and the recipients they held stayed leased for good.
 CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
                       asyncpg.exceptions.PostgresConnectionError,
                       asyncpg.exceptions.CannotConnectNowError,
-                      asyncpg.exceptions.AdminShutdownError)
+                      asyncpg.exceptions.AdminShutdownError,
+                      asyncpg.InternalClientError)
 
 
 # The server's probes of a long-idle connection of ours: first after 30 s idle, then every

@@ -105,7 +105,11 @@ _CLAIM = (
     "WITH fresh AS (" + _CLAIM_FROM.format(where="state = 'queued' AND next_attempt <= $1", limit="$2") + "),"
     " retry AS (" + _CLAIM_FROM.format(where="state = 'deferred' AND next_attempt <= $1",
                                        limit="$2 - (SELECT count(*) FROM fresh)") + "),"
-    " orphaned AS (" + _CLAIM_FROM.format(where="state = 'active' AND lease_until <= $1 AND lease_node <> $3",
+    # (or this node's own ended leases that its queue manager does not hold, $5/$6: a
+    # claim whose reply was lost when the connection broke)
+    " orphaned AS (" + _CLAIM_FROM.format(where="state = 'active' AND lease_until <= $1 AND (lease_node <> $3"
+                                                " OR (message_id, rcpt_no) NOT IN"
+                                                " (SELECT * FROM unnest($5::text[], $6::int[])))",
                                           limit="$2 - (SELECT count(*) FROM fresh) - (SELECT count(*) FROM retry)")
     + "),"
     " picked AS (SELECT *, 1 AS kind FROM fresh UNION ALL SELECT *, 2 FROM retry UNION ALL SELECT *, 3 FROM orphaned),"
@@ -132,6 +136,12 @@ class PostgreSQLQueue:
         self.node = node or socket.gethostname()
         self.lease = lease
         self._listeners: list[NewMailListener] = []
+        # What this node's queue manager was handed by claim() and has not yet recorded
+        # or given back: the leases renew_leases() keeps. A claim whose COMMIT reached the
+        # server while its reply was lost (the connection broke: StoreError) leased rows
+        # the queue manager never saw; left out of here, their lease ends and a claim
+        # (this node's too) takes them, instead of their being renewed for good.
+        self._held: set[tuple[str, int]] = set()
         # Concurrent writes share commits (batches.py): new mail, and plain delivery outcomes.
         self._new_mail: Batches[NewMessage, None] = Batches(self._store_new_mail, size=lambda m: len(m.data))
         self._outcomes: Batches[_PlainOutcome, bool] = Batches(self._record_plain_outcomes,
@@ -201,14 +211,20 @@ class PostgreSQLQueue:
         return await self.engine.run(recover)
 
     async def renew_leases(self, now: float | None = None) -> int:
-        """Extend every lease this node holds to now + lease; returns how many. The queue
-        manager calls it well within a lease while deliveries run."""
+        """Extend the leases of the recipients this node is delivering (claimed, not yet
+        recorded or given back) to now + lease; returns how many. Called well within a
+        lease while deliveries run."""
         until = (time.time() if now is None else now) + self.lease
+        held = list(self._held)
+        if not held:
+            return 0
 
         async def renew(conn: Any) -> int:
             rows = await conn.fetch(
-                "UPDATE recipients SET lease_until = $1 WHERE lease_node = $2 AND state = 'active'"
-                " RETURNING 1", until, self.node)
+                "UPDATE recipients r SET lease_until = $1 FROM unnest($3::text[], $4::int[]) AS h(message_id, rcpt_no)"
+                " WHERE r.message_id = h.message_id AND r.rcpt_no = h.rcpt_no"
+                " AND r.lease_node = $2 AND r.state = 'active' RETURNING 1",
+                until, self.node, [h[0] for h in held], [h[1] for h in held])
             return len(rows)
 
         return await self.engine.run(renew)
@@ -221,7 +237,9 @@ class PostgreSQLQueue:
         async def claim(conn: Any) -> Claimed:
             # One statement claims and reads the claimed rows (and when the next is due);
             # it commits by itself. The bodies are read after it: they never change.
-            rows = await conn.fetch(_CLAIM, now, limit, self.node, now + self.lease)
+            held = list(self._held)
+            rows = await conn.fetch(_CLAIM, now, limit, self.node, now + self.lease,
+                                    [h[0] for h in held], [h[1] for h in held])
             next_due = None if rows[0][0] is None else float(rows[0][0])
             if rows[0][1] is None:     # nothing claimed: the one row says when to look again
                 return Claimed([], {}, next_due)
@@ -244,7 +262,9 @@ class PostgreSQLQueue:
                     bodies[row[0]] = bytes(row[1])
             return Claimed(due, bodies, next_due)
 
-        return await self.engine.run(claim, autocommit=True)
+        claimed = await self.engine.run(claim, autocommit=True)
+        self._held.update((r.message_id, r.rcpt_no) for r in claimed.due)
+        return claimed
 
     async def record_outcomes(self, message_id: str, updates: Sequence[RecipientUpdate], now: float,
                               *, history: Sequence[HistoryEntry] = (),
@@ -265,7 +285,9 @@ class PostgreSQLQueue:
         if updates and not (mailbox_copies or new_messages or delay_warned) and all(
                 h.event != "deferred" for h in history):
             # The common case (a delivery done, nothing else to store): shared commits.
-            return await self._outcomes.add(_PlainOutcome(message_id, updates, now, history))
+            went = await self._outcomes.add(_PlainOutcome(message_id, updates, now, history))
+            self._held.difference_update((message_id, u.rcpt_no) for u in updates)
+            return went
 
         async def record(conn: Any) -> tuple[bool, bool]:
             applied = await conn.fetch(
@@ -294,6 +316,7 @@ class PostgreSQLQueue:
             return False, True
 
         finished, written = await self.engine.run(record)
+        self._held.difference_update((message_id, u.rcpt_no) for u in updates)
         if written and new_messages:
             self._notify(new_messages)
         return finished
@@ -326,6 +349,7 @@ class PostgreSQLQueue:
                 message_id, list(rcpt_nos), self.node)
 
         await self.engine.run(give)
+        self._held.difference_update((message_id, n) for n in rcpt_nos)
 
     async def next_due_time(self) -> float | None:
         """When the earliest deferred recipient is due, or another node's lease ends."""
