@@ -424,3 +424,19 @@ async def test_requeue_racing_another_nodes_claims_never_takes_a_claimed_recipie
     # when it reached it (re-checked after each claim committed), and said so exactly.
     assert sum(result.changed.values()) == requeued[0][0]
     assert len(result.found) == 200
+
+
+async def test_a_hold_during_a_delivery_keeps_its_lease_renewed(nodes):
+    """A delivery longer than a lease, held meanwhile: the delivering node keeps renewing it,
+    so a release after the first lease would have ended is still that delivery's."""
+    a, b = nodes
+    m = message(1)
+    await a.queue.enqueue(m)
+    await a.queue.claim(NOW, 10)                                 # lease until NOW + 10
+    await b.admin.hold([m.id], NOW + 1)
+    assert await a.queue.renew_leases(NOW + 8) == 1              # held, still renewed: NOW + 18
+    assert await a.query("SELECT state, lease_node, lease_until FROM recipients") == [("held", "node-a", NOW + 18)]
+    assert await b.admin.release([m.id], NOW + 12) == AdminResult((m.id,), {m.id: 1})
+    assert (await b.queue.claim(NOW + 12, 10)).due == []          # still node a's delivery
+    assert await a.queue.record_outcomes(m.id, [RecipientUpdate(0, RcptState.DELIVERED, 1, 0.0, None)], NOW + 13)
+    assert await a.recipients() == {}

@@ -223,7 +223,9 @@ class PostgreSQLQueue:
             rows = await conn.fetch(
                 "UPDATE recipients r SET lease_until = $1 FROM unnest($3::text[], $4::int[]) AS h(message_id, rcpt_no)"
                 " WHERE r.message_id = h.message_id AND r.rcpt_no = h.rcpt_no"
-                " AND r.lease_node = $2 AND r.state = 'active' RETURNING 1",
+                # 'held': put on hold (mta queue hold) while this node delivers it; the hold
+                # keeps the lease, so a release before the delivery ends stays this delivery's.
+                " AND r.lease_node = $2 AND r.state IN ('active', 'held') RETURNING 1",
                 until, self.node, [h[0] for h in held], [h[1] for h in held])
             return len(rows)
 
