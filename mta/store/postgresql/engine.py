@@ -75,7 +75,9 @@ class PgEngine:
         """Connect and migrate the schema; StoreError if the database cannot be reached."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.max_connections, timeout=self.connect_timeout,
+                # min_size=0: no background "restore the pool's floor" while the database is
+                # down (asyncpg logs each failed try with a traceback); a call connects instead.
+                self.dsn, min_size=0, max_size=self.max_connections, timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
                 # 250 after COMMIT: whatever the server's default, our commits wait for the WAL flush.
                 server_settings={"synchronous_commit": "on", "application_name": "mta"})
