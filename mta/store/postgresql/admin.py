@@ -25,11 +25,11 @@ import contextlib
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, cast
 
-from mta.model import QueuedMessage, RcptState, Recipient
+from mta.model import QueuedMessage, Recipient
+from mta.store.admin_rows import PENDING_SQL, RCPT_STATES, detail_from_rows, entries_from_rows
 from mta.store.api import (
     QUEUE_NAMES,
     AdminResult,
-    HistoryEntry,
     MessageDetail,
     QueueEntry,
     QueueSummary,
@@ -39,7 +39,6 @@ from mta.store.postgresql.engine import PgEngine
 # classify_message() (api.py) and _CLASSIFY_SQL are the same rule, so `queue list`
 # and queue_summary() agree.
 _PENDING = ("queued", "active", "deferred", "held")
-_PENDING_SQL = "('queued', 'active', 'deferred', 'held')"
 _CLASSIFY_SQL = ("CASE WHEN bool_or(r.state = 'held') THEN 'hold'"
                  " WHEN bool_or(r.state IN ('queued', 'active')) THEN 'active' ELSE 'deferred' END")
 # A held recipient whose delivery is still running: hold keeps the delivering node's lease
@@ -49,7 +48,6 @@ _IN_FLIGHT = "state = 'held' AND lease_node IS NOT NULL AND lease_until > $4"
 _KEEP_LIVE_LEASE = ("lease_node = CASE WHEN lease_until > $4 THEN lease_node END,"
                     " lease_until = CASE WHEN lease_until > $4 THEN lease_until END")
 ADMIN_CHUNK = 500  # messages per admin write transaction: the nodes never wait long
-_RCPT_STATES = {str(s): s for s in RcptState}
 CHECK_LIMIT = 100  # problems reported by check(), as SQLite's integrity_check(100)
 
 
@@ -94,9 +92,9 @@ class PostgreSQLQueueAdmin:
         # is in it); the oldest pending message is the first one in arrival order with a
         # pending recipient (messages_arrival, then the recipients' primary key).
         query = (f"SELECT cls, count(*), (SELECT m.arrival FROM messages m WHERE EXISTS (SELECT 1 FROM"
-                 f" recipients r WHERE r.message_id = m.id AND r.state IN {_PENDING_SQL}) ORDER BY m.arrival"
+                 f" recipients r WHERE r.message_id = m.id AND r.state IN {PENDING_SQL}) ORDER BY m.arrival"
                  f" LIMIT 1) FROM (SELECT {_CLASSIFY_SQL} AS cls FROM recipients r"
-                 f" WHERE r.state IN {_PENDING_SQL} GROUP BY r.message_id) per_message GROUP BY cls")
+                 f" WHERE r.state IN {PENDING_SQL} GROUP BY r.message_id) per_message GROUP BY cls")
 
         async def read(conn: Any) -> list[Any]:
             return list(await conn.fetch(query))
@@ -116,29 +114,12 @@ class PostgreSQLQueueAdmin:
         whole or not at all however long the listing takes, and no query per message."""
         query = ("SELECT m.id, m.sender, m.arrival, m.size, r.address, r.state, r.attempts,"
                  " r.next_attempt, r.last_error FROM messages m JOIN recipients r"
-                 f" ON r.message_id = m.id WHERE r.state IN {_PENDING_SQL}"
+                 f" ON r.message_id = m.id WHERE r.state IN {PENDING_SQL}"
                  " ORDER BY m.arrival, m.id, r.rcpt_no")
-        entry: QueueEntry | None = None
-        current = None
-        async with contextlib.aclosing(self.engine.stream(query, batch=batch)) as batches:
-            async for rows in batches:
-                done: list[QueueEntry] = []
-                for row in rows:
-                    if row[0] != current:
-                        if entry is not None:
-                            done.append(entry)
-                        current = row[0]
-                        entry = QueueEntry("deferred", current, row[1], row[2], row[3], [])
-                        append = entry.recipients.append
-                    append(tuple(row[4:]))
-                    # classify_message(), one recipient at a time
-                    state = row[5]
-                    if state != "deferred" and entry.queue_name != "hold":  # type: ignore[union-attr]
-                        entry.queue_name = "hold" if state == "held" else "active"  # type: ignore[union-attr]
-                if done:
-                    yield done
-        if entry is not None:
-            yield [entry]
+        async with contextlib.aclosing(self.engine.stream(query, batch=batch)) as batches, \
+                contextlib.aclosing(entries_from_rows(batches)) as entries:
+            async for done in entries:
+                yield done
 
     async def message_detail(self, message_id: str) -> MessageDetail | None:
         """The whole message for `mta queue show`, read in one snapshot."""
@@ -163,18 +144,7 @@ class PostgreSQLQueueAdmin:
         found = await self.engine.run(read)
         if found is None:
             return None
-        row, rcpt_rows, history_rows = found
-        (mid, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,
-         helo, auth_user, data) = row
-        recipients = tuple(
-            Recipient(address=str(a), state=_RCPT_STATES[str(s)], attempts=int(n), next_attempt=float(t),
-                      last_error=e, notify=nt, orcpt=o)
-            for a, s, n, t, e, nt, o in rcpt_rows)
-        message = QueuedMessage(id=str(mid), sender=str(sender), arrival=float(arrival), size=int(size),
-                                recipients=recipients, client=str(client), listener=str(listener),
-                                smtputf8=bool(smtputf8), body_8bit=bool(body_8bit), ret=ret, envid=envid)
-        history = tuple(HistoryEntry(float(t), r, str(ev), d) for t, r, ev, d in history_rows)
-        return MessageDetail(message, str(helo), auth_user, bytes(data), history)
+        return detail_from_rows(*found)
 
     async def hold(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
         """Pending recipients (queued, deferred, even active) become 'held': never claimed.
@@ -284,7 +254,7 @@ class PostgreSQLQueueAdmin:
         PostgreSQL keeps its own pages sound (checksums, WAL): what can go wrong here is
         rows that break mta's rules, e.g. after a restore with the foreign keys' triggers
         disabled (pg_restore --disable-triggers) or a hand-made change."""
-        known = ", ".join(f"'{s}'" for s in _RCPT_STATES)
+        known = ", ".join(f"'{s}'" for s in RCPT_STATES)
         checks = (
             ("SELECT m.id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM bodies b WHERE b.message_id = m.id)"
              " ORDER BY m.id", "message {}: no body"),
@@ -342,7 +312,7 @@ def _group_messages(rows: Iterable[Sequence[Any]]) -> list[QueuedMessage]:
                            client=str(client), listener=str(listener), smtputf8=bool(smtputf8),
                            body_8bit=bool(body_8bit), ret=ret, envid=envid)
             rcpts = []
-        rcpts.append(Recipient(address=str(address), state=_RCPT_STATES[str(state)], attempts=int(attempts),
+        rcpts.append(Recipient(address=str(address), state=RCPT_STATES[str(state)], attempts=int(attempts),
                                next_attempt=float(next_attempt), last_error=last_error,
                                notify=notify, orcpt=orcpt))
     flush()

@@ -15,10 +15,10 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, cast
 
 from mta.model import QueuedMessage, RcptState, Recipient
+from mta.store.admin_rows import PENDING_SQL, detail_from_rows, entries_from_rows
 from mta.store.api import (
     QUEUE_NAMES,
     AdminResult,
-    HistoryEntry,
     MessageDetail,
     QueueEntry,
     QueueSummary,
@@ -28,11 +28,9 @@ from mta.store.sqlite.engine import Engine
 
 # classify_message() (api.py) and _CLASSIFY_SQL are the same rule, so `queue list`
 # and queue_summary() agree.
-_PENDING_SQL = "('queued', 'active', 'deferred', 'held')"
 _CLASSIFY_SQL = ("CASE WHEN max(r.state = 'held') THEN 'hold'"
                  " WHEN max(r.state IN ('queued', 'active')) THEN 'active' ELSE 'deferred' END")
 ADMIN_CHUNK = 500  # messages per admin write transaction: the daemon never waits long
-_RCPT_STATES = {str(s): s for s in RcptState}
 
 
 
@@ -95,9 +93,9 @@ class SQLiteQueueAdmin:
         # The counts come from the recipients index alone; the oldest pending message is
         # the first one in arrival order with a pending recipient (a short index scan).
         query = (f"SELECT cls, count(*), (SELECT m.arrival FROM messages m WHERE EXISTS (SELECT 1 FROM"
-                 f" recipients r WHERE r.message_id = m.id AND r.state IN {_PENDING_SQL}) ORDER BY m.arrival"
+                 f" recipients r WHERE r.message_id = m.id AND r.state IN {PENDING_SQL}) ORDER BY m.arrival"
                  f" LIMIT 1) FROM (SELECT {_CLASSIFY_SQL} AS cls FROM recipients r"
-                 f" WHERE r.state IN {_PENDING_SQL} GROUP BY r.message_id) GROUP BY cls")
+                 f" WHERE r.state IN {PENDING_SQL} GROUP BY r.message_id) GROUP BY cls")
         counts = dict.fromkeys(QUEUE_NAMES, 0)
         oldest: float | None = None
         # Through Engine.read, so that a damaged page found here is reported.
@@ -118,29 +116,12 @@ class SQLiteQueueAdmin:
         # size and id would also spare the lookups of the message rows).
         query = ("SELECT m.id, m.sender, m.arrival, m.size, r.address, r.state, r.attempts,"
                  " r.next_attempt, r.last_error FROM messages m CROSS JOIN recipients r"
-                 f" ON r.message_id = m.id WHERE r.state IN {_PENDING_SQL}"
+                 f" ON r.message_id = m.id WHERE r.state IN {PENDING_SQL}"
                  " ORDER BY m.arrival, m.rowid, r.rcpt_no")
-        entry: QueueEntry | None = None
-        current = None
-        async with contextlib.aclosing(self.engine.stream(query, batch=batch)) as batches:
-            async for rows in batches:
-                done: list[QueueEntry] = []
-                for row in rows:
-                    if row[0] != current:
-                        if entry is not None:
-                            done.append(entry)
-                        current = row[0]
-                        entry = QueueEntry("deferred", current, row[1], row[2], row[3], [])
-                        append = entry.recipients.append
-                    append(row[4:])
-                    # classify_message(), one recipient at a time
-                    state = row[5]
-                    if state != "deferred" and entry.queue_name != "hold":  # type: ignore[union-attr]
-                        entry.queue_name = "hold" if state == "held" else "active"  # type: ignore[union-attr]
-                if done:
-                    yield done
-        if entry is not None:
-            yield [entry]
+        async with contextlib.aclosing(self.engine.stream(query, batch=batch)) as batches, \
+                contextlib.aclosing(entries_from_rows(batches)) as entries:
+            async for done in entries:
+                yield done
 
     async def message_detail(self, message_id: str) -> MessageDetail | None:
         """The whole message for `mta queue show`, read in one snapshot."""
@@ -163,18 +144,7 @@ class SQLiteQueueAdmin:
         found = await self.engine.read_snapshot(read)
         if found is None:
             return None
-        row, rcpt_rows, history_rows = found
-        (mid, sender, arrival, size, client, listener, smtputf8, body_8bit, ret, envid,
-         helo, auth_user, data) = row
-        recipients = tuple(
-            Recipient(address=str(a), state=_RCPT_STATES[str(s)], attempts=int(n), next_attempt=float(t),
-                      last_error=e, notify=nt, orcpt=o)
-            for a, s, n, t, e, nt, o in rcpt_rows)
-        message = QueuedMessage(id=str(mid), sender=str(sender), arrival=float(arrival), size=int(size),
-                                recipients=recipients, client=str(client), listener=str(listener),
-                                smtputf8=bool(smtputf8), body_8bit=bool(body_8bit), ret=ret, envid=envid)
-        history = tuple(HistoryEntry(float(t), r, str(ev), d) for t, r, ev, d in history_rows)
-        return MessageDetail(message, str(helo), auth_user, bytes(data), history)
+        return detail_from_rows(*found)
 
     async def hold(self, ids: Iterable[str], now: float, *, detail: str | None = None) -> AdminResult:
         """Pending recipients (queued, deferred, even active) become 'held': never claimed.
@@ -210,7 +180,7 @@ class SQLiteQueueAdmin:
         # The recipients acted on (delete: counts the pending ones it removes). Within a
         # chunk, "+state" keeps SQLite on the primary key (message_id): the (state, …)
         # index would have it scan every deferred recipient of the queue for each chunk.
-        state_list = f"({', '.join(repr(s) for s in states)})" if states else _PENDING_SQL
+        state_list = f"({', '.join(repr(s) for s in states)})" if states else PENDING_SQL
         in_states = f"+state IN {state_list}"
         if ids is None:
             query = ("SELECT id FROM messages ORDER BY arrival, id" if states is None else
