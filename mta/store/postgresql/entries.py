@@ -26,6 +26,8 @@ from mta.store.inbox_rows import ENTRY_COLUMNS, row_to_entry, summary_columns
 # locks it until our COMMIT: a transaction removing it (its last copy deleted on another
 # node) waits for ours and then finds the copy we add. Its ID is the queue id, with "-2",
 # "-3"... only while an entry of that ID is still there (queue ids wrap).
+ENTRY_LOCK_CLASS = 0x6D746165   # "mtae": the first key of the per-message entry lock
+
 _UPSERT = (
     "WITH RECURSIVE taken(n) AS (SELECT 1 WHERE EXISTS (SELECT 1 FROM inbox WHERE id = $1)"
     " UNION ALL SELECT n + 1 FROM taken WHERE EXISTS (SELECT 1 FROM inbox WHERE id = $1 || '-' || (n + 1))),"
@@ -46,6 +48,12 @@ async def entry_for(conn: Any, queue_id: str, created: float, data: bytes, summa
     a store that was not given one) an existing entry is looked for first, so that the
     copy is parsed only for a new one."""
     raw = entry_raw(data)
+    # Two nodes storing the first copies of one message at once: both would pick the same
+    # ID, and a conflict on the ID's unique index (not ON CONFLICT's) failed one of them.
+    # One at a time per queue id; the second's next statement (a new snapshot, READ
+    # COMMITTED) then finds the first one's entry. The two-key form is a key space of its
+    # own, apart from every one-key advisory lock (migrations, names, maildrops, pruning).
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", ENTRY_LOCK_CLASS, queue_id)
     if summary is None:
         no = await conn.fetchval("SELECT no FROM inbox WHERE queue_id = $1 AND created = $2 FOR NO KEY UPDATE",
                                  queue_id, created)
