@@ -39,9 +39,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import mta
 from mta.store.api import HistoryEntry
@@ -124,6 +124,35 @@ class CopyRecord:
     def key(self) -> tuple[str, str, float]:
         """What makes a copy "already present" in a store: the same mailbox, message and arrival."""
         return self.mailbox, self.queue_id, self.received
+
+
+# An export batch, as each backend reads it: this many rows, or fewer whose bytes reach BATCH_BYTES.
+BATCH_MESSAGES = 500
+Row = TypeVar("Row")
+Keyed = TypeVar("Keyed", MessageRecord, CopyRecord)
+
+
+def within_batch_bytes(rows: Iterable[Row], size_of: Callable[[Row], int]) -> list[Row]:
+    """The first ``rows`` whose sizes add up to BATCH_BYTES (at least one row, however large)."""
+    kept: list[Row] = []
+    total = 0
+    for row in rows:
+        size = size_of(row)
+        if kept and total + size > BATCH_BYTES:
+            break
+        kept.append(row)
+        total += size
+    return kept
+
+
+async def in_pages(read_after: Callable[[Any], Awaitable[list[Keyed]]], first: Any) -> AsyncIterator[list[Keyed]]:
+    """Batches from ``read_after(key)`` (the records after ``key``, in key order), each
+    batch's last id the next key, until one comes back empty: keyset paging, so a
+    batch is one short query however far into the queue it is."""
+    after = first
+    while batch := await read_after(after):
+        yield batch
+        after = batch[-1].id
 
 
 @dataclass(frozen=True, slots=True)

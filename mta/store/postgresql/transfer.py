@@ -21,11 +21,17 @@ from mta.store.api import HistoryEntry, mailbox_key, new_queue_id
 from mta.store.postgresql.engine import PgEngine
 from mta.store.postgresql.entries import entry_for
 from mta.store.postgresql.queue import _tell_other_nodes
-from mta.store.transfer import Added, CopyRecord, MessageRecord, RecipientRecord, TransferError, due_again
-
-# An export batch: this many messages, or fewer whose bodies reach BATCH_BYTES.
-BATCH_MESSAGES = 500
-BATCH_BYTES = 8 * 1024 * 1024
+from mta.store.transfer import (
+    BATCH_MESSAGES,
+    Added,
+    CopyRecord,
+    MessageRecord,
+    RecipientRecord,
+    TransferError,
+    due_again,
+    in_pages,
+    within_batch_bytes,
+)
 
 # The NOTIFY payload of an import (queue.py's listeners wake for any payload but their own node's).
 IMPORT_PAYLOAD = "mta queue import"
@@ -88,23 +94,11 @@ class PostgreSQLTransfer:
 
         return await self.engine.run(read)
 
-    async def messages(self) -> AsyncIterator[list[MessageRecord]]:
-        after = ""
-        while True:
-            batch = await self.engine.run(partial(_read_messages, after=after))
-            if not batch:
-                return
-            yield batch
-            after = batch[-1].id
+    def messages(self) -> AsyncIterator[list[MessageRecord]]:
+        return in_pages(lambda after: self.engine.run(partial(_read_messages, after=after)), "")
 
-    async def copies(self) -> AsyncIterator[list[CopyRecord]]:
-        after = 0
-        while True:
-            batch = await self.engine.run(partial(_read_copies, after=after))
-            if not batch:
-                return
-            yield batch
-            after = batch[-1].id
+    def copies(self) -> AsyncIterator[list[CopyRecord]]:
+        return in_pages(lambda after: self.engine.run(partial(_read_copies, after=after)), 0)
 
     # ----------------------------------------------------------------- import
 
@@ -139,13 +133,7 @@ async def _read_messages(conn: Any, after: str) -> list[MessageRecord]:
         "SELECT id, sender, arrival, client, listener, helo, auth_user, smtputf8, body_8bit, ret, envid,"
         ' delay_warned, size FROM messages WHERE id > $1 COLLATE "C" ORDER BY id COLLATE "C" LIMIT $2',
         after, BATCH_MESSAGES)
-    kept: list[Any] = []
-    total = 0
-    for row in rows:
-        if kept and total + int(row["size"]) > BATCH_BYTES:
-            break
-        kept.append(row)
-        total += int(row["size"])
+    kept = within_batch_bytes(rows, lambda row: int(row["size"]))
     if not kept:
         return []
     ids = [str(r["id"]) for r in kept]
@@ -173,13 +161,7 @@ async def _read_copies(conn: Any, after: int) -> list[CopyRecord]:
     rows = await conn.fetch(
         "SELECT id, mailbox, queue_id, received, sender, subject, size FROM mailbox_messages"
         " WHERE id > $1 ORDER BY id LIMIT $2", after, BATCH_MESSAGES)
-    kept: list[Any] = []
-    total = 0
-    for row in rows:
-        if kept and total + int(row["size"]) > BATCH_BYTES:
-            break
-        kept.append(row)
-        total += int(row["size"])
+    kept = within_batch_bytes(rows, lambda row: int(row["size"]))
     if not kept:
         return []
     ids = [int(r["id"]) for r in kept]

@@ -21,11 +21,17 @@ from mta.store.api import HistoryEntry, mailbox_key, new_queue_id
 from mta.store.sqlite.engine import Engine
 from mta.store.sqlite.entries import entry_for
 from mta.store.sqlite.lock import QueueLock, acquire, holder
-from mta.store.transfer import Added, CopyRecord, MessageRecord, RecipientRecord, TransferError, due_again
-
-# An export batch: this many messages, or fewer whose bodies reach BATCH_BYTES.
-BATCH_MESSAGES = 500
-BATCH_BYTES = 8 * 1024 * 1024
+from mta.store.transfer import (
+    BATCH_MESSAGES,
+    Added,
+    CopyRecord,
+    MessageRecord,
+    RecipientRecord,
+    TransferError,
+    due_again,
+    in_pages,
+    within_batch_bytes,
+)
 
 
 class SQLiteTransfer:
@@ -66,23 +72,11 @@ class SQLiteTransfer:
 
         return await self.engine.read(read)
 
-    async def messages(self) -> AsyncIterator[list[MessageRecord]]:
-        after = ""
-        while True:
-            batch = await self.engine.read_snapshot(partial(_read_messages, after=after))
-            if not batch:
-                return
-            yield batch
-            after = batch[-1].id
+    def messages(self) -> AsyncIterator[list[MessageRecord]]:
+        return in_pages(lambda after: self.engine.read_snapshot(partial(_read_messages, after=after)), "")
 
-    async def copies(self) -> AsyncIterator[list[CopyRecord]]:
-        after = 0
-        while True:
-            batch = await self.engine.read_snapshot(partial(_read_copies, after=after))
-            if not batch:
-                return
-            yield batch
-            after = batch[-1].id
+    def copies(self) -> AsyncIterator[list[CopyRecord]]:
+        return in_pages(lambda after: self.engine.read_snapshot(partial(_read_copies, after=after)), 0)
 
     # ----------------------------------------------------------------- import
 
@@ -108,13 +102,7 @@ def _read_messages(conn: sqlite3.Connection, after: str) -> list[MessageRecord]:
     rows = conn.execute(
         "SELECT id, sender, arrival, client, listener, helo, auth_user, smtputf8, body_8bit, ret, envid,"
         " delay_warned, size FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after, BATCH_MESSAGES)).fetchall()
-    kept: list[Any] = []
-    total = 0
-    for row in rows:
-        if kept and total + int(row[-1]) > BATCH_BYTES:
-            break
-        kept.append(row)
-        total += int(row[-1])
+    kept = within_batch_bytes(rows, lambda row: int(row[-1]))
     found = []
     for (queue_id, sender, arrival, client, listener, helo, auth_user, smtputf8, body_8bit, ret, envid,
          delay_warned, _size) in kept:
@@ -141,11 +129,8 @@ def _read_copies(conn: sqlite3.Connection, after: int) -> list[CopyRecord]:
         " FROM mailbox_messages m LEFT JOIN inbox e ON e.no = m.inbox_id WHERE m.id > ? ORDER BY m.id LIMIT ?",
         (after, BATCH_MESSAGES)).fetchall()
     found: list[CopyRecord] = []
-    total = 0
-    for message_id, mailbox, queue_id, received, sender, subject, size, no, read in rows:
-        if found and total + int(size) > BATCH_BYTES:
-            break
-        total += int(size)
+    for message_id, mailbox, queue_id, received, sender, subject, _size, no, read in within_batch_bytes(
+            rows, lambda row: int(row[6])):
         tags: tuple[str, ...] = ()
         if no is not None:
             tags = tuple(str(t) for (t,) in conn.execute(
